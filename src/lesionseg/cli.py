@@ -1,0 +1,115 @@
+"""The `lesionseg` command: each subcommand parses its arguments and calls one typed function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lesionseg.config import PRESETS
+from lesionseg.errors import LesionsegError
+
+
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """Overrides shared by `train` and `reproduce`; anything left out keeps the preset's value."""
+    parser.add_argument("--data", help="dataset folder (ISIC 2016 layout or images/ + masks/); default: the embedded sample")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--image-size", type=int, help="multiple of 32 (default 128)")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--loss", help="e.g. 'bce', 'bce+0.1*dice', 'dice', 'focal', 'lovasz', 'tversky'")
+    parser.add_argument("--cache-dir", help="where resized images are cached (default $LESIONSEG_CACHE or ~/.cache/lesionseg)")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--weights", help="encoder weights: a mobilenet_v2 state_dict file (default: torchvision ImageNet)")
+    weights.add_argument("--no-pretrained", action="store_true", help="encoder from scratch (no ImageNet weights)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def training_overrides(args: argparse.Namespace) -> dict:
+    from lesionseg.losses import parse_loss
+
+    return {
+        "data": args.data, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+        "image_size": args.image_size, "seed": args.seed, "cache_dir": args.cache_dir,
+        "loss": parse_loss(args.loss) if args.loss else None,
+        "weights": "none" if args.no_pretrained else args.weights,
+    }
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from lesionseg.config import build_config
+    from lesionseg.training import fit
+
+    config = build_config(args.preset, **training_overrides(args), out=args.out or f"runs/{args.preset}")
+    run_dir = fit(config, progress=not args.no_progress)
+    print(f"trained: {run_dir / 'best.pt'}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from lesionseg.evaluation import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.out, progress=not args.no_progress)
+    print(json.dumps(result["metrics"], indent=2))
+
+
+def cmd_summary(args: argparse.Namespace) -> None:
+    from lesionseg.report import model_summary
+
+    print(model_summary(args.arch, args.image_size, args.batch_size, args.frozen))
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    from lesionseg.reproduce import run_reproduce
+
+    report = run_reproduce(args.out, progress=not args.no_progress, **training_overrides(args))
+    print(report["markdown"])
+    print(f"report: {report['path']}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lesionseg", description="Skin-lesion segmentation with a MobileNetV2 encoder.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("reproduce", help="train and evaluate the paper's two models, write the report and figures")
+    p.add_argument("--out", default="runs/paper")
+    add_training_options(p)
+    p.set_defaults(func=cmd_reproduce)
+
+    p = sub.add_parser("train", help="train one model from a preset")
+    p.add_argument("--preset", choices=PRESETS, default="model2-finetune")
+    p.add_argument("--out", help="run folder (default runs/<preset>)")
+    add_training_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="score a checkpoint on a split")
+    p.add_argument("checkpoint", help="a .pt file or a run folder (uses its best.pt)")
+    p.add_argument("--data", help="dataset folder (default: the one the model was trained on)")
+    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--out", help="folder for metrics.json and per_image.csv")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("summary", help="print the model's layer table (shapes, parameters, mult-adds)")
+    p.add_argument("--arch", default="seed")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--frozen", action="store_true", help="count the encoder as non-trainable (Model 1)")
+    p.set_defaults(func=cmd_summary)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except LesionsegError as exc:
+        from lesionseg.training import Interrupted
+
+        print(f"lesionseg: {'' if isinstance(exc, Interrupted) else 'error: '}{exc}", file=sys.stderr)
+        return 130 if isinstance(exc, Interrupted) else 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

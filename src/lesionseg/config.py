@@ -1,0 +1,89 @@
+"""One configuration object for a training run, built from a preset plus command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lesionseg.errors import LesionsegError
+
+PRESETS = ("model1-frozen", "model2-finetune")
+
+
+class ConfigError(LesionsegError):
+    """A preset or override that cannot make a valid configuration."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what a training run does; saved as `config.yaml` beside the run."""
+
+    name: str = "run"
+    arch: str = "seed"  # "seed": the paper's decoder on the 4x4 bottleneck
+    freeze_encoder: bool = False
+    loss: dict[str, float] = field(default_factory=lambda: {"bce": 1.0})
+    data: str | None = None  # None: the embedded sample
+    out: str = "runs/run"
+    image_size: int = 128
+    epochs: int = 40
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    dropout: float = 0.2  # the paper names Dropout in every decoder block but not its rate
+    val_fraction: float = 0.1
+    seed: int = 0
+    weights: str = "imagenet"  # "imagenet" (torchvision API), "none", or a state_dict file
+    hflip: bool = True
+    rotation: float = 60.0  # degrees, the paper's +-60
+    threshold: float = 0.5
+    num_workers: int = 0  # data is a cached in-memory tensor; workers only add IPC on 2 cores
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_size % 32 != 0 or self.image_size < 32:
+            raise ConfigError(f"image_size must be a multiple of 32, got {self.image_size}")
+        if self.arch not in ("seed",):
+            raise ConfigError(f"unknown arch {self.arch!r}; choose from: seed")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("epochs and batch_size must be at least 1")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys: {', '.join(unknown)}")
+        return cls(**values)
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The preset's values as a dict (presets are data, in `lesionseg/presets/*.yaml`)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}")
+    text = resources.files("lesionseg").joinpath("presets", f"{name}.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def build_config(preset: str | None = None, **overrides: Any) -> TrainConfig:
+    """A preset's values updated with every override that is not None."""
+    values = load_preset(preset) if preset else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(values)
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def read_config(path: Path) -> TrainConfig:
+    return TrainConfig.from_dict(yaml.safe_load(path.read_text()))

@@ -1,0 +1,248 @@
+"""Files -> cached tensors -> augmented samples.
+
+Data flows one way: `find_pairs` lists image/mask files, `load_pairs` decodes and resizes them once
+into a cache keyed by the source files and the size, `SegmentationDataset` applies the joint
+augmentation presets to the cached uint8 tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from lesionseg.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+OFFICIAL_DIRS = {  # ISIC 2016 Task 1 archive names
+    "train": ("ISBI2016_ISIC_Part1_Training_Data", "ISBI2016_ISIC_Part1_Training_GroundTruth"),
+    "test": ("ISBI2016_ISIC_Part1_Test_Data", "ISBI2016_ISIC_Part1_Test_GroundTruth"),
+}
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Pair:
+    image: Path
+    mask: Path
+
+    @property
+    def id(self) -> str:
+        return self.image.stem
+
+
+@dataclass
+class CachedSplit:
+    """A split decoded once: uint8 images (N,3,S,S), {0,1} uint8 masks (N,1,S,S), source sizes (W,H)."""
+
+    ids: list[str]
+    images: torch.Tensor
+    masks: torch.Tensor
+    source_sizes: list[tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def subset(self, indices: list[int]) -> "CachedSplit":
+        return CachedSplit(
+            ids=[self.ids[i] for i in indices],
+            images=self.images[indices],
+            masks=self.masks[indices],
+            source_sizes=[self.source_sizes[i] for i in indices],
+        )
+
+
+def sample_data_dir() -> Path:
+    """The embedded sample (32 ISIC pairs at 256 px), used when no data folder is given."""
+    return Path(str(resources.files("lesionseg").joinpath("sample")))
+
+
+def resolve_data_dir(data: str | os.PathLike | None) -> Path:
+    root = sample_data_dir() if data is None else Path(data)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found")
+    return root
+
+
+def _split_dirs(root: Path, split: str) -> tuple[Path, Path]:
+    """The image and mask folders of a split, in the official or a plain layout."""
+    image_dir, mask_dir = OFFICIAL_DIRS[split]
+    candidates = [(root / image_dir, root / mask_dir), (root / split / "images", root / split / "masks")]
+    if split == "train":
+        candidates.append((root / "images", root / "masks"))
+    for images, masks in candidates:
+        if images.is_dir():
+            if not masks.is_dir():
+                raise DataError(f"{masks}: mask folder not found (beside {images})")
+            return images, masks
+    tried = ", ".join(str(c[0].relative_to(root)) for c in candidates)
+    raise DataError(f"{root}: no {split} images found (looked for {tried})")
+
+
+def _mask_for(image: Path, mask_dir: Path) -> Path:
+    for name in (f"{image.stem}_Segmentation.png", f"{image.stem}.png"):
+        if (mask_dir / name).is_file():
+            return mask_dir / name
+    raise DataError(f"{image}: no mask found in {mask_dir} (expected {image.stem}_Segmentation.png or {image.stem}.png)")
+
+
+def find_pairs(data: str | os.PathLike | None, split: str) -> list[Pair]:
+    """Every image of a split with its mask, sorted by id; a missing mask is an error."""
+    images_dir, masks_dir = _split_dirs(resolve_data_dir(data), split)
+    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not images:
+        raise DataError(f"{images_dir}: no images (.jpg/.png) in folder")
+    return [Pair(image, _mask_for(image, masks_dir)) for image in images]
+
+
+def read_image(path: Path) -> Image.Image:
+    """An RGB image, EXIF rotation applied; unreadable files raise DataError naming the file."""
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc})") from None
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A boolean lesion mask (any non-zero pixel is lesion)."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L")) > 127
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read mask ({exc})") from None
+
+
+def resize_pair(image: Image.Image, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (3,S,S) image (bilinear, antialiased) and {0,1} uint8 (1,S,S) mask (bilinear, then >= 0.5)."""
+    img = TF.pil_to_tensor(image)
+    img = TF.resize(img, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    m = torch.from_numpy(mask).float()[None]
+    m = TF.resize(m, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    return img, (m >= 0.5).to(torch.uint8)
+
+
+def _decode(pairs: list[Pair], size: int) -> CachedSplit:
+    images, masks, sizes = [], [], []
+    for pair in pairs:
+        image = read_image(pair.image)
+        mask = read_mask(pair.mask)
+        if mask.shape != (image.height, image.width):
+            raise DataError(
+                f"{pair.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.width}x{image.height}"
+            )
+        img, m = resize_pair(image, mask, size)
+        images.append(img)
+        masks.append(m)
+        sizes.append((image.width, image.height))
+    return CachedSplit([p.id for p in pairs], torch.stack(images), torch.stack(masks), sizes)
+
+
+def cache_key(pairs: list[Pair], size: int) -> str:
+    """Changes whenever a source file (path, size, mtime) or the target size changes."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}:{size}".encode())
+    for pair in pairs:
+        for path in (pair.image, pair.mask):
+            st = path.stat()
+            h.update(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:20]
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("LESIONSEG_CACHE", Path.home() / ".cache" / "lesionseg"))
+
+
+def load_pairs(pairs: list[Pair], size: int, cache_dir: str | os.PathLike | None = None) -> CachedSplit:
+    """Decode and resize `pairs` once; later calls with the same files and size read the cache."""
+    directory = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = directory / f"pairs-{size}-{cache_key(pairs, size)}.pt"
+    if path.is_file():
+        return CachedSplit(**torch.load(path, weights_only=True))
+    split = _decode(pairs, size)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(vars(split), tmp)
+        os.replace(tmp, path)
+    except OSError as exc:  # an unwritable cache only costs speed: say so and go on
+        warnings.warn(f"{directory}: cache not written ({exc}); images will be decoded again next run")
+    return split
+
+
+def load_split(data: str | os.PathLike | None, split: str, size: int, cache_dir=None) -> CachedSplit:
+    return load_pairs(find_pairs(data, split), size, cache_dir)
+
+
+def train_val_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """A seeded shuffle of the training split into train and validation (at least one of each)."""
+    if n < 2:
+        raise DataError(f"need at least 2 training images to hold out validation, found {n}")
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_val = min(n - 1, max(1, round(n * val_fraction)))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def write_split(path: Path, ids: list[str], train: list[int], val: list[int], seed: int) -> None:
+    path.write_text(json.dumps({"seed": seed, "train": [ids[i] for i in train], "val": [ids[i] for i in val]}, indent=1))
+
+
+class TrainPreset:
+    """Training augmentation, applied identically to image and mask: flip, rotation, then normalize."""
+
+    def __init__(self, hflip: bool = True, rotation: float = 60.0) -> None:
+        steps: list[v2.Transform] = []
+        if hflip:
+            steps.append(v2.RandomHorizontalFlip(0.5))
+        if rotation:
+            # masks are rotated with nearest interpolation by v2 (tv_tensors.Mask), so they stay binary
+            steps.append(v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR))
+        self.geometric = v2.Compose(steps)
+        self.normalize = EvalPreset()
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        image, mask = self.geometric(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        return self.normalize(image, mask)
+
+
+class EvalPreset:
+    """uint8 image -> ImageNet-normalized float; {0,1} mask -> float."""
+
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return normalize(image), mask.as_subclass(torch.Tensor).float()
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (...,3,H,W) -> float ImageNet-normalized."""
+    x = images.as_subclass(torch.Tensor).float().div_(255)
+    return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
+
+
+class SegmentationDataset(Dataset):
+    """Samples of a cached split: (image (3,S,S) float, mask (1,S,S) float in {0,1})."""
+
+    def __init__(self, split: CachedSplit, transform) -> None:
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.split.images[index], self.split.masks[index])

@@ -1,0 +1,17 @@
+"""Errors the command line reports as one line, without a traceback."""
+
+
+class LesionsegError(Exception):
+    """Base class: a problem the user can fix (bad input, missing file, bad option)."""
+
+
+class DataError(LesionsegError):
+    """An image, mask or data folder that cannot be used; the message names the file."""
+
+
+class WeightsError(LesionsegError):
+    """Pretrained weights that cannot be had; the message says how to provide them."""
+
+
+class CheckpointError(LesionsegError):
+    """A checkpoint that cannot be read or written; the message names the file."""

@@ -1,0 +1,70 @@
+"""Segmentation scores from per-image confusion counts.
+
+Counts (tp, fp, fn, tn) come from segmentation_models_pytorch's `get_stats`; each score is given
+two ways and named for it: `*_per_image` is the mean of per-image scores (how the ISIC challenges
+rank), `*_pooled` sums the counts over the whole split first.
+"""
+
+from __future__ import annotations
+
+import torch
+from segmentation_models_pytorch.metrics import get_stats
+
+SCORES = ("iou", "dice", "accuracy", "sensitivity", "specificity")
+
+
+def confusion_counts(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """(B,1,H,W) logits and {0,1} targets -> (B,4) int64 counts tp, fp, fn, tn per image."""
+    predicted = (torch.sigmoid(logits) >= threshold).long()
+    tp, fp, fn, tn = get_stats(predicted, target.long(), mode="binary")
+    return torch.cat([tp, fp, fn, tn], dim=1)
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """num/den, and 1.0 where both are 0 (an empty prediction of an empty mask is perfect)."""
+    num, den = num.double(), den.double()
+    return torch.where(den > 0, num / den.clamp(min=1), torch.ones_like(num))
+
+
+def scores(counts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(N,4) counts -> each score per row, shape (N,)."""
+    tp, fp, fn, tn = counts.unbind(-1)
+    return {
+        "iou": _ratio(tp, tp + fp + fn),
+        "dice": _ratio(2 * tp, 2 * tp + fp + fn),
+        "accuracy": _ratio(tp + tn, tp + fp + fn + tn),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+    }
+
+
+def summarize(counts: torch.Tensor) -> dict[str, float]:
+    """Per-image means and pooled values of every score over (N,4) counts."""
+    per_image = scores(counts)
+    pooled = scores(counts.sum(0, keepdim=True))
+    result = {}
+    for name in SCORES:
+        result[f"{name}_per_image"] = per_image[name].mean().item()
+        result[f"{name}_pooled"] = pooled[name].item()
+    return result
+
+
+class MetricAccumulator:
+    """Collects per-image counts batch by batch, then scores the whole split at once."""
+
+    def __init__(self, threshold: float = 0.5) -> None:
+        self.threshold = threshold
+        self._counts: list[torch.Tensor] = []
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        self._counts.append(confusion_counts(logits.detach(), target, self.threshold))
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return torch.cat(self._counts) if self._counts else torch.zeros(0, 4, dtype=torch.long)
+
+    def compute(self) -> dict[str, float]:
+        return summarize(self.counts)
+
+    def per_image(self) -> dict[str, list[float]]:
+        return {name: values.tolist() for name, values in scores(self.counts).items()}

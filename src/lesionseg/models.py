@@ -1,0 +1,139 @@
+"""MobileNetV2 encoder + the paper's decoder. No I/O here beyond loading pretrained weights.
+
+Encoder contract: `forward(x)` returns a list of feature maps from high to low resolution
+(strides 2, 4, 8, 16, 32), and `out_channels` gives their channel counts. Decoders consume that
+list. The model returns logits; sigmoid and threshold live in metrics and prediction.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.error import URLError
+
+import torch
+from torch import nn
+from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+
+from lesionseg.errors import WeightsError
+
+SEED_DECODER_CHANNELS = (512, 256, 64, 32, 16)  # the paper's five decoder blocks
+
+
+def imagenet_state_dict() -> dict[str, torch.Tensor]:
+    """torchvision's ImageNet weights: read from $TORCH_HOME/hub/checkpoints or downloaded once."""
+    weights = MobileNet_V2_Weights.IMAGENET1K_V1
+    try:
+        return weights.get_state_dict(progress=True, check_hash=True)
+    except (URLError, OSError, RuntimeError) as exc:
+        filename = weights.url.rsplit("/", 1)[-1]
+        raise WeightsError(
+            f"ImageNet weights for MobileNetV2 could not be loaded or downloaded ({exc.__class__.__name__}): "
+            f"put {filename} in $TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch), "
+            f"or pass --weights FILE (a mobilenet_v2 state_dict), or --no-pretrained to train from scratch"
+        ) from None
+
+
+def file_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise WeightsError(f"{path}: weights file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file; all mean the same to the user
+        raise WeightsError(f"{path}: not a readable state_dict ({exc.__class__.__name__})") from None
+
+
+class MobileNetV2Encoder(nn.Module):
+    """The whole torchvision MobileNetV2 (classifier kept: the paper counts its parameters).
+
+    Feature maps are taken at the last block of each stride: features[1] (stride 2, 16 ch),
+    [3] (4, 24), [6] (8, 32), [13] (16, 96) and [18] (32, 1280).
+    """
+
+    stage_ends = (1, 3, 6, 13, 18)
+    out_channels = (16, 24, 32, 96, 1280)
+
+    def __init__(self, weights: str = "imagenet") -> None:
+        super().__init__()
+        self.backbone = mobilenet_v2(weights=None)
+        if weights == "imagenet":
+            self._load(imagenet_state_dict(), "ImageNet")
+        elif weights not in ("none", "", None):
+            self._load(file_state_dict(Path(weights)), str(weights))
+
+    def _load(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        try:
+            self.backbone.load_state_dict(state_dict)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0]
+            raise WeightsError(f"{source}: not a torchvision mobilenet_v2 state_dict ({first})") from None
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(B,3,H,W) -> five maps, (B,16,H/2,W/2) ... (B,1280,H/32,W/32)."""
+        features = []
+        for index, block in enumerate(self.backbone.features):
+            x = block(x)
+            if index in self.stage_ends:
+                features.append(x)
+        return features
+
+
+class UpBlock(nn.Sequential):
+    """Conv3x3 -> BatchNorm -> ReLU -> bilinear x2 -> Dropout: one block of the paper's decoder."""
+
+    def __init__(self, in_channels: int, out_channels: int, dropout: float) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            nn.Dropout(dropout),
+        )
+
+
+class SeedDecoder(nn.Module):
+    """The paper's decoder: five UpBlocks on the stride-32 map only, then a 1x1 conv to one logit."""
+
+    def __init__(self, encoder_channels: tuple[int, ...], dropout: float = 0.2) -> None:
+        super().__init__()
+        channels = (encoder_channels[-1], *SEED_DECODER_CHANNELS)
+        self.blocks = nn.Sequential(*(UpBlock(c_in, c_out, dropout) for c_in, c_out in zip(channels, channels[1:])))
+        self.head = nn.Conv2d(channels[-1], 1, 1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """features[-1] (B,1280,H/32,W/32) -> logits (B,1,H,W)."""
+        return self.head(self.blocks(features[-1]))
+
+
+class SegmentationModel(nn.Module):
+    """encoder -> decoder -> logits. A frozen encoder neither learns nor updates BatchNorm statistics."""
+
+    def __init__(self, encoder: MobileNetV2Encoder, decoder: nn.Module, freeze_encoder: bool = False) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.freeze_encoder = freeze_encoder
+        if freeze_encoder:
+            self.encoder.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "SegmentationModel":
+        super().train(mode)
+        if self.freeze_encoder:
+            self.encoder.eval()  # keep BatchNorm running statistics fixed too
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,3,H,W) normalized images -> (B,1,H,W) logits."""
+        return self.decoder(self.encoder(x))
+
+
+def build_model(arch: str = "seed", weights: str = "imagenet", freeze_encoder: bool = False, dropout: float = 0.2) -> SegmentationModel:
+    encoder = MobileNetV2Encoder(weights)
+    if arch == "seed":
+        decoder = SeedDecoder(encoder.out_channels, dropout)
+    else:
+        raise ValueError(f"unknown arch {arch!r}")
+    return SegmentationModel(encoder, decoder, freeze_encoder)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

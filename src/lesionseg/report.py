@@ -1,0 +1,193 @@
+"""Figures and tables: pure functions build matplotlib figures, `write_report` saves them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from lesionseg.data import IMAGENET_MEAN, CachedSplit, load_split  # noqa: E402
+from lesionseg.evaluation import predict_logits  # noqa: E402
+from lesionseg.models import build_model  # noqa: E402
+from lesionseg.training import load_checkpoint, model_from_checkpoint, read_log  # noqa: E402
+
+# SPEC.md "Results to reproduce" (test set, 128x128); the paper does not say per-image or pooled
+PAPER = {
+    "model1-frozen": {"iou": 0.6354, "dice": 0.7675, "train_loss": 0.2911, "val_loss": 0.2899},
+    "model2-finetune": {"iou": 0.6819, "dice": 0.7972, "train_loss": 0.2117, "val_loss": 0.2169},
+}
+COLORS = {"model1-frozen": "lightblue", "model2-finetune": "lightsalmon"}  # the paper's radar colours
+LABELS = {"iou": "IoU", "dice": "Dice", "train_loss": "train loss", "val_loss": "val loss"}
+
+
+def model_summary(arch: str = "seed", image_size: int = 128, batch_size: int = 16, freeze_encoder: bool = False) -> str:
+    """torchinfo's layer table: output shapes, parameters (non-trainable when frozen), mult-adds."""
+    import torchinfo
+
+    model = build_model(arch, weights="none", freeze_encoder=freeze_encoder)
+    stats = torchinfo.summary(
+        model, input_size=(batch_size, 3, image_size, image_size), depth=4, verbose=0,
+        col_names=("output_size", "num_params", "mult_adds"), row_settings=("var_names",),
+    )
+    return str(stats)
+
+
+def headline(evaluation: dict[str, Any]) -> dict[str, float]:
+    """The paper's four numbers from an evaluation; IoU/Dice as mean per image (the ISIC convention)."""
+    m = evaluation["metrics"]
+    return {"iou": m["iou_per_image"], "dice": m["dice_per_image"],
+            "train_loss": evaluation["train_loss"], "val_loss": evaluation["val_loss"]}
+
+
+def fig_samples(split: CachedSplit, count: int = 4) -> Figure:
+    fig, axes = plt.subplots(2, count, figsize=(2.5 * count, 5.2), squeeze=False)
+    for col in range(min(count, len(split))):
+        axes[0, col].imshow(split.images[col].permute(1, 2, 0).numpy())
+        axes[0, col].set_title(split.ids[col], fontsize=8)
+        axes[1, col].imshow(split.masks[col, 0].numpy(), cmap="gray")
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle("Sample images (top) and lesion masks (bottom)")
+    fig.tight_layout()
+    return fig
+
+
+def fig_text(text: str, title: str) -> Figure:
+    lines = text.splitlines()
+    fig = plt.figure(figsize=(0.075 * max(map(len, lines)) + 1, 0.16 * len(lines) + 1))
+    fig.text(0.01, 0.99, text, family="monospace", fontsize=8, va="top")
+    fig.suptitle(title, y=1.0)
+    return fig
+
+
+def fig_triptychs(split: CachedSplit, probabilities: torch.Tensor, title: str, count: int = 4) -> Figure:
+    """Rows of input / ground truth / predicted mask."""
+    count = min(count, len(split))
+    fig, axes = plt.subplots(count, 3, figsize=(7.5, 2.5 * count), squeeze=False)
+    for row in range(count):
+        panels = (split.images[row].permute(1, 2, 0).numpy(), split.masks[row, 0].numpy(),
+                  (probabilities[row, 0] >= 0.5).numpy())
+        for col, (panel, name) in enumerate(zip(panels, ("image", "ground truth", "prediction"))):
+            axes[row, col].imshow(panel, cmap=None if col == 0 else "gray")
+            axes[row, col].set_title(f"{name}" + (f" {split.ids[row]}" if col == 0 else ""), fontsize=8)
+            axes[row, col].axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def fig_loss_curves(history: list[dict[str, float]], title: str) -> Figure:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [row["epoch"] for row in history]
+    ax.plot(epochs, [row["train_loss"] for row in history], label="train loss")
+    ax.plot(epochs, [row["val_loss"] for row in history], label="validation loss")
+    ax.set(xlabel="epoch", ylabel="loss", title=title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def fig_model_bars(values: dict[str, float], title: str, color: str) -> Figure:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bars = ax.bar([LABELS[k] for k in values], list(values.values()), color=color, edgecolor="gray")
+    ax.bar_label(bars, fmt="%.4f")
+    ax.set(ylim=(0, 1.05), title=title)
+    fig.tight_layout()
+    return fig
+
+
+def fig_comparison_bars(models: dict[str, dict[str, float]]) -> Figure:
+    """Left: IoU and Dice of every model; right: train and validation loss."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(models)
+    for ax, keys, title in ((axes[0], ("iou", "dice"), "IoU and Dice"), (axes[1], ("train_loss", "val_loss"), "Losses")):
+        x = np.arange(len(keys))
+        for n, (name, values) in enumerate(models.items()):
+            bars = ax.bar(x + n * width, [values[k] for k in keys], width, label=name,
+                          color=COLORS.get(name, f"C{n}"), edgecolor="gray")
+            ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        ax.set_xticks(x + width * (len(models) - 1) / 2, [LABELS[k] for k in keys])
+        ax.set(title=title, ylim=(0, 1.05))
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def fig_radar(models: dict[str, dict[str, float]]) -> Figure:
+    keys = list(LABELS)
+    angles = np.linspace(0, 2 * np.pi, len(keys), endpoint=False).tolist()
+    fig, ax = plt.subplots(figsize=(5.5, 5.5), subplot_kw={"polar": True})
+    for n, (name, values) in enumerate(models.items()):
+        points = [values[k] for k in keys]
+        color = COLORS.get(name, f"C{n}")
+        ax.plot(angles + angles[:1], points + points[:1], color=color, linewidth=2, label=name)
+        ax.fill(angles + angles[:1], points + points[:1], color=color, alpha=0.35)
+    ax.set_xticks(angles, [LABELS[k] for k in keys])
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.25, 1.1), fontsize=8)
+    ax.set_title("All metrics")
+    fig.tight_layout()
+    return fig
+
+
+def markdown_table(measured: dict[str, dict[str, float]], evaluations: dict[str, dict[str, Any]]) -> str:
+    """Measured beside the paper, IoU/Dice both per image and pooled."""
+    lines = ["| metric | " + " | ".join(f"{n} (measured) | {n} (paper)" for n in measured) + " |",
+             "|---|" + "---|---|" * len(measured)]
+    rows = [("IoU, mean per image", "iou", "iou_per_image"), ("IoU, pooled", None, "iou_pooled"),
+            ("Dice, mean per image", "dice", "dice_per_image"), ("Dice, pooled", None, "dice_pooled"),
+            ("train loss", "train_loss", None), ("validation loss", "val_loss", None)]
+    for label, key, metric in rows:
+        cells = []
+        for name in measured:
+            value = evaluations[name]["metrics"][metric] if metric else measured[name][key]
+            paper = PAPER.get(name, {}).get(key) if key else None
+            cells += [f"{value:.4f}", f"{paper:.4f}" if paper is not None else "–"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def save(fig: Figure, path: Path) -> None:
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_report(runs: dict[str, str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
+    """metrics.json, results.md and figures/*.png for runs that each have eval/metrics.json."""
+    out = Path(out)
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    evaluations, measured = {}, {}
+    for name, run_dir in runs.items():
+        run_dir = Path(run_dir)
+        evaluations[name] = json.loads((run_dir / "eval" / "metrics.json").read_text())
+        measured[name] = headline(evaluations[name])
+        state = load_checkpoint(run_dir / "best.pt")
+        model, config = model_from_checkpoint(state)
+        test = load_split(config.data, "test", config.image_size, config.cache_dir).subset(list(range(4)))
+        probabilities = torch.sigmoid(predict_logits(model, test.images))
+        save(fig_triptychs(test, probabilities, f"{name}: input, ground truth, prediction"), figures / f"predictions_{name}.png")
+        save(fig_loss_curves(read_log(run_dir), f"{name}: loss"), figures / f"loss_{name}.png")
+        save(fig_model_bars(measured[name], name, COLORS.get(name, "C0")), figures / f"bars_{name}.png")
+    save(fig_samples(load_split(config.data, "train", config.image_size, config.cache_dir)), figures / "samples.png")
+    summary = model_summary(config.arch, config.image_size, freeze_encoder=True)
+    (out / "model_summary.txt").write_text(summary)
+    save(fig_text(summary, "Model summary, encoder frozen (batch 16)"), figures / "model_summary.png")
+    save(fig_comparison_bars(measured), figures / "bars_comparison.png")
+    save(fig_radar(measured), figures / "radar.png")
+    table = markdown_table(measured, evaluations)
+    (out / "metrics.json").write_text(json.dumps({"measured": measured, "paper": PAPER, "evaluations": evaluations}, indent=2))
+    path = out / "results.md"
+    path.write_text("# Results on the test split\n\nIoU and Dice on the binarized prediction (threshold 0.5), "
+                    "at the model's resolution.\n\n" + table + "\n")
+    return {"markdown": table, "path": path, "measured": measured}

@@ -1,0 +1,36 @@
+"""`lesionseg reproduce`: train the paper's two models, evaluate both on the test split, report."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lesionseg.config import PRESETS, TrainConfig, build_config
+from lesionseg.evaluation import evaluate_checkpoint
+from lesionseg.training import fit, load_checkpoint
+
+
+def is_finished(run_dir: Path, config: TrainConfig) -> bool:
+    """A run already trained to its last epoch with exactly this config need not train again."""
+    last = run_dir / "last.pt"
+    if not (last.is_file() and (run_dir / "best.pt").is_file()):
+        return False
+    state = load_checkpoint(last)
+    return state["config"] == config.to_dict() and state["epoch"] == config.epochs
+
+
+def run_reproduce(out: str | os.PathLike, progress: bool = True, **overrides: Any) -> dict[str, Any]:
+    """Both presets with the same overrides, each in `out/<preset>`; returns the report's numbers."""
+    from lesionseg.report import write_report  # matplotlib only when a report is written
+
+    out = Path(out)
+    runs = {}
+    for preset in PRESETS:
+        config = build_config(preset, **overrides, out=str(out / preset))
+        run_dir = Path(config.out)
+        if not is_finished(run_dir, config):
+            fit(config, progress=progress)
+        evaluate_checkpoint(run_dir / "best.pt", split="test", out=run_dir / "eval", progress=progress)
+        runs[preset] = run_dir
+    return write_report(runs, out)

@@ -1,0 +1,48 @@
+"""Tiny synthetic datasets: bright discs (lesions) on noisy skin, in the official ISIC layout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lesionseg.data import OFFICIAL_DIRS
+
+
+@pytest.fixture(autouse=True)
+def isolated_caches(tmp_path_factory, monkeypatch):
+    """No test reads or writes the user's caches, and none can fetch weights."""
+    monkeypatch.setenv("LESIONSEG_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+
+
+def disc_pair(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = rng.uniform(0.3, 0.7, 2) * size
+    radius = rng.uniform(0.15, 0.3) * size
+    mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+    image = rng.normal(200, 10, (size, size, 3))
+    image[mask] = rng.normal(90, 10, (int(mask.sum()), 3))
+    return image.clip(0, 255).astype(np.uint8), mask
+
+
+def write_dataset(root: Path, counts: dict[str, int], size: int = 48, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for split, count in counts.items():
+        image_dir, mask_dir = (root / d for d in OFFICIAL_DIRS[split])
+        image_dir.mkdir(parents=True)
+        mask_dir.mkdir(parents=True)
+        for n in range(count):
+            image, mask = disc_pair(rng, size)
+            stem = f"ISIC_{split}{n:04d}"
+            Image.fromarray(image).save(image_dir / f"{stem}.jpg", quality=95)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(mask_dir / f"{stem}_Segmentation.png")
+    return root
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> Path:
+    """10 training and 4 test pairs, 48x48."""
+    return write_dataset(tmp_path / "data", {"train": 10, "test": 4})

@@ -1,0 +1,130 @@
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lesionseg import data as data_module
+from lesionseg.data import (
+    EvalPreset, SegmentationDataset, TrainPreset, find_pairs, load_pairs, load_split, sample_data_dir,
+    train_val_indices,
+)
+from lesionseg.errors import DataError
+
+
+def test_official_layout_pairs_images_with_masks(tiny_data):
+    pairs = find_pairs(tiny_data, "train")
+    assert len(pairs) == 10
+    assert all(p.mask.name == f"{p.image.stem}_Segmentation.png" for p in pairs)
+    assert len(find_pairs(tiny_data, "test")) == 4
+
+
+def test_plain_images_and_masks_layout(tmp_path):
+    for split in ("train", "test"):
+        (tmp_path / split / "images").mkdir(parents=True)
+        (tmp_path / split / "masks").mkdir()
+        Image.new("RGB", (40, 30)).save(tmp_path / split / "images" / "a.jpg")
+        Image.new("L", (40, 30)).save(tmp_path / split / "masks" / "a.png")
+    assert [p.id for p in find_pairs(tmp_path, "test")] == ["a"]
+    split = load_split(tmp_path, "train", 32)
+    assert split.source_sizes == [(40, 30)]
+
+
+def test_embedded_sample_is_packaged():
+    assert len(find_pairs(None, "train")) == 24
+    assert len(find_pairs(None, "test")) == 8
+    assert (sample_data_dir() / "README.md").read_text().count("CC BY-NC 4.0") == 1
+
+
+def test_missing_mask_names_the_image(tiny_data):
+    mask = next((tiny_data / "ISBI2016_ISIC_Part1_Training_GroundTruth").iterdir())
+    mask.unlink()
+    with pytest.raises(DataError, match=mask.name.replace("_Segmentation.png", "")):
+        find_pairs(tiny_data, "train")
+
+
+def test_missing_folders_are_named(tmp_path):
+    with pytest.raises(DataError, match="data folder not found"):
+        find_pairs(tmp_path / "nope", "train")
+    with pytest.raises(DataError, match="no test images found"):
+        find_pairs(tmp_path, "test")
+
+
+def test_corrupt_image_is_named(tiny_data):
+    image = sorted((tiny_data / "ISBI2016_ISIC_Part1_Training_Data").iterdir())[3]
+    image.write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(DataError, match=f"{image}: cannot read image"):
+        load_split(tiny_data, "train", 32)
+
+
+def test_mask_of_another_size_is_named(tiny_data):
+    mask = sorted((tiny_data / "ISBI2016_ISIC_Part1_Training_GroundTruth").iterdir())[0]
+    Image.new("L", (10, 10)).save(mask)
+    with pytest.raises(DataError, match=f"{mask}: mask is 10x10 but its image is 48x48"):
+        load_split(tiny_data, "train", 32)
+
+
+def test_resized_masks_stay_binary_and_images_uint8(tiny_data):
+    split = load_split(tiny_data, "train", 32)
+    assert split.images.shape == (10, 3, 32, 32) and split.images.dtype == torch.uint8
+    assert split.masks.shape == (10, 1, 32, 32)
+    assert set(split.masks.unique().tolist()) == {0, 1}
+    assert split.source_sizes[0] == (48, 48)
+
+
+def test_cache_is_reused_and_invalidated_by_a_changed_file(tiny_data, monkeypatch):
+    pairs = find_pairs(tiny_data, "train")
+    first = load_pairs(pairs, 32)
+    decoded = []
+    original = data_module._decode
+    monkeypatch.setattr(data_module, "_decode", lambda *a: decoded.append(1) or original(*a))
+    again = load_pairs(pairs, 32)
+    assert decoded == [] and torch.equal(first.images, again.images)
+    load_pairs(pairs, 64)  # another size is another cache entry
+    assert decoded == [1]
+    os.utime(pairs[0].image, ns=(1, 1))  # a touched source file invalidates the entry
+    load_pairs(pairs, 32)
+    assert decoded == [1, 1]
+
+
+def test_train_val_split_is_seeded_disjoint_and_complete():
+    train, val = train_val_indices(50, 0.2, seed=3)
+    assert len(val) == 10 and sorted(train + val) == list(range(50))
+    assert (train, val) == train_val_indices(50, 0.2, seed=3)
+    assert val != train_val_indices(50, 0.2, seed=4)[1]
+
+
+def test_augmentation_keeps_mask_aligned_with_its_image():
+    """The image is drawn from its mask: after flip + rotation the lesion pixels must coincide."""
+    mask = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    mask[:, 10:30, 20:50] = 1  # an off-centre, asymmetric shape shows any misalignment
+    image = (mask * 255).expand(3, -1, -1).clone()
+    preset = TrainPreset(hflip=True, rotation=60)
+    mean, std = torch.tensor(data_module.IMAGENET_MEAN)[:, None, None], torch.tensor(data_module.IMAGENET_STD)[:, None, None]
+    changed = 0
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out_image, out_mask = preset(image, mask)
+        assert set(out_mask.unique().tolist()) <= {0.0, 1.0}
+        lesion_in_image = ((out_image * std + mean)[0] > 0.5).float()
+        disagreement = (lesion_in_image != out_mask[0]).float().mean().item()
+        assert disagreement < 0.02, seed  # only the interpolated rim may differ
+        changed += not torch.equal(out_mask, mask.float())
+    assert changed >= 10  # the transforms really moved things
+
+
+def test_eval_preset_normalizes_with_imagenet_statistics():
+    image = torch.full((3, 4, 4), 255, dtype=torch.uint8)
+    out, mask = EvalPreset()(image, torch.ones(1, 4, 4, dtype=torch.uint8))
+    expected = (1 - torch.tensor(data_module.IMAGENET_MEAN)) / torch.tensor(data_module.IMAGENET_STD)
+    assert torch.allclose(out[:, 0, 0], expected)
+    assert mask.dtype == torch.float32
+
+
+def test_dataset_yields_float_pairs(tiny_data):
+    dataset = SegmentationDataset(load_split(tiny_data, "train", 32), TrainPreset())
+    image, mask = dataset[0]
+    assert image.shape == (3, 32, 32) and mask.shape == (1, 32, 32)
+    assert image.dtype == mask.dtype == torch.float32
+    assert type(image) is torch.Tensor and type(mask) is torch.Tensor

@@ -1,0 +1,56 @@
+import pytest
+import torch
+from segmentation_models_pytorch import metrics as smp_metrics
+
+from lesionseg.metrics import MetricAccumulator, confusion_counts, summarize
+
+BIG = 20.0  # a logit far from the threshold
+
+
+def as_logits(binary: torch.Tensor) -> torch.Tensor:
+    return (binary.float() * 2 - 1) * BIG
+
+
+def test_hand_computed_example():
+    # image 1: 4 predicted, 3 true, 2 shared -> tp 2, fp 2, fn 1, tn 11 (4x4)
+    pred = torch.zeros(2, 1, 4, 4)
+    pred[0, 0, 0, :4] = 1
+    gt = torch.zeros(2, 1, 4, 4)
+    gt[0, 0, 0, :2] = 1
+    gt[0, 0, 1, 0] = 1
+    # image 2: perfect on 1 pixel
+    pred[1, 0, 3, 3] = 1
+    gt[1, 0, 3, 3] = 1
+    counts = confusion_counts(as_logits(pred), gt)
+    assert counts.tolist() == [[2, 2, 1, 11], [1, 0, 0, 15]]
+    result = summarize(counts)
+    assert result["iou_per_image"] == pytest.approx((2 / 5 + 1) / 2)
+    assert result["iou_pooled"] == pytest.approx(3 / 6)
+    assert result["dice_per_image"] == pytest.approx((4 / 7 + 1) / 2)
+    assert result["dice_pooled"] == pytest.approx(6 / 9)
+    assert result["sensitivity_pooled"] == pytest.approx(3 / 4)
+    assert result["specificity_pooled"] == pytest.approx(26 / 28)
+    assert result["accuracy_pooled"] == pytest.approx(29 / 32)
+
+
+def test_empty_prediction_of_empty_mask_scores_one():
+    empty = torch.zeros(1, 1, 8, 8)
+    result = summarize(confusion_counts(as_logits(empty), empty))
+    assert result["iou_per_image"] == 1.0 and result["dice_per_image"] == 1.0
+
+
+def test_agrees_with_segmentation_models_pytorch_on_random_masks():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 1, 32, 32, generator=generator)
+    target = (torch.rand(12, 1, 32, 32, generator=generator) > 0.6).long()
+    accumulator = MetricAccumulator()
+    for start in range(0, 12, 5):  # uneven batches must not change the result
+        accumulator.update(logits[start : start + 5], target[start : start + 5])
+    ours = accumulator.compute()
+    tp, fp, fn, tn = smp_metrics.get_stats(torch.sigmoid(logits), target, mode="binary", threshold=0.5)
+    for ours_key, fn_name in (("iou", "iou_score"), ("dice", "f1_score"), ("accuracy", "accuracy"),
+                              ("sensitivity", "sensitivity"), ("specificity", "specificity")):
+        metric = getattr(smp_metrics, fn_name)
+        assert ours[f"{ours_key}_pooled"] == pytest.approx(metric(tp, fp, fn, tn, reduction="micro").item(), abs=1e-6)
+        assert ours[f"{ours_key}_per_image"] == pytest.approx(metric(tp, fp, fn, tn, reduction="micro-imagewise").item(), abs=1e-6)
+    assert len(accumulator.per_image()["iou"]) == 12

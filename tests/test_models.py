@@ -1,0 +1,103 @@
+import os
+from pathlib import Path
+from urllib.error import URLError
+
+import pytest
+import torch
+from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+
+from lesionseg.errors import WeightsError
+from lesionseg.losses import WeightedSum
+from lesionseg.models import MobileNetV2Encoder, build_model, count_parameters
+
+
+def test_parameter_counts_match_the_paper():
+    model = build_model("seed", weights="none")
+    assert count_parameters(model) == 10_755_913
+    assert count_parameters(model.decoder) == 7_251_041
+    assert count_parameters(model.encoder) == 3_504_872
+
+
+def test_encoder_features_and_logits_shapes_at_128px():
+    model = build_model("seed", weights="none").eval()
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        features = model.encoder(x)
+        logits = model(x)
+    assert [tuple(f.shape[1:]) for f in features] == [(16, 64, 64), (24, 32, 32), (32, 16, 16), (96, 8, 8), (1280, 4, 4)]
+    assert logits.shape == (2, 1, 128, 128)
+
+
+def test_frozen_encoder_is_untouched_by_a_training_step():
+    torch.manual_seed(0)
+    model = build_model("seed", weights="none", freeze_encoder=True)
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    decoder_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
+    assert count_parameters(model, trainable_only=True) == 7_251_041
+    model.train()
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x, y = torch.randn(4, 3, 64, 64), (torch.rand(4, 1, 64, 64) > 0.5).float()
+    WeightedSum({"bce": 1.0, "dice": 0.1})(model(x), y).backward()
+    optimizer.step()
+    for key, value in model.encoder.state_dict().items():  # weights and BatchNorm running stats alike
+        assert torch.equal(value, encoder_before[key]), key
+    assert any(not torch.equal(v, decoder_before[k]) for k, v in model.decoder.state_dict().items())
+
+
+def test_finetuned_encoder_learns():
+    model = build_model("seed", weights="none", freeze_encoder=False).train()
+    before = model.encoder.backbone.features[0][0].weight.clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(2, 3, 64, 64)).mean().backward()
+    optimizer.step()
+    assert not torch.equal(before, model.encoder.backbone.features[0][0].weight)
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any download attempt fails at once, as on a machine without internet."""
+
+    def no_network(url, *args, **kwargs):
+        raise URLError(f"offline: {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+
+
+def test_missing_imagenet_weights_say_how_to_provide_them(offline):
+    with pytest.raises(WeightsError) as info:
+        MobileNetV2Encoder("imagenet")
+    message = str(info.value)
+    assert "mobilenet_v2-b0353104.pth" in message and "--weights" in message and "--no-pretrained" in message
+
+
+def test_imagenet_weights_load_through_torchvision_from_torch_home(offline):
+    """The offline path: torchvision's API reads $TORCH_HOME/hub/checkpoints before it downloads."""
+    reference = mobilenet_v2().state_dict()
+    filename = MobileNet_V2_Weights.IMAGENET1K_V1.url.rsplit("/", 1)[-1]
+    checkpoints = Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    torch.save(reference, checkpoints / filename)
+    encoder = MobileNetV2Encoder("imagenet")
+    assert torch.equal(encoder.backbone.features[0][0].weight, reference["features.0.0.weight"])
+
+
+def test_weights_from_a_state_dict_file(tmp_path):
+    reference = mobilenet_v2().state_dict()
+    torch.save(reference, tmp_path / "w.pth")
+    encoder = MobileNetV2Encoder(str(tmp_path / "w.pth"))
+    assert torch.equal(encoder.backbone.classifier[1].weight, reference["classifier.1.weight"])
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", None])
+def test_bad_weights_file_is_a_one_line_error(tmp_path, content):
+    path = tmp_path / "w.pth"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(WeightsError, match=str(path)):
+        MobileNetV2Encoder(str(path))
+
+
+def test_weights_of_another_model_are_refused(tmp_path):
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(WeightsError, match="not a torchvision mobilenet_v2 state_dict"):
+        MobileNetV2Encoder(str(tmp_path / "other.pth"))

@@ -1,0 +1,108 @@
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from lesionseg import training
+from lesionseg.config import ConfigError, build_config
+from lesionseg.errors import CheckpointError
+from lesionseg.training import Interrupted, fit, load_checkpoint, model_from_checkpoint, save_checkpoint
+
+
+def tiny_config(data, out, **overrides):
+    values = dict(data=str(data), out=str(out), weights="none", image_size=32, epochs=2, batch_size=4)
+    values.update(overrides)
+    return build_config("model2-finetune", **values)
+
+
+def test_fit_writes_a_complete_run(tiny_data, tmp_path):
+    run = fit(tiny_config(tiny_data, tmp_path / "run"), progress=False)
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "split.json", "log.csv", "last.pt", "best.pt"}
+    rows = list(csv.DictReader(open(run / "log.csv")))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert all(float(r["train_loss"]) > 0 and float(r["train_images_per_s"]) > 0 for r in rows)
+    split = json.loads((run / "split.json").read_text())
+    assert len(split["train"]) == 9 and len(split["val"]) == 1 and not set(split["train"]) & set(split["val"])
+    state = load_checkpoint(run / "last.pt")
+    assert state["epoch"] == 2 and set(state) >= {"model", "optimizer", "config", "best_metric", "history"}
+    model, config = model_from_checkpoint(load_checkpoint(run))
+    assert config.image_size == 32 and not model.training
+
+
+def test_presets_are_the_papers_experiments():
+    frozen = build_config("model1-frozen")
+    finetune = build_config("model2-finetune", epochs=3, lr=0.01)
+    assert frozen.freeze_encoder and frozen.loss == {"bce": 1.0, "dice": 0.1}
+    assert not finetune.freeze_encoder and finetune.loss == {"bce": 1.0}
+    assert (finetune.epochs, finetune.lr) == (3, 0.01)
+    with pytest.raises(ConfigError, match="multiple of 32"):
+        build_config("model1-frozen", image_size=100)
+    with pytest.raises(ConfigError, match="unknown preset"):
+        build_config("model3")
+
+
+def test_same_seed_same_training(tiny_data, tmp_path):
+    a = fit(tiny_config(tiny_data, tmp_path / "a", epochs=1), progress=False)
+    b = fit(tiny_config(tiny_data, tmp_path / "b", epochs=1), progress=False)
+    assert (a / "split.json").read_text() == (b / "split.json").read_text()
+    wa, wb = load_checkpoint(a / "last.pt")["model"], load_checkpoint(b / "last.pt")["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_ctrl_c_leaves_a_usable_last_checkpoint(tiny_data, tmp_path, monkeypatch):
+    calls = []
+    original = training.train_one_epoch
+
+    def interrupted_in_epoch_two(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(training, "train_one_epoch", interrupted_in_epoch_two)
+    with pytest.raises(Interrupted, match="after epoch 1"):
+        fit(tiny_config(tiny_data, tmp_path / "run", epochs=3), progress=False)
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert state["epoch"] == 1
+    model, _ = model_from_checkpoint(state)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1, 32, 32)
+
+
+def test_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {}, "config": {}, "epoch": 1}, path)
+
+    def disk_full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        save_checkpoint({"model": {}, "config": {}, "epoch": 2}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into read-only folders")
+def test_read_only_output_folder_is_a_clear_error(tmp_path):
+    path = tmp_path / "ro"
+    path.mkdir()
+    save_checkpoint({"model": {}, "config": {}, "epoch": 1}, path / "last.pt")
+    path.chmod(0o555)
+    try:
+        with pytest.raises(CheckpointError, match="previous one is intact"):
+            save_checkpoint({"model": {}, "config": {}, "epoch": 2}, path / "last.pt")
+    finally:
+        path.chmod(0o755)
+
+
+@pytest.mark.parametrize("content", [b"garbage", None])
+def test_unreadable_checkpoint_is_named(tmp_path, content):
+    path = tmp_path / "best.pt"
+    if content:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=str(path)):
+        load_checkpoint(path)
