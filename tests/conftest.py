@@ -46,3 +46,27 @@ def write_dataset(root: Path, counts: dict[str, int], size: int = 48, seed: int 
 def tiny_data(tmp_path) -> Path:
     """10 training and 4 test pairs, 48x48."""
     return write_dataset(tmp_path / "data", {"train": 10, "test": 4})
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A seed-arch model trained one epoch at 32 px on synthetic discs (enough to exercise inference)."""
+    from lesionseg.config import build_config
+    from lesionseg.training import fit
+
+    root = tmp_path_factory.mktemp("trained")
+    data = write_dataset(root / "data", {"train": 8, "test": 4}, seed=1)
+    config = build_config("model2-finetune", data=str(data), out=str(root / "run"), weights="none", image_size=32,
+                          epochs=1, batch_size=4, cache_dir=str(root / "cache"))
+    return fit(config, progress=False) / "best.pt"
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """Three 'user photos' of different sizes and formats in a folder."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for name, size in (("a.jpg", 70), ("b.png", 40), ("c.jpeg", 96)):
+        Image.fromarray(disc_pair(rng, size)[0]).save(folder / name)
+    return folder

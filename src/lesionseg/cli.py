@@ -67,6 +67,34 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     print(f"report: {report['path']}")
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from lesionseg.prediction import load_predictor, run_predict
+
+    report = run_predict(load_predictor(args.checkpoint, args.onnx), args.inputs, args.out, args.batch_size,
+                         progress=not args.no_progress)
+    print(f"segmented {len(report.rows)} image(s) into {args.out}; {len(report.problems)} skipped")
+    return 1 if report.problems or not report.rows else 0
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from lesionseg.export import export_onnx
+
+    print(f"exported: {export_onnx(args.checkpoint, args.onnx)}")
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from lesionseg.prediction import load_predictor
+    from lesionseg.serve import run_serve
+
+    run_serve(load_predictor(args.checkpoint, args.onnx), args.host, args.port)
+
+
+def add_model_source(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a lesionseg checkpoint (.pt) or run folder")
+    source.add_argument("--onnx", help="a model exported with `lesionseg export` (runs in onnxruntime)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lesionseg", description="Skin-lesion segmentation with a MobileNetV2 encoder.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,19 +124,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--frozen", action="store_true", help="count the encoder as non-trainable (Model 1)")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("predict", help="segment images: mask PNG, overlay PNG and a CSV/JSON row each")
+    add_model_source(p)
+    p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a checkpoint to ONNX (dynamic batch, normalization inside)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--onnx", required=True, help="output .onnx file")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="web page and POST /predict API")
+    add_model_source(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        status = args.func(args)
     except LesionsegError as exc:
         from lesionseg.training import Interrupted
 
         print(f"lesionseg: {'' if isinstance(exc, Interrupted) else 'error: '}{exc}", file=sys.stderr)
         return 130 if isinstance(exc, Interrupted) else 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -129,13 +129,15 @@ def read_mask(path: Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read mask ({exc})") from None
 
 
-def resize_pair(image: Image.Image, mask: np.ndarray, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 (3,S,S) image (bilinear, antialiased) and {0,1} uint8 (1,S,S) mask (bilinear, then >= 0.5)."""
-    img = TF.pil_to_tensor(image)
-    img = TF.resize(img, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-    m = torch.from_numpy(mask).float()[None]
-    m = TF.resize(m, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-    return img, (m >= 0.5).to(torch.uint8)
+def resize_image(image: Image.Image, size: int) -> torch.Tensor:
+    """uint8 (3,S,S), bilinear with antialiasing (the aspect ratio is not kept, as in the paper)."""
+    return TF.resize(TF.pil_to_tensor(image), [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+
+
+def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
+    """{0,1} uint8 (1,S,S): bilinear on the 0/1 mask, then >= 0.5, so it stays binary."""
+    m = TF.resize(torch.from_numpy(mask).float()[None], [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    return (m >= 0.5).to(torch.uint8)
 
 
 def _decode(pairs: list[Pair], size: int) -> CachedSplit:
@@ -147,9 +149,8 @@ def _decode(pairs: list[Pair], size: int) -> CachedSplit:
             raise DataError(
                 f"{pair.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.width}x{image.height}"
             )
-        img, m = resize_pair(image, mask, size)
-        images.append(img)
-        masks.append(m)
+        images.append(resize_image(image, size))
+        masks.append(resize_mask(mask, size))
         sizes.append((image.width, image.height))
     return CachedSplit([p.id for p in pairs], torch.stack(images), torch.stack(masks), sizes)
 

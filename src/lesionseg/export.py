@@ -1,0 +1,69 @@
+"""ONNX export: normalization and sigmoid inside the graph, so a user feeds RGB in [0, 1]."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lesionseg.data import IMAGENET_MEAN, IMAGENET_STD
+from lesionseg.errors import LesionsegError
+from lesionseg.training import load_checkpoint, model_from_checkpoint
+
+INPUT_DOC = "image: float32 (batch, 3, S, S), RGB scaled to [0, 1]; probability: float32 (batch, 1, S, S)"
+
+
+class ExportWrapper(nn.Module):
+    """RGB in [0,1] -> ImageNet normalization -> model -> sigmoid probability."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.model((image - self.mean) / self.std))
+
+
+def export_onnx(checkpoint: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """One self-contained .onnx file with a dynamic batch axis and lesionseg metadata."""
+    import onnx
+
+    model, config = model_from_checkpoint(load_checkpoint(checkpoint))
+    path = Path(path)
+    example = torch.rand(2, 3, config.image_size, config.image_size)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.onnx.export(
+        ExportWrapper(model).eval(), (example,), dynamo=True, external_data=False, verbose=False,
+        input_names=["image"], output_names=["probability"], dynamic_shapes={"image": {0: batch}},
+    )
+    proto = program.model_proto
+    props = {p.key: p.value for p in proto.metadata_props}
+    props.update(image_size=str(config.image_size), threshold=str(config.threshold), arch=config.arch, io=INPUT_DOC)
+    onnx.helper.set_model_props(proto, props)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".onnx.tmp")
+        onnx.save(proto, tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise LesionsegError(f"{path}: cannot write ({exc.strerror or exc})") from None
+    return path
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    import onnx
+
+    if not path.is_file():
+        raise LesionsegError(f"{path}: ONNX model not found")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises its own types for a foreign file
+        raise LesionsegError(f"{path}: not a readable ONNX model ({exc.__class__.__name__})") from None
+    meta = {p.key: p.value for p in proto.metadata_props}
+    if "image_size" not in meta:
+        raise LesionsegError(f"{path}: not exported by lesionseg (no image_size in its metadata)")
+    return meta

@@ -1,0 +1,78 @@
+"""`lesionseg serve`: POST /predict takes an image, GET / is a page to drop one on."""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from importlib import resources
+
+from fastapi import FastAPI, HTTPException, Request, UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from lesionseg.prediction import Predictor, describe, mask_image, overlay, png_bytes, segment
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_PIXELS = 60_000_000  # dermoscopy is at most ~6 MP; far larger is a decompression bomb, not a photo
+
+
+def decode_upload(data: bytes, name: str) -> Image.Image:
+    """RGB image from uploaded bytes, or an HTTP 4xx that says what is wrong with the file."""
+    if not data:
+        raise HTTPException(400, f"{name}: empty upload")
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > MAX_PIXELS:
+            raise HTTPException(413, f"{name}: {image.width}x{image.height} is too many pixels (limit {MAX_PIXELS:,})")
+        return ImageOps.exif_transpose(image).convert("RGB")
+    except UnidentifiedImageError:
+        raise HTTPException(415, f"{name}: not an image (JPEG, PNG, BMP or TIFF expected)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise HTTPException(400, f"{name}: corrupt or truncated image ({exc})") from None
+
+
+def create_app(predictor: Predictor, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
+    app = FastAPI(title="lesionseg", description="Skin-lesion segmentation of dermoscopy images")
+    page = resources.files("lesionseg").joinpath("static", "index.html").read_text()
+
+    @app.middleware("http")
+    async def refuse_oversized(request: Request, call_next):
+        """Refuse on the declared length, before the multipart body is spooled to disk."""
+        if int(request.headers.get("content-length") or 0) > max_upload_bytes + 64 * 1024:
+            return JSONResponse({"detail": f"upload larger than the {max_upload_bytes // 2**20} MiB limit"}, status_code=413)
+        return await call_next(request)
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return page
+
+    @app.get("/health")
+    def health() -> dict:
+        return {"status": "ok", "image_size": predictor.image_size}
+
+    @app.post("/predict")
+    async def predict(file: UploadFile) -> dict:
+        """The JSON row of the image, with its mask and overlay as base64 PNG."""
+        name = file.filename or "upload"
+        data = await file.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, f"{name}: larger than the {max_upload_bytes // 2**20} MiB upload limit")
+        image = decode_upload(data, name)
+        start = time.perf_counter()
+        result = segment(predictor, [image])[0]
+        row = describe(name, result)
+        return {
+            **row,
+            "seconds": time.perf_counter() - start,
+            "mask_png": base64.b64encode(png_bytes(mask_image(result.mask))).decode(),
+            "overlay_png": base64.b64encode(png_bytes(overlay(image, result.mask))).decode(),
+        }
+
+    return app
+
+
+def run_serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000) -> None:
+    import uvicorn
+
+    uvicorn.run(create_app(predictor), host=host, port=port)

@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lesionseg.cli import main
+from lesionseg.data import load_split
+from lesionseg.errors import LesionsegError
+from lesionseg.export import export_onnx
+from lesionseg.prediction import OnnxPredictor, TorchPredictor, run_predict
+
+
+@pytest.fixture(scope="module")
+def onnx_model(tiny_checkpoint, tmp_path_factory):
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+def test_onnx_matches_pytorch_on_test_images(tiny_checkpoint, onnx_model):
+    config_data = torch.load(tiny_checkpoint, weights_only=False)["config"]
+    test = load_split(config_data["data"], "test", 32, config_data["cache_dir"])
+    torch_probs = TorchPredictor(tiny_checkpoint)(test.images)
+    onnx_probs = OnnxPredictor(onnx_model)(test.images)
+    assert onnx_probs.shape == torch_probs.shape == (4, 1, 32, 32)
+    assert (onnx_probs - torch_probs).abs().mean().item() < 1e-4
+
+
+def test_onnx_batch_axis_is_dynamic(onnx_model):
+    predictor = OnnxPredictor(onnx_model)
+    assert predictor.image_size == 32 and predictor.threshold == 0.5
+    for batch in (1, 5):
+        assert predictor(torch.zeros(batch, 3, 32, 32, dtype=torch.uint8)).shape == (batch, 1, 32, 32)
+
+
+def test_predict_with_onnx_gives_the_pytorch_masks(tiny_checkpoint, onnx_model, photos, tmp_path):
+    by_torch = run_predict(TorchPredictor(tiny_checkpoint), [photos], tmp_path / "t", progress=False)
+    assert main(["predict", "--onnx", str(onnx_model), str(photos), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    for row in by_torch.rows:
+        a = np.asarray(Image.open(tmp_path / "t" / row["mask"]))
+        b = np.asarray(Image.open(tmp_path / "o" / row["mask"]))
+        assert (a != b).mean() < 0.001  # only pixels sitting exactly on the threshold may flip
+
+
+def test_export_cli_and_foreign_files(tiny_checkpoint, tmp_path, capsys):
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    assert (tmp_path / "m.onnx").stat().st_size > 1_000_000
+    (tmp_path / "junk.onnx").write_bytes(b"junk")
+    with pytest.raises(LesionsegError, match="junk.onnx: not a readable ONNX model"):
+        OnnxPredictor(tmp_path / "junk.onnx")
+    assert main(["predict", "--onnx", str(tmp_path / "nope.onnx"), "x.jpg", "--out", str(tmp_path / "o")]) == 2
+    assert "nope.onnx: ONNX model not found" in capsys.readouterr().err

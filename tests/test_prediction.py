@@ -1,0 +1,76 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lesionseg.cli import main
+from lesionseg.prediction import Segmentation, TorchPredictor, describe, outline, overlay, run_predict, segment
+
+
+def test_masks_come_back_at_each_images_own_resolution(tiny_checkpoint, photos, tmp_path):
+    report = run_predict(TorchPredictor(tiny_checkpoint), [photos], tmp_path / "out", batch_size=2, progress=False)
+    assert report.problems == [] and len(report.rows) == 3
+    for row in report.rows:
+        source = Image.open(row["file"])
+        mask = Image.open(tmp_path / "out" / row["mask"])
+        over = Image.open(tmp_path / "out" / row["overlay"])
+        assert mask.size == over.size == source.size == (row["width"], row["height"])
+        assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
+        assert row["lesion_pixels"] == int((np.asarray(mask) > 0).sum())
+    rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
+    assert [r["file"] for r in rows] == [r["file"] for r in json.loads((tmp_path / "out" / "predictions.json").read_text())]
+
+
+def test_describe_area_bbox_and_probability():
+    mask = np.zeros((10, 20), bool)
+    mask[2:5, 3:9] = True
+    probability = np.where(mask, 0.9, 0.1)
+    row = describe("x.jpg", Segmentation(mask, probability))
+    assert row["lesion_pixels"] == 18 and row["lesion_fraction"] == pytest.approx(18 / 200)
+    assert (row["bbox_x0"], row["bbox_y0"], row["bbox_x1"], row["bbox_y1"]) == (3, 2, 8, 4)
+    assert row["mean_probability"] == pytest.approx(0.9)
+    empty = describe("y.jpg", Segmentation(np.zeros((4, 4), bool), np.zeros((4, 4))))
+    assert empty["lesion_pixels"] == 0 and empty["bbox_x0"] is None and empty["mean_probability"] is None
+
+
+def test_overlay_draws_only_the_outline():
+    mask = np.zeros((40, 40), bool)
+    mask[10:30, 10:30] = True
+    ring = outline(mask, 1)
+    assert ring[10, 15] and ring[29, 20] and not ring[20, 20] and not ring[5, 5]
+    image = Image.new("RGB", (40, 40), (10, 10, 10))
+    pixels = np.asarray(overlay(image, mask))
+    assert tuple(pixels[10, 15]) == (0, 255, 0) and tuple(pixels[20, 20]) == (10, 10, 10)
+
+
+def test_probabilities_are_upsampled_from_the_model_grid(tiny_checkpoint):
+    predictor = TorchPredictor(tiny_checkpoint)
+    image = Image.new("RGB", (64, 48), (200, 150, 120))
+    [result] = segment(predictor, [image])
+    assert result.probability.shape == (48, 64) and 0 <= result.probability.min() <= result.probability.max() <= 1
+    assert np.array_equal(result.mask, result.probability >= predictor.threshold)
+
+
+def test_unreadable_files_are_named_skipped_and_set_the_exit_status(tiny_checkpoint, photos, tmp_path, capsys):
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    out = tmp_path / "out"
+    status = main(["predict", "--checkpoint", str(tiny_checkpoint), str(photos), str(tmp_path / "missing.png"),
+                   "--out", str(out), "--no-progress"])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "broken.jpg: cannot read image" in err
+    assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 3
+
+
+def test_clean_predict_exits_zero(tiny_checkpoint, photos, tmp_path):
+    assert main(["predict", "--checkpoint", str(tiny_checkpoint), str(photos / "a.jpg"), "--out", str(tmp_path / "o"),
+                 "--no-progress"]) == 0
+
+
+def test_channels_last_gives_the_same_probabilities(tiny_checkpoint):
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    eager, cl = TorchPredictor(tiny_checkpoint), TorchPredictor(tiny_checkpoint, channels_last=True)
+    assert torch.allclose(eager(images), cl(images), atol=1e-5)
