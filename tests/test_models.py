@@ -101,3 +101,17 @@ def test_weights_of_another_model_are_refused(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(WeightsError, match="not a torchvision mobilenet_v2 state_dict"):
         MobileNetV2Encoder(str(tmp_path / "other.pth"))
+
+
+def test_unet_decoder_is_as_large_as_smps_and_takes_every_stride():
+    ours, theirs = build_model("unet", weights="none"), build_model("smp-unet", weights="none")
+    assert abs(count_parameters(ours.decoder) - count_parameters(theirs.decoder)) < 200
+    for size in (128, 192, 96):  # any multiple of 32
+        assert ours(torch.randn(1, 3, size, size)).shape == (1, 1, size, size)
+
+
+def test_smp_unet_takes_torchvision_weights(tmp_path):
+    reference = mobilenet_v2().state_dict()
+    torch.save(reference, tmp_path / "w.pth")
+    model = build_model("smp-unet", weights=str(tmp_path / "w.pth"))
+    assert torch.equal(model.encoder.features[0][0].weight, reference["features.0.0.weight"])

@@ -106,3 +106,39 @@ def test_unreadable_checkpoint_is_named(tmp_path, content):
         path.write_bytes(content)
     with pytest.raises(CheckpointError, match=str(path)):
         load_checkpoint(path)
+
+
+def test_warmup_then_cosine_schedule():
+    from lesionseg.training import build_scheduler
+
+    config = build_config("unet-finetune", epochs=4, lr=1.0, warmup_epochs=1, weights="none")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(config, optimizer, steps_per_epoch=10)
+    rates = []
+    for _ in range(40):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(0.1) and rates[9] == pytest.approx(1.0)  # linear warm-up over epoch 1
+    assert rates[10] == pytest.approx(1.0) and rates[25] == pytest.approx(0.5, abs=0.06)
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:])) and rates[-1] < 0.01
+
+
+def test_early_stopping_on_validation_iou(tiny_data, tmp_path, monkeypatch):
+    scores = iter([0.5, 0.6, 0.55, 0.58, 0.59, 0.9])
+
+    def fake_validate(*args):
+        return {"val_loss": 1.0, "val_iou": next(scores), "val_dice": 0.0}
+
+    monkeypatch.setattr(training, "validate", fake_validate)
+    run = fit(tiny_config(tiny_data, tmp_path / "run", epochs=6, monitor="val_iou", patience=2), progress=False)
+    state = load_checkpoint(run / "best.pt")
+    assert state["epoch"] == 2 and state["best_metric"] == 0.6
+    assert load_checkpoint(run / "last.pt")["epoch"] == 4  # epochs 3 and 4 did not beat epoch 2
+
+
+@pytest.mark.parametrize("arch", ["unet", "smp-unet"])
+def test_other_archs_train_and_reload(arch, tiny_data, tmp_path):
+    run = fit(tiny_config(tiny_data, tmp_path / arch, epochs=1, arch=arch), progress=False)
+    model, config = model_from_checkpoint(load_checkpoint(run))
+    assert config.arch == arch and model(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
-from lesionseg.config import PRESETS
+from lesionseg.config import ARCHS, PRESETS
 from lesionseg.errors import LesionsegError
 
 
@@ -19,6 +20,17 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, help="multiple of 32 (default 128)")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--loss", help="e.g. 'bce', 'bce+0.1*dice', 'dice', 'focal', 'lovasz', 'tversky'")
+    parser.add_argument("--arch", choices=ARCHS, help="seed: the paper's decoder; unet: ours with skips; smp-unet: smp's Unet")
+    parser.add_argument("--optimizer", choices=("adam", "adamw"))
+    parser.add_argument("--weight-decay", type=float)
+    parser.add_argument("--schedule", choices=("constant", "cosine"), help="per-step lr schedule after the warm-up")
+    parser.add_argument("--warmup-epochs", type=float)
+    parser.add_argument("--monitor", choices=("val_loss", "val_iou"), help="what picks best.pt (and early stopping)")
+    parser.add_argument("--patience", type=int, help="stop after N epochs without improvement (0: never)")
+    parser.add_argument("--dropout", type=float)
+    parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    parser.add_argument("--amp", action="store_const", const=True, help="mixed precision on CUDA")
+    parser.add_argument("--sync-bn", action="store_const", const=True, help="SyncBatchNorm across GPUs under torchrun")
     parser.add_argument("--cache-dir", help="where resized images are cached (default $LESIONSEG_CACHE or ~/.cache/lesionseg)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--weights", help="encoder weights: a mobilenet_v2 state_dict file (default: torchvision ImageNet)")
@@ -34,16 +46,23 @@ def training_overrides(args: argparse.Namespace) -> dict:
         "image_size": args.image_size, "seed": args.seed, "cache_dir": args.cache_dir,
         "loss": parse_loss(args.loss) if args.loss else None,
         "weights": "none" if args.no_pretrained else args.weights,
+        "arch": args.arch, "optimizer": args.optimizer, "weight_decay": args.weight_decay, "schedule": args.schedule,
+        "warmup_epochs": args.warmup_epochs, "monitor": args.monitor, "patience": args.patience,
+        "dropout": args.dropout, "device": args.device, "amp": args.amp, "sync_bn": args.sync_bn,
     }
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     from lesionseg.config import build_config
-    from lesionseg.training import fit
+    from lesionseg.training import fit, resume_config
 
-    config = build_config(args.preset, **training_overrides(args), out=args.out or f"runs/{args.preset}")
-    run_dir = fit(config, progress=not args.no_progress)
-    print(f"trained: {run_dir / 'best.pt'}")
+    if args.resume:  # the run's own config; other options would make it another run
+        config = resume_config(args.resume)
+    else:
+        config = build_config(args.preset, **training_overrides(args), out=args.out or f"runs/{args.preset}")
+    run_dir = fit(config, progress=not args.no_progress, resume=bool(args.resume))
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"trained: {run_dir / 'best.pt'}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -107,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one model from a preset")
     p.add_argument("--preset", choices=PRESETS, default="model2-finetune")
     p.add_argument("--out", help="run folder (default runs/<preset>)")
+    p.add_argument("--resume", metavar="RUN", help="continue a stopped run from its last.pt, with its own config")
     add_training_options(p)
     p.set_defaults(func=cmd_train)
 

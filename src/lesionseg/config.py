@@ -12,7 +12,9 @@ import yaml
 
 from lesionseg.errors import LesionsegError
 
-PRESETS = ("model1-frozen", "model2-finetune")
+PAPER_PRESETS = ("model1-frozen", "model2-finetune")
+PRESETS = (*PAPER_PRESETS, "unet-finetune")
+ARCHS = ("seed", "unet", "smp-unet")
 
 
 class ConfigError(LesionsegError):
@@ -34,6 +36,14 @@ class TrainConfig:
     batch_size: int = 16
     lr: float = 1e-3
     weight_decay: float = 0.0
+    optimizer: str = "adam"  # "adam" | "adamw"
+    schedule: str = "constant"  # "constant" | "cosine" (per step, after a linear warm-up)
+    warmup_epochs: float = 0.0
+    monitor: str = "val_loss"  # which validation number picks best.pt: "val_loss" (lower) | "val_iou" (higher)
+    patience: int = 0  # stop after this many epochs without a better monitor value; 0 = never
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
+    amp: bool = False  # mixed precision on CUDA
+    sync_bn: bool = False  # SyncBatchNorm across processes in distributed training
     dropout: float = 0.2  # the paper names Dropout in every decoder block but not its rate
     val_fraction: float = 0.1
     seed: int = 0
@@ -47,8 +57,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.image_size % 32 != 0 or self.image_size < 32:
             raise ConfigError(f"image_size must be a multiple of 32, got {self.image_size}")
-        if self.arch not in ("seed",):
-            raise ConfigError(f"unknown arch {self.arch!r}; choose from: seed")
+        choices = {"arch": ARCHS, "optimizer": ("adam", "adamw"), "schedule": ("constant", "cosine"),
+                   "monitor": ("val_loss", "val_iou")}
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"unknown {key} {getattr(self, key)!r}; choose from: {', '.join(allowed)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch_size must be at least 1")
         if not 0.0 < self.val_fraction < 1.0:

@@ -236,14 +236,25 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 class SegmentationDataset(Dataset):
-    """Samples of a cached split: (image (3,S,S) float, mask (1,S,S) float in {0,1})."""
+    """Samples of a cached split: (image (3,S,S) float, mask (1,S,S) float in {0,1}).
 
-    def __init__(self, split: CachedSplit, transform) -> None:
+    With a `seed`, each sample's augmentation is drawn from its own generator seeded by (seed, epoch,
+    index): the same sample gets the same transform whichever process, worker or resumed run asks.
+    """
+
+    def __init__(self, split: CachedSplit, transform, seed: int | None = None) -> None:
         self.split = split
         self.transform = transform
+        self.seed = seed
+        self.epoch = 0
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(self.split.images[index], self.split.masks[index])
+        image, mask = self.split.images[index], self.split.masks[index]
+        if self.seed is None:
+            return self.transform(image, mask)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
+            return self.transform(image, mask)

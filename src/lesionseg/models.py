@@ -12,11 +12,14 @@ from urllib.error import URLError
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
 from lesionseg.errors import WeightsError
 
 SEED_DECODER_CHANNELS = (512, 256, 64, 32, 16)  # the paper's five decoder blocks
+UNET_DECODER_CHANNELS = (256, 128, 64, 32, 16)  # the widths smp's Unet uses, so the comparison is fair
+ARCHS = ("seed", "unet", "smp-unet")
 
 
 def imagenet_state_dict() -> dict[str, torch.Tensor]:
@@ -42,6 +45,25 @@ def file_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"{path}: not a readable state_dict ({exc.__class__.__name__})") from None
 
 
+def encoder_state_dict(weights: str | None) -> dict[str, torch.Tensor] | None:
+    """"imagenet" (torchvision's API), "none", or a path to a mobilenet_v2 state_dict."""
+    if weights == "imagenet":
+        return imagenet_state_dict()
+    if weights in ("none", "", None):
+        return None
+    return file_state_dict(Path(weights))
+
+
+def load_backbone(module: nn.Module, state_dict: dict[str, torch.Tensor] | None, source: str, strict: bool = True) -> None:
+    if state_dict is None:
+        return
+    try:
+        module.load_state_dict(state_dict, strict=strict)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise WeightsError(f"{source}: not a torchvision mobilenet_v2 state_dict ({first})") from None
+
+
 class MobileNetV2Encoder(nn.Module):
     """The whole torchvision MobileNetV2 (classifier kept: the paper counts its parameters).
 
@@ -55,17 +77,7 @@ class MobileNetV2Encoder(nn.Module):
     def __init__(self, weights: str = "imagenet") -> None:
         super().__init__()
         self.backbone = mobilenet_v2(weights=None)
-        if weights == "imagenet":
-            self._load(imagenet_state_dict(), "ImageNet")
-        elif weights not in ("none", "", None):
-            self._load(file_state_dict(Path(weights)), str(weights))
-
-    def _load(self, state_dict: dict[str, torch.Tensor], source: str) -> None:
-        try:
-            self.backbone.load_state_dict(state_dict)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[0]
-            raise WeightsError(f"{source}: not a torchvision mobilenet_v2 state_dict ({first})") from None
+        load_backbone(self.backbone, encoder_state_dict(weights), str(weights))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B,3,H,W) -> five maps, (B,16,H/2,W/2) ... (B,1280,H/32,W/32)."""
@@ -104,6 +116,60 @@ class SeedDecoder(nn.Module):
         return self.head(self.blocks(features[-1]))
 
 
+class ConvBlock(nn.Sequential):
+    """Two Conv3x3 -> BatchNorm -> ReLU: mixes upsampled context with the skip's detail."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
+        )
+
+
+class UNetDecoder(nn.Module):
+    """U-Net decoder on the encoder's feature list: at each stride 16, 8, 4, 2 upsample to the skip's
+    exact size, concatenate, ConvBlock; a last ConvBlock at full resolution; a 1x1 conv to one logit.
+
+    The skips are the last block of each stride (MobileNetV2 features[13], [6], [3], [1]): the deepest,
+    most processed map at that resolution, before the next stride-2 block throws half of it away.
+    """
+
+    def __init__(self, encoder_channels: tuple[int, ...], channels: tuple[int, ...] = UNET_DECODER_CHANNELS,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        skips = encoder_channels[-2::-1]
+        inputs = [encoder_channels[-1], *channels[:-1]]
+        self.blocks = nn.ModuleList(
+            ConvBlock(c_in + (skips[i] if i < len(skips) else 0), c_out) for i, (c_in, c_out) in enumerate(zip(inputs, channels))
+        )
+        self.dropout = nn.Dropout2d(dropout)
+        self.head = nn.Conv2d(channels[-1], 1, 1)
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """Five maps (strides 2..32) -> logits (B,1,2H2,2W2) where (H2,W2) is the stride-2 map's size."""
+        x, skips = features[-1], features[-2::-1]
+        for i, block in enumerate(self.blocks):
+            if i < len(skips):
+                x = F.interpolate(x, size=skips[i].shape[-2:], mode="bilinear", align_corners=False)
+                x = torch.cat([x, skips[i]], dim=1)
+            else:
+                x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+            x = block(x)
+        return self.head(self.dropout(x))
+
+
+class SmpUnetDecoder(nn.Module):
+    """segmentation_models_pytorch's Unet decoder and head: the library baseline we compare against."""
+
+    def __init__(self, smp_model: nn.Module) -> None:
+        super().__init__()
+        self.decoder = smp_model.decoder
+        self.head = smp_model.segmentation_head
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.head(self.decoder(features))
+
+
 class SegmentationModel(nn.Module):
     """encoder -> decoder -> logits. A frozen encoder neither learns nor updates BatchNorm statistics."""
 
@@ -127,11 +193,23 @@ class SegmentationModel(nn.Module):
 
 
 def build_model(arch: str = "seed", weights: str = "imagenet", freeze_encoder: bool = False, dropout: float = 0.2) -> SegmentationModel:
+    """seed: the paper's decoder; unet: ours with skips; smp-unet: smp.Unet("mobilenet_v2") as it ships."""
+    if arch == "smp-unet":
+        import segmentation_models_pytorch as smp
+
+        baseline = smp.Unet("mobilenet_v2", encoder_weights=None, classes=1)
+        state = encoder_state_dict(weights)  # smp's encoder is torchvision's MobileNetV2 less the classifier
+        if state is not None:
+            state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
+        load_backbone(baseline.encoder, state, str(weights))
+        return SegmentationModel(baseline.encoder, SmpUnetDecoder(baseline), freeze_encoder)
     encoder = MobileNetV2Encoder(weights)
     if arch == "seed":
-        decoder = SeedDecoder(encoder.out_channels, dropout)
+        decoder: nn.Module = SeedDecoder(encoder.out_channels, dropout)
+    elif arch == "unet":
+        decoder = UNetDecoder(encoder.out_channels, dropout=dropout)
     else:
-        raise ValueError(f"unknown arch {arch!r}")
+        raise ValueError(f"unknown arch {arch!r}; choose from: {', '.join(ARCHS)}")
     return SegmentationModel(encoder, decoder, freeze_encoder)
 
 

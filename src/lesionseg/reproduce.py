@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from lesionseg.config import PRESETS, TrainConfig, build_config
+from lesionseg.config import PAPER_PRESETS, TrainConfig, build_config
 from lesionseg.evaluation import evaluate_checkpoint
 from lesionseg.training import fit, load_checkpoint
 
@@ -26,7 +26,7 @@ def run_reproduce(out: str | os.PathLike, progress: bool = True, **overrides: An
 
     out = Path(out)
     runs = {}
-    for preset in PRESETS:
+    for preset in PAPER_PRESETS:
         config = build_config(preset, **overrides, out=str(out / preset))
         run_dir = Path(config.out)
         if not is_finished(run_dir, config):

@@ -1,10 +1,19 @@
-"""The training loop: forward, loss, backward, step, validate, log, checkpoint — in that order."""
+"""The training loop: forward, loss, backward, step, schedule, validate, log, checkpoint — in that order.
+
+The same code runs as one process or as several under torchrun (see `distributed.py`). Data order comes
+from a DistributedSampler seeded per epoch and augmentation is seeded per sample, so a resumed run, and
+a run split over N processes, see exactly the batches an uninterrupted single process sees.
+"""
 
 from __future__ import annotations
 
 import csv
+import json
+import math
 import os
+import platform
 import random
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -13,11 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from lesionseg.config import TrainConfig, save_config
-from lesionseg.data import EvalPreset, SegmentationDataset, TrainPreset, load_split, train_val_indices, write_split
+from lesionseg.config import TrainConfig, read_config, save_config
+from lesionseg.data import (
+    EvalPreset, SegmentationDataset, TrainPreset, cache_key, find_pairs, load_pairs, train_val_indices, write_split,
+)
+from lesionseg.distributed import Process, barrier, init_process, mean_across, resolve_device
 from lesionseg.errors import CheckpointError, LesionsegError
 from lesionseg.losses import WeightedSum
 from lesionseg.metrics import MetricAccumulator
@@ -73,16 +86,40 @@ def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, TrainConfig
     return model.eval(), config
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, bar) -> tuple[float, int]:
-    """Mean training loss over the epoch and the number of images seen."""
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return kind(trainable, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step factor on lr: linear warm-up, then constant or cosine decay to zero at the last step."""
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    total = config.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device, bar) -> tuple[float, int]:
+    """Mean training loss over this process's batches and the number of images it saw."""
     model.train()
     total, count = 0.0, 0
     for images, masks in loader:
-        logits = model(images)
-        loss = loss_fn(logits, masks)
+        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=scaler.is_enabled()):
+            loss = loss_fn(model(images), masks)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
         total += loss.item() * len(images)
         count += len(images)
         bar.update(1)
@@ -91,83 +128,186 @@ def train_one_epoch(model, loader, loss_fn, optimizer, bar) -> tuple[float, int]
 
 
 @torch.no_grad()
-def validate(model, loader, loss_fn, threshold: float) -> dict[str, float]:
-    """Loss and scores over the whole validation split (no batch averaging of scores)."""
+def validate(model, loader, loss_fn, threshold: float, device) -> dict[str, float]:
+    """Loss and scores over the whole validation split (scores from summed counts, not batch means)."""
     model.eval()
     metrics = MetricAccumulator(threshold)
     total, count = 0.0, 0
     for images, masks in loader:
+        images, masks = images.to(device), masks.to(device)
         logits = model(images)
         total += loss_fn(logits, masks).item() * len(images)
         count += len(images)
-        metrics.update(logits, masks)
+        metrics.update(logits.float().cpu(), masks.cpu())
     scores = metrics.compute()
     return {"val_loss": total / count, "val_iou": scores["iou_per_image"], "val_dice": scores["dice_per_image"]}
 
 
-def make_loaders(config: TrainConfig, run_dir: Path) -> tuple[DataLoader, DataLoader]:
-    """Seeded train/validation split of the training data (saved as split.json), as loaders."""
-    data = load_split(config.data, "train", config.image_size, config.cache_dir)
+def make_loaders(config: TrainConfig, run_dir: Path, process: Process) -> tuple[DataLoader, DataLoader, str]:
+    """Seeded train/validation split of the training data (split.json) as loaders, and the data fingerprint."""
+    pairs = find_pairs(config.data, "train")
+    data = load_pairs(pairs, config.image_size, config.cache_dir)
     train_idx, val_idx = train_val_indices(len(data), config.val_fraction, config.seed)
-    write_split(run_dir / "split.json", data.ids, train_idx, val_idx, config.seed)
-    train_set = SegmentationDataset(data.subset(train_idx), TrainPreset(config.hflip, config.rotation))
+    if process.is_main:
+        write_split(run_dir / "split.json", data.ids, train_idx, val_idx, config.seed)
+    train_set = SegmentationDataset(data.subset(train_idx), TrainPreset(config.hflip, config.rotation), seed=config.seed)
     val_set = SegmentationDataset(data.subset(val_idx), EvalPreset())
-    generator = torch.Generator().manual_seed(config.seed)
+    if config.batch_size % process.world:
+        raise LesionsegError(f"batch size {config.batch_size} does not split evenly over {process.world} processes")
     # a last batch of one image breaks BatchNorm at the 1x1 bottleneck; validation keeps every image
     drop_last = len(train_set) > config.batch_size
-    train = DataLoader(train_set, config.batch_size, shuffle=True, drop_last=drop_last,
-                       num_workers=config.num_workers, generator=generator)
+    sampler = DistributedSampler(train_set, process.world, process.rank, shuffle=True, seed=config.seed, drop_last=False)
+    train = DataLoader(train_set, config.batch_size // process.world, sampler=sampler, drop_last=drop_last,
+                       num_workers=config.num_workers)
     val = DataLoader(val_set, config.batch_size, shuffle=False, num_workers=config.num_workers)
-    return train, val
+    return train, val, cache_key(pairs, config.image_size)
 
 
-def fit(config: TrainConfig, progress: bool = True) -> Path:
-    """Train per `config` into `config.out`: config.yaml, split.json, log.csv, last.pt, best.pt."""
-    run_dir = Path(config.out)
+def run_info(config: TrainConfig, fingerprint: str, process: Process) -> dict[str, Any]:
+    """What is needed to tell two runs apart: versions, data fingerprint, code commit, processes."""
+    import segmentation_models_pytorch
+    import torchvision
+
+    import lesionseg
+
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, run_dir / "config.yaml")
-    except OSError as exc:
-        raise CheckpointError(f"{run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
-    seed_everything(config.seed)
-    train_loader, val_loader = make_loaders(config, run_dir)
-    model = build_model(config.arch, config.weights, config.freeze_encoder, config.dropout)
-    loss_fn = WeightedSum(config.loss)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(lesionseg.__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {"lesionseg": lesionseg.__version__, "git_commit": commit, "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "segmentation_models_pytorch": segmentation_models_pytorch.__version__,
+            "platform": platform.platform(), "processes": process.world, "data_fingerprint": fingerprint,
+            "config": config.to_dict()}
 
-    state = {"config": config.to_dict(), "epoch": 0, "best_metric": float("inf"), "history": []}
-    log_path = run_dir / "log.csv"
-    with open(log_path, "w", newline="") as handle:
-        csv.writer(handle).writerow(LOG_FIELDS)
 
-    def checkpoint(name: str) -> None:
-        save_checkpoint({**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}, run_dir / name)
+def is_better(value: float, best: float | None, monitor: str) -> bool:
+    return best is None or (value > best if monitor == "val_iou" else value < best)
 
-    bar = tqdm(total=config.epochs * len(train_loader), desc=config.name, unit="batch", disable=not progress)
-    try:
-        for epoch in range(1, config.epochs + 1):
-            start = time.perf_counter()
-            train_loss, seen = train_one_epoch(model, train_loader, loss_fn, optimizer, bar)
-            seconds = time.perf_counter() - start
-            row = {"epoch": epoch, "train_loss": train_loss, **validate(model, val_loader, loss_fn, config.threshold)}
-            row.update(lr=optimizer.param_groups[0]["lr"], seconds=seconds,
-                       train_images_per_s=seen / seconds)
-            with open(log_path, "a", newline="") as handle:
+
+class Trainer:
+    """Holds what one run trains and saves; `fit` is the loop."""
+
+    def __init__(self, config: TrainConfig, run_dir: Path, process: Process) -> None:
+        self.config, self.run_dir, self.process = config, run_dir, process
+        self.device = resolve_device(config.device, process)
+        seed_everything(config.seed + process.rank)
+        self.train_loader, self.val_loader, fingerprint = make_loaders(config, run_dir, process)
+        self.info = run_info(config, fingerprint, process)
+        model = build_model(config.arch, config.weights, config.freeze_encoder, config.dropout)
+        if config.sync_bn and process.world > 1:
+            if self.device.type == "cpu":
+                raise LesionsegError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.model = model.to(self.device)
+        # our encoders keep MobileNetV2's classifier (the paper counts it) but never run it
+        unused = config.arch != "smp-unet"
+        self.net = DistributedDataParallel(self.model, find_unused_parameters=unused) if process.world > 1 else self.model
+        self.loss_fn = WeightedSum(config.loss)
+        self.optimizer = build_optimizer(config, self.model)
+        self.scheduler = build_scheduler(config, self.optimizer, len(self.train_loader))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp and self.device.type == "cuda")
+        self.state: dict[str, Any] = {"epoch": 0, "best_metric": None, "best_epoch": 0, "history": []}
+
+    def checkpoint(self, name: str) -> None:
+        if not self.process.is_main:
+            return
+        save_checkpoint({
+            **self.state, "config": self.config.to_dict(), "info": self.info,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }, self.run_dir / name)
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Continue exactly where an epoch-boundary checkpoint left off."""
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        np.random.set_state(saved["rng"]["numpy"])
+        random.setstate(saved["rng"]["python"])
+        self.state = {k: saved[k] for k in ("epoch", "best_metric", "best_epoch", "history")}
+
+    def log(self, row: dict[str, float]) -> None:
+        if self.process.is_main:
+            with open(self.run_dir / "log.csv", "a", newline="") as handle:
                 csv.writer(handle).writerow([row[f] for f in LOG_FIELDS])
-            state["history"].append(row)
-            state["epoch"] = epoch
-            bar.set_description(f"{config.name} epoch {epoch}/{config.epochs} val_loss {row['val_loss']:.4f}")
-            if row["val_loss"] < state["best_metric"]:  # best by validation loss: never by the test split
-                state["best_metric"] = row["val_loss"]
-                checkpoint("best.pt")
-            checkpoint("last.pt")
-    except KeyboardInterrupt:
-        checkpoint("last.pt")
-        raise Interrupted(f"interrupted after epoch {state['epoch']}; last checkpoint: {run_dir / 'last.pt'}") from None
-    finally:
-        bar.close()
+
+    def fit(self, progress: bool) -> None:
+        config, state = self.config, self.state
+        if state["epoch"] == 0 and self.process.is_main:
+            with open(self.run_dir / "log.csv", "w", newline="") as handle:
+                csv.writer(handle).writerow(LOG_FIELDS)
+        remaining = (config.epochs - state["epoch"]) * len(self.train_loader)
+        bar = tqdm(total=remaining, desc=config.name, unit="batch", disable=not (progress and self.process.is_main))
+        try:
+            for epoch in range(state["epoch"] + 1, config.epochs + 1):
+                if self.stop_early():
+                    break
+                self.train_loader.sampler.set_epoch(epoch)
+                self.train_loader.dataset.epoch = epoch
+                start = time.perf_counter()
+                loss, seen = train_one_epoch(self.net, self.train_loader, self.loss_fn, self.optimizer, self.scheduler,
+                                             self.scaler, self.device, bar)
+                seconds = time.perf_counter() - start
+                row = {"epoch": epoch, "train_loss": mean_across(loss, seen, self.process, self.device),
+                       **validate(self.model, self.val_loader, self.loss_fn, config.threshold, self.device),
+                       "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds,
+                       "train_images_per_s": seen * self.process.world / seconds}
+                state["history"].append(row)
+                state["epoch"] = epoch
+                self.log(row)
+                bar.set_description(f"{config.name} epoch {epoch}/{config.epochs} {config.monitor} {row[config.monitor]:.4f}")
+                if is_better(row[config.monitor], state["best_metric"], config.monitor):  # never by the test split
+                    state["best_metric"], state["best_epoch"] = row[config.monitor], epoch
+                    self.checkpoint("best.pt")
+                self.checkpoint("last.pt")
+                barrier(self.process)
+        except KeyboardInterrupt:
+            # last.pt already holds the last finished epoch (exactly resumable); before the first, save what there is
+            if not (self.run_dir / "last.pt").is_file():
+                state["partial"] = True
+                self.checkpoint("last.pt")
+            raise Interrupted(f"interrupted after epoch {state['epoch']}; last checkpoint: {self.run_dir / 'last.pt'}") from None
+        finally:
+            bar.close()
+
+    def stop_early(self) -> bool:
+        patience = self.config.patience
+        return bool(patience) and self.state["epoch"] - self.state["best_epoch"] >= patience
+
+
+def fit(config: TrainConfig, progress: bool = True, resume: bool = False) -> Path:
+    """Train per `config` into `config.out`: config.yaml, run.json, split.json, log.csv, last.pt, best.pt."""
+    process = init_process(config.device)
+    run_dir = Path(config.out)
+    if process.is_main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, run_dir / "config.yaml")
+        except OSError as exc:
+            raise CheckpointError(f"{run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
+    barrier(process)
+    trainer = Trainer(config, run_dir, process)
+    last = run_dir / "last.pt"
+    if resume and last.is_file():
+        saved = load_checkpoint(last)
+        if not saved.get("partial"):  # a checkpoint from inside the first epoch cannot be continued exactly
+            trainer.restore(saved)
+    if process.is_main:
+        (run_dir / "run.json").write_text(json.dumps(trainer.info, indent=1))
+    trainer.fit(progress)
     return run_dir
+
+
+def resume_config(run_dir: str | os.PathLike) -> TrainConfig:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; --resume takes a run folder written by `lesionseg train`")
+    return read_config(path)
 
 
 def read_log(run_dir: Path) -> list[dict[str, float]]:

@@ -1,0 +1,58 @@
+"""Data-parallel training on PyTorch's own engine, launched by torchrun; one process is the same code.
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is a single process of rank 0.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Process:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process logs, draws progress bars and writes checkpoints."""
+        return self.rank == 0
+
+
+def init_process(device: str = "auto") -> Process:
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return Process()
+    process = Process(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(process.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return process
+
+
+def resolve_device(name: str, process: Process) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and process.world > 1:
+        name = f"cuda:{process.local_rank}"
+    return torch.device(name)
+
+
+def mean_across(value: float, count: int, process: Process, device: torch.device) -> float:
+    """Count-weighted mean of a per-process average over all processes."""
+    if process.world == 1:
+        return value
+    totals = torch.tensor([value * count, float(count)], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
+    return (totals[0] / totals[1]).item()
+
+
+def barrier(process: Process) -> None:
+    if process.world > 1:
+        dist.barrier()
