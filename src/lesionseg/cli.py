@@ -35,6 +35,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--weights", help="encoder weights: a mobilenet_v2 state_dict file (default: torchvision ImageNet)")
     weights.add_argument("--no-pretrained", action="store_true", help="encoder from scratch (no ImageNet weights)")
+    parser.add_argument("--strict", action="store_const", const=True, help="stop at the first bad image/mask pair (default: skip and list)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -48,7 +49,7 @@ def training_overrides(args: argparse.Namespace) -> dict:
         "weights": "none" if args.no_pretrained else args.weights,
         "arch": args.arch, "optimizer": args.optimizer, "weight_decay": args.weight_decay, "schedule": args.schedule,
         "warmup_epochs": args.warmup_epochs, "monitor": args.monitor, "patience": args.patience,
-        "dropout": args.dropout, "device": args.device, "amp": args.amp, "sync_bn": args.sync_bn,
+        "dropout": args.dropout, "device": args.device, "amp": args.amp, "sync_bn": args.sync_bn, "strict": args.strict,
     }
 
 

@@ -51,6 +51,7 @@ class TrainConfig:
     hflip: bool = True
     rotation: float = 60.0  # degrees, the paper's +-60
     threshold: float = 0.5
+    strict: bool = False  # stop at the first bad image/mask pair instead of skipping and listing it
     num_workers: int = 0  # data is a cached in-memory tensor; workers only add IPC on 2 cores
     cache_dir: str | None = None
 

@@ -11,8 +11,9 @@ import hashlib
 import json
 import os
 import random
+import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -33,7 +34,7 @@ OFFICIAL_DIRS = {  # ISIC 2016 Task 1 archive names
     "train": ("ISBI2016_ISIC_Part1_Training_Data", "ISBI2016_ISIC_Part1_Training_GroundTruth"),
     "test": ("ISBI2016_ISIC_Part1_Test_Data", "ISBI2016_ISIC_Part1_Test_GroundTruth"),
 }
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class CachedSplit:
     images: torch.Tensor
     masks: torch.Tensor
     source_sizes: list[tuple[int, int]]
+    skipped: list[str] = field(default_factory=list)  # "file: why" for each pair left out
+    notes: list[str] = field(default_factory=list)  # "file: what was converted" for pairs kept
+    fingerprint: str = ""  # the cache key: source files and size
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -94,39 +98,80 @@ def _split_dirs(root: Path, split: str) -> tuple[Path, Path]:
     raise DataError(f"{root}: no {split} images found (looked for {tried})")
 
 
-def _mask_for(image: Path, mask_dir: Path) -> Path:
+def _mask_for(image: Path, mask_dir: Path) -> Path | None:
     for name in (f"{image.stem}_Segmentation.png", f"{image.stem}.png"):
         if (mask_dir / name).is_file():
             return mask_dir / name
-    raise DataError(f"{image}: no mask found in {mask_dir} (expected {image.stem}_Segmentation.png or {image.stem}.png)")
+    return None
 
 
-def find_pairs(data: str | os.PathLike | None, split: str) -> list[Pair]:
-    """Every image of a split with its mask, sorted by id; a missing mask is an error."""
+def find_pairs(data: str | os.PathLike | None, split: str) -> tuple[list[Pair], list[str]]:
+    """Every image of a split with its mask, sorted by id, and the files that cannot pair up."""
     images_dir, masks_dir = _split_dirs(resolve_data_dir(data), split)
     images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise DataError(f"{images_dir}: no images (.jpg/.png) in folder")
-    return [Pair(image, _mask_for(image, masks_dir)) for image in images]
+    pairs, problems = [], []
+    for image in images:
+        mask = _mask_for(image, masks_dir)
+        if mask is None:
+            problems.append(f"{image}: no mask in {masks_dir} ({image.stem}_Segmentation.png or {image.stem}.png)")
+        else:
+            pairs.append(Pair(image, mask))
+    paired = {p.mask.name for p in pairs}
+    for mask in sorted(masks_dir.iterdir()):
+        if mask.suffix.lower() in IMAGE_SUFFIXES and mask.name not in paired and _image_for(mask, images) is None:
+            problems.append(f"{mask}: mask without an image")
+    return pairs, problems
+
+
+def _image_for(mask: Path, images: list[Path]) -> Path | None:
+    stem = mask.stem.removesuffix("_Segmentation")
+    return next((image for image in images if image.stem == stem), None)
+
+
+def inspect_image(path: Path) -> tuple[Image.Image, list[str]]:
+    """An 8-bit RGB image as it is meant to be seen (EXIF rotation applied), and what was converted."""
+    notes = []
+    try:
+        with Image.open(path) as im:
+            im.load()  # decode fully now: a truncated file fails here, not halfway through training
+            orientation = im.getexif().get(0x0112, 1)
+            if orientation != 1:
+                notes.append(f"{path}: EXIF orientation {orientation} applied")
+            im = ImageOps.exif_transpose(im)
+            if im.mode.startswith("I"):  # 16/32-bit grayscale: scale 0..65535 to 0..255
+                notes.append(f"{path}: 16-bit {im.mode} image scaled to 8-bit RGB")
+                im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+            if im.mode != "RGB":
+                notes.append(f"{path}: {im.mode} image converted to RGB")
+                im = im.convert("RGB")
+            return im, notes
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
+        raise DataError(f"{path}: cannot read image ({exc})") from None
 
 
 def read_image(path: Path) -> Image.Image:
     """An RGB image, EXIF rotation applied; unreadable files raise DataError naming the file."""
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            return im.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
-        raise DataError(f"{path}: cannot read image ({exc})") from None
+    return inspect_image(path)[0]
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """A boolean lesion mask (any non-zero pixel is lesion)."""
+def inspect_mask(path: Path) -> tuple[np.ndarray, list[str]]:
+    """A boolean lesion mask from 0/255, 0/1, 16-bit or RGB masks (above half range is lesion)."""
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("L")) > 127
-    except (OSError, UnidentifiedImageError, ValueError) as exc:
+            values = np.asarray(im)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
         raise DataError(f"{path}: cannot read mask ({exc})") from None
+    if values.ndim == 3:
+        values = values[..., :3].max(axis=-1)
+    top = 1 if values.max() <= 1 else 255 if values.max() <= 255 else 65535
+    levels = np.unique(values)
+    notes = [] if set(levels.tolist()) <= {0, top} else [f"{path}: non-binary mask ({len(levels)} levels), thresholded at {top / 2:g}"]
+    mask = values > top / 2
+    if not mask.any():
+        raise DataError(f"{path}: empty mask (no lesion pixel)")
+    return mask, notes
 
 
 def resize_image(image: Image.Image, size: int) -> torch.Tensor:
@@ -141,18 +186,25 @@ def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
 
 
 def _decode(pairs: list[Pair], size: int) -> CachedSplit:
-    images, masks, sizes = [], [], []
+    """Check and resize every pair; a bad pair is left out and named in `skipped`."""
+    ids, images, masks, sizes, skipped, notes = [], [], [], [], [], []
     for pair in pairs:
-        image = read_image(pair.image)
-        mask = read_mask(pair.mask)
-        if mask.shape != (image.height, image.width):
-            raise DataError(
-                f"{pair.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.width}x{image.height}"
-            )
+        try:
+            image, image_notes = inspect_image(pair.image)
+            mask, mask_notes = inspect_mask(pair.mask)
+            if mask.shape != (image.height, image.width):
+                raise DataError(f"{pair.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.width}x{image.height}")
+        except DataError as exc:
+            skipped.append(str(exc))
+            continue
+        notes += image_notes + mask_notes
+        ids.append(pair.id)
         images.append(resize_image(image, size))
         masks.append(resize_mask(mask, size))
         sizes.append((image.width, image.height))
-    return CachedSplit([p.id for p in pairs], torch.stack(images), torch.stack(masks), sizes)
+    empty = torch.zeros(0, 1, size, size, dtype=torch.uint8)
+    return CachedSplit(ids, torch.stack(images) if images else empty.expand(0, 3, size, size).clone(),
+                       torch.stack(masks) if masks else empty, sizes, skipped, notes)
 
 
 def cache_key(pairs: list[Pair], size: int) -> str:
@@ -172,10 +224,12 @@ def default_cache_dir() -> Path:
 def load_pairs(pairs: list[Pair], size: int, cache_dir: str | os.PathLike | None = None) -> CachedSplit:
     """Decode and resize `pairs` once; later calls with the same files and size read the cache."""
     directory = Path(cache_dir) if cache_dir else default_cache_dir()
-    path = directory / f"pairs-{size}-{cache_key(pairs, size)}.pt"
+    key = cache_key(pairs, size)
+    path = directory / f"pairs-{size}-{key}.pt"
     if path.is_file():
         return CachedSplit(**torch.load(path, weights_only=True))
     split = _decode(pairs, size)
+    split.fingerprint = key
     try:
         directory.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -186,8 +240,23 @@ def load_pairs(pairs: list[Pair], size: int, cache_dir: str | os.PathLike | None
     return split
 
 
-def load_split(data: str | os.PathLike | None, split: str, size: int, cache_dir=None) -> CachedSplit:
-    return load_pairs(find_pairs(data, split), size, cache_dir)
+def load_split(data: str | os.PathLike | None, split: str, size: int, cache_dir=None, strict: bool = False,
+               quiet: bool = False) -> CachedSplit:
+    """A checked, cached split. Bad pairs are skipped and listed on stderr; with `strict` the first stops the run."""
+    pairs, problems = find_pairs(data, split)
+    cached = load_pairs(pairs, size, cache_dir)
+    cached.skipped = problems + cached.skipped
+    if strict and cached.skipped:
+        more = f" (and {len(cached.skipped) - 1} more problems)" if len(cached.skipped) > 1 else ""
+        raise DataError(f"{cached.skipped[0]}{more}")
+    if not quiet:
+        for line in cached.skipped:
+            print(f"lesionseg: skipped {line}", file=sys.stderr)
+        for line in cached.notes:
+            print(f"lesionseg: note {line}", file=sys.stderr)
+    if not len(cached):
+        raise DataError(f"{resolve_data_dir(data)}: no usable {split} pairs ({len(cached.skipped)} skipped)")
+    return cached
 
 
 def train_val_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from lesionseg.config import TrainConfig, read_config, save_config
 from lesionseg.data import (
-    EvalPreset, SegmentationDataset, TrainPreset, cache_key, find_pairs, load_pairs, train_val_indices, write_split,
+    CachedSplit, EvalPreset, SegmentationDataset, TrainPreset, load_split, train_val_indices, write_split,
 )
 from lesionseg.distributed import Process, barrier, init_process, mean_across, resolve_device
 from lesionseg.errors import CheckpointError, LesionsegError
@@ -143,10 +143,9 @@ def validate(model, loader, loss_fn, threshold: float, device) -> dict[str, floa
     return {"val_loss": total / count, "val_iou": scores["iou_per_image"], "val_dice": scores["dice_per_image"]}
 
 
-def make_loaders(config: TrainConfig, run_dir: Path, process: Process) -> tuple[DataLoader, DataLoader, str]:
-    """Seeded train/validation split of the training data (split.json) as loaders, and the data fingerprint."""
-    pairs = find_pairs(config.data, "train")
-    data = load_pairs(pairs, config.image_size, config.cache_dir)
+def make_loaders(config: TrainConfig, run_dir: Path, process: Process) -> tuple[DataLoader, DataLoader, CachedSplit]:
+    """Seeded train/validation split of the checked training data (split.json) as loaders, and that data."""
+    data = load_split(config.data, "train", config.image_size, config.cache_dir, config.strict, quiet=not process.is_main)
     train_idx, val_idx = train_val_indices(len(data), config.val_fraction, config.seed)
     if process.is_main:
         write_split(run_dir / "split.json", data.ids, train_idx, val_idx, config.seed)
@@ -160,11 +159,11 @@ def make_loaders(config: TrainConfig, run_dir: Path, process: Process) -> tuple[
     train = DataLoader(train_set, config.batch_size // process.world, sampler=sampler, drop_last=drop_last,
                        num_workers=config.num_workers)
     val = DataLoader(val_set, config.batch_size, shuffle=False, num_workers=config.num_workers)
-    return train, val, cache_key(pairs, config.image_size)
+    return train, val, data
 
 
-def run_info(config: TrainConfig, fingerprint: str, process: Process) -> dict[str, Any]:
-    """What is needed to tell two runs apart: versions, data fingerprint, code commit, processes."""
+def run_info(config: TrainConfig, data: CachedSplit, process: Process) -> dict[str, Any]:
+    """What is needed to tell two runs apart: versions, data fingerprint and checks, code commit, processes."""
     import segmentation_models_pytorch
     import torchvision
 
@@ -178,8 +177,8 @@ def run_info(config: TrainConfig, fingerprint: str, process: Process) -> dict[st
     return {"lesionseg": lesionseg.__version__, "git_commit": commit, "python": platform.python_version(),
             "torch": torch.__version__, "torchvision": torchvision.__version__,
             "segmentation_models_pytorch": segmentation_models_pytorch.__version__,
-            "platform": platform.platform(), "processes": process.world, "data_fingerprint": fingerprint,
-            "config": config.to_dict()}
+            "platform": platform.platform(), "processes": process.world, "data_fingerprint": data.fingerprint,
+            "data_skipped": data.skipped, "data_notes": data.notes, "config": config.to_dict()}
 
 
 def is_better(value: float, best: float | None, monitor: str) -> bool:
@@ -193,8 +192,8 @@ class Trainer:
         self.config, self.run_dir, self.process = config, run_dir, process
         self.device = resolve_device(config.device, process)
         seed_everything(config.seed + process.rank)
-        self.train_loader, self.val_loader, fingerprint = make_loaders(config, run_dir, process)
-        self.info = run_info(config, fingerprint, process)
+        self.train_loader, self.val_loader, data = make_loaders(config, run_dir, process)
+        self.info = run_info(config, data, process)
         model = build_model(config.arch, config.weights, config.freeze_encoder, config.dropout)
         if config.sync_bn and process.world > 1:
             if self.device.type == "cpu":
