@@ -109,6 +109,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
     run_serve(load_predictor(args.checkpoint, args.onnx), args.host, args.port)
 
 
+def cmd_download(args: argparse.Namespace) -> None:
+    from lesionseg.download import run_download
+
+    dest = run_download(args.dataset, args.dest, progress=not args.no_progress)
+    print(f"ready: lesionseg reproduce --data {dest}")
+
+
 def add_model_source(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a lesionseg checkpoint (.pt) or run folder")
@@ -158,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--onnx", required=True, help="output .onnx file")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("download", help="fetch, verify and extract a dataset's official archives")
+    p.add_argument("dataset", choices=("isic2016",))
+    p.add_argument("--dest", required=True, help="folder to download and extract into")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("serve", help="web page and POST /predict API")
     add_model_source(p)
