@@ -10,7 +10,7 @@ def test_reproduce_end_to_end_on_tiny_data(tiny_data, tmp_path, capsys):
     args = ["reproduce", "--data", str(tiny_data), "--out", str(out), "--no-pretrained",
             "--epochs", "1", "--image-size", "32", "--batch-size", "4", "--no-progress"]
     assert main(args) == 0
-    assert "| IoU, mean per image |" in capsys.readouterr().out
+    assert "| metric | model1-frozen | model1-frozen (paper) | model2-finetune | model2-finetune (paper) |" in capsys.readouterr().out
     report = json.loads((out / "metrics.json").read_text())
     assert set(report["measured"]) == {"model1-frozen", "model2-finetune"}
     for model in report["measured"].values():
@@ -24,7 +24,7 @@ def test_reproduce_end_to_end_on_tiny_data(tiny_data, tmp_path, capsys):
                        "predictions_model1-frozen.png", "loss_model2-finetune.png", "bars_model1-frozen.png"}
     for preset in ("model1-frozen", "model2-finetune"):
         assert {"config.yaml", "log.csv", "best.pt", "last.pt", "split.json"} <= {p.name for p in (out / preset).iterdir()}
-    assert "| IoU, pooled |" in (out / "results.md").read_text()
+    assert "| Jaccard (IoU), mean per image | " in (out / "results.md").read_text()
 
     mtime = (out / "model2-finetune" / "last.pt").stat().st_mtime_ns
     assert main(args) == 0  # finished runs are not trained again
@@ -37,7 +37,7 @@ def test_train_then_evaluate(tiny_data, tmp_path, capsys):
                  "--epochs", "1", "--image-size", "32", "--no-progress"]) == 0
     assert main(["evaluate", str(run), "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
     printed = json.loads(capsys.readouterr().out.split("\n", 1)[1])
-    assert set(printed) >= {"iou_per_image", "iou_pooled", "dice_per_image", "dice_pooled"}
+    assert set(printed["metrics"]) >= {"iou_per_image", "iou_pooled", "dice_per_image", "dice_pooled"}
     assert (tmp_path / "eval" / "per_image.csv").read_text().count("\n") == 5
 
 
@@ -58,3 +58,17 @@ def test_bad_input_is_one_line_on_stderr(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
+
+
+def test_compare_any_runs_with_worst_cases(tiny_data, tmp_path, capsys):
+    runs = []
+    for arch in ("seed", "unet"):
+        run = tmp_path / arch
+        assert main(["train", "--data", str(tiny_data), "--out", str(run), "--no-pretrained", "--arch", arch,
+                     "--epochs", "1", "--image-size", "32", "--batch-size", "4", "--no-progress"]) == 0
+        runs.append(str(run))
+    assert main(["compare", *runs, "--out", str(tmp_path / "cmp"), "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "| metric | seed | unet |" in table and "ISIC 2018 thresholded Jaccard" in table
+    figures = {p.name for p in (tmp_path / "cmp" / "figures").iterdir()}
+    assert {"worst_seed.png", "worst_unet.png", "radar.png", "bars_comparison.png", "loss_unet.png"} <= figures

@@ -54,3 +54,12 @@ def test_agrees_with_segmentation_models_pytorch_on_random_masks():
         assert ours[f"{ours_key}_pooled"] == pytest.approx(metric(tp, fp, fn, tn, reduction="micro").item(), abs=1e-6)
         assert ours[f"{ours_key}_per_image"] == pytest.approx(metric(tp, fp, fn, tn, reduction="micro-imagewise").item(), abs=1e-6)
     assert len(accumulator.per_image()["iou"]) == 12
+
+
+def test_isic2018_thresholded_jaccard_and_worst_decile():
+    # per-image IoU 1.0, 0.6 (below 0.65: counts 0) and 0.8, built from counts (tp, fp, fn, tn)
+    counts = torch.tensor([[10, 0, 0, 90], [6, 4, 0, 90], [8, 1, 1, 90]])
+    result = summarize(counts)
+    assert result["iou_per_image"] == pytest.approx((1 + 0.6 + 0.8) / 3)
+    assert result["thresholded_iou_per_image"] == pytest.approx((1 + 0 + 0.8) / 3)
+    assert result["iou_worst_decile"] == pytest.approx(0.6)

@@ -67,10 +67,20 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from lesionseg.evaluation import evaluate_checkpoint
+    from lesionseg.evaluation import Refinements, evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.out, progress=not args.no_progress)
-    print(json.dumps(result["metrics"], indent=2))
+    refine = Refinements(args.tta, args.largest_component, args.fill_holes)
+    result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.out, refine, args.source_resolution,
+                                 progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in result.items() if k.startswith("metrics")}, indent=2))
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from lesionseg.reproduce import run_compare
+
+    report = run_compare(args.runs, args.out, progress=not args.no_progress)
+    print(report["markdown"])
+    print(f"report: {report['path']}")
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
@@ -143,8 +153,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="dataset folder (default: the one the model was trained on)")
     p.add_argument("--split", choices=("test", "train"), default="test")
     p.add_argument("--out", help="folder for metrics.json and per_image.csv")
+    p.add_argument("--tta", action="store_true", help="average over horizontal and vertical flips")
+    p.add_argument("--largest-component", action="store_true", help="keep only the largest connected lesion")
+    p.add_argument("--fill-holes", action="store_true", help="fill holes inside the lesion")
+    p.add_argument("--source-resolution", action="store_true",
+                   help="also score at each image's own size (prediction upsampled), as the challenge did")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="one table and one set of figures across any number of runs")
+    p.add_argument("runs", nargs="+", help="run folders (evaluated on the test split if not yet)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("summary", help="print the model's layer table (shapes, parameters, mult-adds)")
     p.add_argument("--arch", default="seed")

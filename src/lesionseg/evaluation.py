@@ -1,19 +1,39 @@
-"""Score a trained checkpoint on a split: per-image and pooled metrics, per-image CSV."""
+"""Score a trained checkpoint on a split, at the model's resolution and at each image's own.
+
+Inference refinements are options, each measured on its own: flip test-time augmentation, keeping the
+largest connected component, filling holes.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from scipy import ndimage
+from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from lesionseg.data import CachedSplit, load_split, normalize
+from lesionseg.data import CachedSplit, find_pairs, inspect_mask, load_split, normalize
 from lesionseg.metrics import MetricAccumulator
 from lesionseg.training import load_checkpoint, model_from_checkpoint
+
+
+@dataclass(frozen=True)
+class Refinements:
+    tta: bool = False  # average over identity, horizontal and vertical flips
+    largest_component: bool = False  # a dermoscopy image shows one lesion
+    fill_holes: bool = False  # a lesion has no holes
+
+    @property
+    def name(self) -> str:
+        on = [k for k, v in asdict(self).items() if v]
+        return "+".join(on) if on else "plain"
 
 
 @torch.no_grad()
@@ -24,38 +44,85 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int
     return torch.cat([model(normalize(images[i : i + batch_size])) for i in tqdm(chunks, disable=not progress, desc="predict")])
 
 
+@torch.no_grad()
+def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: bool = False, batch_size: int = 32,
+                          progress: bool = False) -> torch.Tensor:
+    """uint8 (N,3,S,S) -> probabilities (N,1,S,S); with `tta`, the mean over flips (each flipped back)."""
+    probabilities = torch.sigmoid(predict_logits(model, images, batch_size, progress))
+    if tta:
+        for dims in ([-1], [-2]):
+            flipped = torch.sigmoid(predict_logits(model, images.flip(dims), batch_size))
+            probabilities += flipped.flip(dims)
+        probabilities /= 3
+    return probabilities
+
+
+def binarize(probability: np.ndarray, threshold: float, refine: Refinements) -> np.ndarray:
+    """(H,W) probabilities -> boolean mask, post-processed as asked."""
+    mask = probability >= threshold
+    if refine.largest_component and mask.any():
+        labels, count = ndimage.label(mask)
+        if count > 1:
+            sizes = ndimage.sum_labels(mask, labels, index=range(1, count + 1))
+            mask = labels == 1 + int(np.argmax(sizes))
+    if refine.fill_holes:
+        mask = ndimage.binary_fill_holes(mask)
+    return mask
+
+
+def score_model_resolution(probabilities: torch.Tensor, cached: CachedSplit, threshold: float, refine: Refinements) -> MetricAccumulator:
+    metrics = MetricAccumulator(threshold)
+    predicted = torch.stack([torch.from_numpy(binarize(p[0].numpy(), threshold, refine))[None] for p in probabilities])
+    metrics.update_binary(predicted, cached.masks)
+    return metrics
+
+
+def score_source_resolution(probabilities: torch.Tensor, data, split: str, threshold: float, refine: Refinements,
+                            ids: list[str]) -> MetricAccumulator:
+    """Upsample each prediction to its image's stored size and score it against the full-size mask."""
+    masks = {pair.id: pair.mask for pair in find_pairs(data, split)[0]}
+    metrics = MetricAccumulator(threshold)
+    for image_id, p in zip(ids, probabilities):
+        truth, _ = inspect_mask(masks[image_id])
+        full = F.interpolate(p[None], size=truth.shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+        predicted = binarize(full, threshold, refine)
+        metrics.update_binary(torch.from_numpy(predicted)[None, None], torch.from_numpy(truth)[None, None])
+    return metrics
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     data: str | os.PathLike | None = None,
     split: str = "test",
     out: str | os.PathLike | None = None,
+    refine: Refinements = Refinements(),
+    source_resolution: bool = False,
     batch_size: int = 32,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Metrics of `checkpoint` on `split` at the model's resolution; written to `out` if given."""
+    """Metrics of `checkpoint` on `split`; also at each image's own resolution if asked; written to `out`."""
     state = load_checkpoint(checkpoint)
     model, config = model_from_checkpoint(state)
-    cached = load_split(data if data is not None else config.data, split, config.image_size, config.cache_dir)
-    logits = predict_logits(model, cached.images, batch_size, progress)
-    result = score_predictions(logits, cached, config.threshold)
-    result.update(
-        checkpoint=str(checkpoint), split=split, images=len(cached), image_size=config.image_size,
-        epoch=state["epoch"], train_loss=state["history"][-1]["train_loss"] if state["history"] else None,
-        val_loss=state["history"][-1]["val_loss"] if state["history"] else None, best_val_loss=state["best_metric"],
-    )
+    data = data if data is not None else config.data
+    cached = load_split(data, split, config.image_size, config.cache_dir)
+    probabilities = predict_probabilities(model, cached.images, refine.tta, batch_size, progress)
+    model_res = score_model_resolution(probabilities, cached, config.threshold, refine)
+    per_image = model_res.per_image()
+    result: dict[str, Any] = {
+        "checkpoint": str(checkpoint), "split": split, "images": len(cached), "image_size": config.image_size,
+        "refinements": refine.name, "metrics": model_res.compute(),
+        "epoch": state["epoch"], "monitor": config.monitor, "best_metric": state["best_metric"],
+        "train_loss": state["history"][state["epoch"] - 1]["train_loss"] if state["history"] else None,
+        "val_loss": state["history"][state["epoch"] - 1]["val_loss"] if state["history"] else None,
+    }
+    if source_resolution:
+        source = score_source_resolution(probabilities, data, split, config.threshold, refine, cached.ids)
+        result["metrics_source_resolution"] = source.compute()
+        per_image.update({f"{k}_source": v for k, v in source.per_image().items()})
+    result["per_image"] = [{"id": i, **{k: v[n] for k, v in per_image.items()}} for n, i in enumerate(cached.ids)]
     if out is not None:
         write_evaluation(result, Path(out))
     return result
-
-
-def score_predictions(logits: torch.Tensor, cached: CachedSplit, threshold: float) -> dict[str, Any]:
-    metrics = MetricAccumulator(threshold)
-    metrics.update(logits, cached.masks)
-    per_image = metrics.per_image()
-    return {
-        "metrics": metrics.compute(),
-        "per_image": [{"id": i, **{k: v[n] for k, v in per_image.items()}} for n, i in enumerate(cached.ids)],
-    }
 
 
 def write_evaluation(result: dict[str, Any], out: Path) -> None:
@@ -67,3 +134,8 @@ def write_evaluation(result: dict[str, Any], out: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def read_per_image(eval_dir: Path) -> list[dict[str, Any]]:
+    with open(eval_dir / "per_image.csv", newline="") as handle:
+        return [{k: (v if k == "id" else float(v)) for k, v in row.items()} for row in csv.DictReader(handle)]

@@ -11,13 +11,18 @@ import torch
 from segmentation_models_pytorch.metrics import get_stats
 
 SCORES = ("iou", "dice", "accuracy", "sensitivity", "specificity")
+ISIC2018_JACCARD_THRESHOLD = 0.65  # ISIC 2018 Task 1: a per-image Jaccard below this counts as 0
+
+
+def binary_counts(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,1,H,W) binary prediction and {0,1} target -> (B,4) int64 counts tp, fp, fn, tn per image."""
+    tp, fp, fn, tn = get_stats(predicted.long(), target.long(), mode="binary")
+    return torch.cat([tp, fp, fn, tn], dim=1)
 
 
 def confusion_counts(logits: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """(B,1,H,W) logits and {0,1} targets -> (B,4) int64 counts tp, fp, fn, tn per image."""
-    predicted = (torch.sigmoid(logits) >= threshold).long()
-    tp, fp, fn, tn = get_stats(predicted, target.long(), mode="binary")
-    return torch.cat([tp, fp, fn, tn], dim=1)
+    return binary_counts(torch.sigmoid(logits) >= threshold, target)
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -46,6 +51,10 @@ def summarize(counts: torch.Tensor) -> dict[str, float]:
     for name in SCORES:
         result[f"{name}_per_image"] = per_image[name].mean().item()
         result[f"{name}_pooled"] = pooled[name].item()
+    iou = per_image["iou"]
+    result["thresholded_iou_per_image"] = torch.where(iou < ISIC2018_JACCARD_THRESHOLD, 0.0, iou).mean().item()
+    worst = iou.sort().values[: max(1, len(iou) // 10)]
+    result["iou_worst_decile"] = worst.mean().item()  # how bad the hardest tenth of images is
     return result
 
 
@@ -58,6 +67,9 @@ class MetricAccumulator:
 
     def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
         self._counts.append(confusion_counts(logits.detach(), target, self.threshold))
+
+    def update_binary(self, predicted: torch.Tensor, target: torch.Tensor) -> None:
+        self._counts.append(binary_counts(predicted, target))
 
     @property
     def counts(self) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from lesionseg.data import IMAGENET_MEAN, CachedSplit, load_split  # noqa: E402
-from lesionseg.evaluation import predict_logits  # noqa: E402
+from lesionseg.evaluation import predict_probabilities, read_per_image  # noqa: E402
 from lesionseg.models import build_model  # noqa: E402
 from lesionseg.training import load_checkpoint, model_from_checkpoint, read_log  # noqa: E402
 
@@ -140,19 +140,31 @@ def fig_radar(models: dict[str, dict[str, float]]) -> Figure:
     return fig
 
 
-def markdown_table(measured: dict[str, dict[str, float]], evaluations: dict[str, dict[str, Any]]) -> str:
-    """Measured beside the paper, IoU/Dice both per image and pooled."""
-    lines = ["| metric | " + " | ".join(f"{n} (measured) | {n} (paper)" for n in measured) + " |",
-             "|---|" + "---|---|" * len(measured)]
-    rows = [("IoU, mean per image", "iou", "iou_per_image"), ("IoU, pooled", None, "iou_pooled"),
-            ("Dice, mean per image", "dice", "dice_per_image"), ("Dice, pooled", None, "dice_pooled"),
-            ("train loss", "train_loss", None), ("validation loss", "val_loss", None)]
-    for label, key, metric in rows:
+TABLE_ROWS = (  # (label, key in evaluation metrics or in headline numbers, key in PAPER)
+    ("Jaccard (IoU), mean per image", "iou_per_image", "iou"), ("IoU, pooled", "iou_pooled", None),
+    ("Dice, mean per image", "dice_per_image", "dice"), ("Dice, pooled", "dice_pooled", None),
+    ("pixel accuracy, mean per image", "accuracy_per_image", None),
+    ("sensitivity, mean per image", "sensitivity_per_image", None),
+    ("specificity, mean per image", "specificity_per_image", None),
+    ("ISIC 2018 thresholded Jaccard", "thresholded_iou_per_image", None),
+    ("Jaccard of the worst decile", "iou_worst_decile", None),
+    ("train loss", "train_loss", "train_loss"), ("validation loss", "val_loss", "val_loss"),
+)
+
+
+def markdown_table(evaluations: dict[str, dict[str, Any]]) -> str:
+    """One column per run, and the paper's number beside each run the paper has."""
+    columns = [c for name in evaluations for c in ([(name, None)] + ([(name, "paper")] if name in PAPER else []))]
+    header = " | ".join(f"{name} (paper)" if kind else name for name, kind in columns)
+    lines = [f"| metric | {header} |", "|---|" + "---|" * len(columns)]
+    for label, key, paper_key in TABLE_ROWS:
         cells = []
-        for name in measured:
-            value = evaluations[name]["metrics"][metric] if metric else measured[name][key]
-            paper = PAPER.get(name, {}).get(key) if key else None
-            cells += [f"{value:.4f}", f"{paper:.4f}" if paper is not None else "–"]
+        for name, kind in columns:
+            if kind:
+                value = PAPER[name].get(paper_key) if paper_key else None
+            else:
+                value = evaluations[name]["metrics"].get(key, evaluations[name].get(key))
+            cells.append("–" if value is None else f"{value:.4f}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -162,8 +174,27 @@ def save(fig: Figure, path: Path) -> None:
     plt.close(fig)
 
 
+def worst_cases(run_dir: Path, count: int = 10) -> list[str]:
+    rows = sorted(read_per_image(run_dir / "eval"), key=lambda row: row["iou"])
+    return [row["id"] for row in rows[:count]]
+
+
+def run_figures(name: str, run_dir: Path, measured: dict[str, float], figures: Path) -> Any:
+    """Predictions on the first test images and on the ten worst, loss curves, the run's bars."""
+    model, config = model_from_checkpoint(load_checkpoint(run_dir / "best.pt"))
+    test = load_split(config.data, "test", config.image_size, config.cache_dir, quiet=True)
+    for label, ids in (("predictions", test.ids[:4]), ("worst", worst_cases(run_dir))):
+        subset = test.subset([test.ids.index(i) for i in ids])
+        probabilities = predict_probabilities(model, subset.images)
+        title = f"{name}: input, ground truth, prediction" + (" — the ten worst test images" if label == "worst" else "")
+        save(fig_triptychs(subset, probabilities, title, count=len(ids)), figures / f"{label}_{name}.png")
+    save(fig_loss_curves(read_log(run_dir), f"{name}: loss"), figures / f"loss_{name}.png")
+    save(fig_model_bars(measured, name, COLORS.get(name, "C0")), figures / f"bars_{name}.png")
+    return config
+
+
 def write_report(runs: dict[str, str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
-    """metrics.json, results.md and figures/*.png for runs that each have eval/metrics.json."""
+    """metrics.json, results.md and figures/*.png for runs that each have eval/metrics.json and per_image.csv."""
     out = Path(out)
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
@@ -172,22 +203,17 @@ def write_report(runs: dict[str, str | os.PathLike], out: str | os.PathLike) -> 
         run_dir = Path(run_dir)
         evaluations[name] = json.loads((run_dir / "eval" / "metrics.json").read_text())
         measured[name] = headline(evaluations[name])
-        state = load_checkpoint(run_dir / "best.pt")
-        model, config = model_from_checkpoint(state)
-        test = load_split(config.data, "test", config.image_size, config.cache_dir).subset(list(range(4)))
-        probabilities = torch.sigmoid(predict_logits(model, test.images))
-        save(fig_triptychs(test, probabilities, f"{name}: input, ground truth, prediction"), figures / f"predictions_{name}.png")
-        save(fig_loss_curves(read_log(run_dir), f"{name}: loss"), figures / f"loss_{name}.png")
-        save(fig_model_bars(measured[name], name, COLORS.get(name, "C0")), figures / f"bars_{name}.png")
-    save(fig_samples(load_split(config.data, "train", config.image_size, config.cache_dir)), figures / "samples.png")
-    summary = model_summary(config.arch, config.image_size, freeze_encoder=True)
+        config = run_figures(name, run_dir, measured[name], figures)
+    save(fig_samples(load_split(config.data, "train", config.image_size, config.cache_dir, quiet=True)), figures / "samples.png")
+    summary = model_summary(config.arch, config.image_size, freeze_encoder=config.freeze_encoder)
     (out / "model_summary.txt").write_text(summary)
-    save(fig_text(summary, "Model summary, encoder frozen (batch 16)"), figures / "model_summary.png")
+    save(fig_text(summary, f"Model summary, {config.name} (batch 16)"), figures / "model_summary.png")
     save(fig_comparison_bars(measured), figures / "bars_comparison.png")
     save(fig_radar(measured), figures / "radar.png")
-    table = markdown_table(measured, evaluations)
+    table = markdown_table(evaluations)
     (out / "metrics.json").write_text(json.dumps({"measured": measured, "paper": PAPER, "evaluations": evaluations}, indent=2))
     path = out / "results.md"
-    path.write_text("# Results on the test split\n\nIoU and Dice on the binarized prediction (threshold 0.5), "
-                    "at the model's resolution.\n\n" + table + "\n")
+    path.write_text("# Results on the test split\n\nOn the binarized prediction (threshold 0.5) at the model's "
+                    "resolution. Per image: the mean over images (how the ISIC challenges rank); pooled: from counts "
+                    "summed over the split.\n\n" + table + "\n")
     return {"markdown": table, "path": path, "measured": measured}

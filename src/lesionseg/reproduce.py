@@ -1,4 +1,4 @@
-"""`lesionseg reproduce`: train the paper's two models, evaluate both on the test split, report."""
+"""Pipelines over several runs: `reproduce` (the paper's two models) and `compare` (any runs)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ def is_finished(run_dir: Path, config: TrainConfig) -> bool:
     last = run_dir / "last.pt"
     if not (last.is_file() and (run_dir / "best.pt").is_file()):
         return False
-    state = load_checkpoint(last)
-    return state["config"] == config.to_dict() and state["epoch"] == config.epochs
+    state = load_checkpoint(last)  # compared as configs, so fields added since then take their defaults
+    return TrainConfig.from_dict(state["config"]) == config and state["epoch"] == config.epochs
 
 
 def run_reproduce(out: str | os.PathLike, progress: bool = True, **overrides: Any) -> dict[str, Any]:
@@ -33,4 +33,17 @@ def run_reproduce(out: str | os.PathLike, progress: bool = True, **overrides: An
             fit(config, progress=progress)
         evaluate_checkpoint(run_dir / "best.pt", split="test", out=run_dir / "eval", progress=progress)
         runs[preset] = run_dir
+    return write_report(runs, out)
+
+
+def run_compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike, progress: bool = True) -> dict[str, Any]:
+    """One table and one set of figures across runs; runs not yet evaluated are scored on the test split."""
+    from lesionseg.report import write_report
+
+    runs = {}
+    for run_dir in map(Path, run_dirs):
+        if not (run_dir / "eval" / "per_image.csv").is_file():
+            evaluate_checkpoint(run_dir / "best.pt", split="test", out=run_dir / "eval", progress=progress)
+        name = run_dir.name if run_dir.name not in runs else str(run_dir)
+        runs[name] = run_dir
     return write_report(runs, out)

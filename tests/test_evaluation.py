@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_dataset
+from lesionseg.config import build_config
+from lesionseg.evaluation import Refinements, binarize, evaluate_checkpoint, predict_probabilities
+from lesionseg.training import fit
+
+
+def test_largest_component_and_fill_holes():
+    p = np.zeros((20, 20))
+    p[2:12, 2:12] = 0.9
+    p[5:8, 5:8] = 0.1  # a hole
+    p[15:18, 15:18] = 0.9  # a speck elsewhere
+    plain = binarize(p, 0.5, Refinements())
+    assert plain[16, 16] and not plain[6, 6]
+    refined = binarize(p, 0.5, Refinements(largest_component=True, fill_holes=True))
+    assert not refined[16, 16] and refined[6, 6] and refined.sum() == 100
+
+
+def test_flip_tta_averages_the_flipped_back_predictions():
+    class LeftBiased(torch.nn.Module):  # a model that is not flip-equivariant: its logit grows to the right
+        def forward(self, x):
+            return torch.linspace(-3, 3, x.shape[-1]).expand(x.shape[0], 1, x.shape[-2], -1).clone()
+
+    images = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    plain = predict_probabilities(LeftBiased(), images)
+    tta = predict_probabilities(LeftBiased(), images, tta=True)
+    # identity, horizontal flip (flipped back: mirrored) and vertical flip (flipped back: unchanged here)
+    assert plain[0, 0, 0, 0] < 0.1
+    assert torch.allclose(tta, (2 * plain + plain.flip(-1)) / 3, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def full_size_run(tmp_path_factory):
+    """Synthetic 'full-size' images of different shapes: scoring at source resolution needs them."""
+    root = tmp_path_factory.mktemp("full")
+    data = write_dataset(root / "data", {"train": 6, "test": 3}, size=80, seed=4)
+    test_images = sorted((data / "ISBI2016_ISIC_Part1_Test_Data").iterdir())
+    for n, image in enumerate(test_images):  # make the test images non-square, each its own size
+        mask = data / "ISBI2016_ISIC_Part1_Test_GroundTruth" / f"{image.stem}_Segmentation.png"
+        size = (100 + 20 * n, 70)
+        Image.open(image).resize(size).save(image)
+        Image.open(mask).resize(size, Image.NEAREST).save(mask)
+    config = build_config("model2-finetune", data=str(data), out=str(root / "run"), weights="none", image_size=32,
+                          epochs=1, batch_size=3, cache_dir=str(root / "cache"))
+    return fit(config, progress=False)
+
+
+def test_evaluation_at_source_resolution_and_refinements(full_size_run, tmp_path):
+    result = evaluate_checkpoint(full_size_run / "best.pt", out=tmp_path / "eval", source_resolution=True,
+                                 refine=Refinements(tta=True, largest_component=True), progress=False)
+    assert result["refinements"] == "tta+largest_component"
+    for key in ("metrics", "metrics_source_resolution"):
+        m = result[key]
+        assert set(m) >= {"iou_per_image", "dice_per_image", "accuracy_per_image", "sensitivity_per_image",
+                          "specificity_per_image", "thresholded_iou_per_image", "iou_worst_decile"}
+        assert 0 <= m["thresholded_iou_per_image"] <= m["iou_per_image"] <= 1
+    rows = (tmp_path / "eval" / "per_image.csv").read_text().splitlines()
+    assert len(rows) == 4 and "iou_source" in rows[0]
