@@ -1,8 +1,8 @@
 """Files -> cached tensors -> augmented samples.
 
-Data flows one way: `find_pairs` lists image/mask files, `load_pairs` decodes and resizes them once
-into a cache keyed by the source files and the size, `SegmentationDataset` applies the joint
-augmentation presets to the cached uint8 tensors.
+Data flows one way: `find_pairs` lists image/mask files, `load_pairs` checks, decodes and resizes
+them once into a cache keyed by the source files and the size (the check's findings are cached with
+them), `SegmentationDataset` applies the joint augmentation presets to the cached uint8 tensors.
 """
 
 from __future__ import annotations
@@ -118,16 +118,11 @@ def find_pairs(data: str | os.PathLike | None, split: str) -> tuple[list[Pair], 
             problems.append(f"{image}: no mask in {masks_dir} ({image.stem}_Segmentation.png or {image.stem}.png)")
         else:
             pairs.append(Pair(image, mask))
-    paired = {p.mask.name for p in pairs}
+    stems = {image.stem for image in images}
     for mask in sorted(masks_dir.iterdir()):
-        if mask.suffix.lower() in IMAGE_SUFFIXES and mask.name not in paired and _image_for(mask, images) is None:
+        if mask.suffix.lower() in IMAGE_SUFFIXES and mask.stem.removesuffix("_Segmentation") not in stems:
             problems.append(f"{mask}: mask without an image")
     return pairs, problems
-
-
-def _image_for(mask: Path, images: list[Path]) -> Path | None:
-    stem = mask.stem.removesuffix("_Segmentation")
-    return next((image for image in images if image.stem == stem), None)
 
 
 def inspect_image(path: Path) -> tuple[Image.Image, list[str]]:

@@ -52,10 +52,11 @@ def create_app(predictor: Predictor, max_upload_bytes: int = MAX_UPLOAD_BYTES) -
         return {"status": "ok", "image_size": predictor.image_size}
 
     @app.post("/predict")
-    async def predict(file: UploadFile) -> dict:
-        """The JSON row of the image, with its mask and overlay as base64 PNG."""
+    def predict(file: UploadFile) -> dict:
+        """The JSON row of the image, with its mask and overlay as base64 PNG (run in the thread pool,
+        so a long prediction does not hold up other requests)."""
         name = file.filename or "upload"
-        data = await file.read(max_upload_bytes + 1)
+        data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"{name}: larger than the {max_upload_bytes // 2**20} MiB upload limit")
         image = decode_upload(data, name)

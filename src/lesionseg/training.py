@@ -230,16 +230,17 @@ class Trainer:
         random.setstate(saved["rng"]["python"])
         self.state = {k: saved[k] for k in ("epoch", "best_metric", "best_epoch", "history")}
 
-    def log(self, row: dict[str, float]) -> None:
+    def write_log(self) -> None:
+        """log.csv from the history itself, so a resumed run never repeats or skips a row."""
         if self.process.is_main:
-            with open(self.run_dir / "log.csv", "a", newline="") as handle:
-                csv.writer(handle).writerow([row[f] for f in LOG_FIELDS])
+            with open(self.run_dir / "log.csv", "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(LOG_FIELDS)
+                writer.writerows([row[f] for f in LOG_FIELDS] for row in self.state["history"])
 
     def fit(self, progress: bool) -> None:
         config, state = self.config, self.state
-        if state["epoch"] == 0 and self.process.is_main:
-            with open(self.run_dir / "log.csv", "w", newline="") as handle:
-                csv.writer(handle).writerow(LOG_FIELDS)
+        self.write_log()
         remaining = (config.epochs - state["epoch"]) * len(self.train_loader)
         bar = tqdm(total=remaining, desc=config.name, unit="batch", disable=not (progress and self.process.is_main))
         try:
@@ -258,12 +259,12 @@ class Trainer:
                        "train_images_per_s": seen * self.process.world / seconds}
                 state["history"].append(row)
                 state["epoch"] = epoch
-                self.log(row)
                 bar.set_description(f"{config.name} epoch {epoch}/{config.epochs} {config.monitor} {row[config.monitor]:.4f}")
                 if is_better(row[config.monitor], state["best_metric"], config.monitor):  # never by the test split
                     state["best_metric"], state["best_epoch"] = row[config.monitor], epoch
                     self.checkpoint("best.pt")
                 self.checkpoint("last.pt")
+                self.write_log()
                 barrier(self.process)
         except KeyboardInterrupt:
             # last.pt already holds the last finished epoch (exactly resumable); before the first, save what there is
