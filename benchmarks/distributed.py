@@ -1,6 +1,6 @@
 """One process against two (torchrun, gloo) at the same global batch and seed, on the CPU.
 
-    .venv/bin/python benchmarks/distributed.py --data ../shared/data/isic2016-256 --epochs 5
+    .venv/bin/python benchmarks/distributed.py --data ../shared/data/isic2016-256 --epochs 20 --schedule cosine
 
 Prints and saves (benchmarks/results/distributed.json) the final validation IoU of each, the
 difference, and training throughput. Two processes on two cores share the same cores, so no
@@ -21,7 +21,8 @@ from pathlib import Path
 
 def train(processes: int, args, out: Path) -> dict:
     command = ["-m", "lesionseg", "train", "--preset", "model2-finetune", "--data", args.data, "--out", str(out),
-               "--epochs", str(args.epochs), "--no-pretrained", "--device", "cpu", "--no-progress"]
+               "--epochs", str(args.epochs), "--schedule", args.schedule, "--no-pretrained", "--device", "cpu",
+               "--no-progress"]
     env = dict(os.environ)
     if processes > 1:
         command = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *command]
@@ -39,12 +40,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
     parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--schedule", default="constant", choices=("constant", "cosine"),
+                        help="cosine lets the last epochs settle, so the end points can be compared")
     parser.add_argument("--out", default="runs/distributed")
     args = parser.parse_args()
     runs = [train(n, args, Path(args.out) / f"{n}proc") for n in (1, 2)]
-    result = {"epochs": args.epochs, "runs": runs, "val_iou_difference": abs(runs[0]["final_val_iou"] - runs[1]["final_val_iou"])}
+    result = {"epochs": args.epochs, "schedule": args.schedule, "runs": runs, "val_iou_difference": abs(runs[0]["final_val_iou"] - runs[1]["final_val_iou"])}
     Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
-    Path("benchmarks/results/distributed.json").write_text(json.dumps(result, indent=2))
+    Path(f"benchmarks/results/distributed-{args.epochs}ep-{args.schedule}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
 

@@ -34,7 +34,7 @@ def data40(tmp_path):
 
 
 def test_sigkill_mid_epoch_then_resume_ends_with_the_same_weights(data40, tmp_path):
-    common = [*TRAIN, "--data", str(data40), "--epochs", "4"]
+    common = [*TRAIN, "--data", str(data40), "--epochs", "3"]
     reference = tmp_path / "reference"
     assert main(["train", *common, "--out", str(reference)]) == 0
 
@@ -50,11 +50,10 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_same_weights(data40, tmp_pa
     process.send_signal(signal.SIGKILL)
     process.wait()
     epoch_at_kill = load_checkpoint(killed / "last.pt")["epoch"]
-    assert 1 <= epoch_at_kill < 4, "the run must be killed before it finished"
-    assert not [p for p in killed.iterdir() if p.name.startswith(".last.pt")] or True  # a temp file may remain; last.pt is whole
+    assert 1 <= epoch_at_kill < 3, "the run must be killed before it finished"
 
     assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
-    assert load_checkpoint(killed / "last.pt")["epoch"] == 4
+    assert load_checkpoint(killed / "last.pt")["epoch"] == 3
     assert same_weights(reference / "last.pt", killed / "last.pt")
     assert losses(reference) == losses(killed)
 
