@@ -1,6 +1,5 @@
 import base64
 import io
-import os
 import shutil
 import socket
 import threading

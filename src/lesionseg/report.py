@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from lesionseg.data import IMAGENET_MEAN, CachedSplit, load_split  # noqa: E402
+from lesionseg.data import CachedSplit, load_split  # noqa: E402
 from lesionseg.evaluation import predict_probabilities, read_per_image  # noqa: E402
 from lesionseg.models import build_model  # noqa: E402
 from lesionseg.training import load_checkpoint, model_from_checkpoint, read_log  # noqa: E402
