@@ -2,61 +2,123 @@
 
 Trains both with the `unet-finetune` preset (overridable), scores each best checkpoint (picked by
 validation IoU, never the test split) on the test split, plain and with each inference refinement,
-and reports the ratio ours / smp of mean per-image Jaccard.
+at the model's resolution and at the stored resolution of the test masks, and reports the ratio
+ours / smp of mean per-image Jaccard. With `--parallel` the two trainings run at once, each on half
+the CPU cores (on 2 cores that is faster than one after the other).
 
-    .venv/bin/python benchmarks/unet_vs_smp.py --data ../shared/data/isic2016-256 --out runs/unet-vs-smp \
-        --epochs 30 --no-pretrained
+    .venv/bin/python benchmarks/unet_vs_smp.py --data ../shared/data/isic2016-256 \
+        --extra-data ../shared/data/isic2018-extra-256 --out runs/unet-vs-smp-extra --epochs 12 \
+        --no-pretrained --parallel
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
+import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+import torch
 
 from lesionseg.config import build_config
 from lesionseg.evaluation import Refinements, evaluate_checkpoint
 from lesionseg.reproduce import run_compare
-from lesionseg.training import fit
 
+ARCHS = ("unet", "smp-unet")
 REFINEMENTS = (Refinements(), Refinements(tta=True), Refinements(largest_component=True, fill_holes=True),
                Refinements(tta=True, largest_component=True, fill_holes=True))
+SCORES = ("iou_per_image", "dice_per_image", "accuracy_per_image", "sensitivity_per_image", "specificity_per_image",
+          "thresholded_iou_per_image", "iou_worst_decile")
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return f"CPU: {line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def train_command(args: argparse.Namespace, arch: str, out: Path) -> list[str]:
+    command = [sys.executable, "-m", "lesionseg", "train", "--preset", "unet-finetune", "--arch", arch, "--data", args.data,
+               "--out", str(out), "--epochs", str(args.epochs), "--image-size", str(args.image_size),
+               "--seed", str(args.seed), "--no-progress"]
+    for folder in args.extra_data:
+        command += ["--extra-data", folder]
+    return command + (["--no-pretrained"] if args.no_pretrained else [])
+
+
+def train_all(args: argparse.Namespace, out: Path) -> dict[str, float]:
+    """Train every arch (at once with --parallel); the seconds each spent in its epochs (log.csv).
+    A failed run stops the benchmark."""
+    threads = max(1, (os.cpu_count() or 2) // (len(ARCHS) if args.parallel else 1))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    running = {}
+    for arch in ARCHS:
+        (out / arch).mkdir(parents=True, exist_ok=True)
+        with open(out / f"{arch}.log", "w") as log:
+            running[arch] = subprocess.Popen(train_command(args, arch, out / arch), env=env, stdout=log, stderr=subprocess.STDOUT)
+        if not args.parallel:
+            running[arch].wait()
+    for arch, process in running.items():
+        if process.wait() != 0:
+            sys.exit(f"training {arch} failed (exit {process.returncode}); see {out / (arch + '.log')}")
+    return {arch: epoch_seconds(out / arch) for arch in ARCHS}
+
+
+def epoch_seconds(run: Path) -> float:
+    with open(run / "log.csv", newline="") as handle:
+        return sum(float(row["seconds"]) for row in csv.DictReader(handle))
+
+
+def score(run: Path) -> dict[str, dict[str, dict[str, float]]]:
+    """Test-split scores of the run's best checkpoint, per refinement, at model and at stored resolution."""
+    scores = {}
+    for refine in REFINEMENTS:
+        where = run / ("eval" if refine == Refinements() else f"eval-{refine.name}")
+        result = evaluate_checkpoint(run / "best.pt", split="test", out=where, refine=refine, source_resolution=True,
+                                     progress=False)
+        scores[refine.name] = {resolution: {k: result[key][k] for k in SCORES} for resolution, key in
+                               (("model", "metrics"), ("stored", "metrics_source_resolution"))}
+    return scores
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
+    parser.add_argument("--extra-data", action="append", default=[], metavar="DIR", help="added to training only")
     parser.add_argument("--out", default="runs/unet-vs-smp")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-pretrained", action="store_true")
+    parser.add_argument("--parallel", action="store_true", help="train both at once, each on half the cores")
     args = parser.parse_args()
     out = Path(args.out)
-    results = {}
-    for arch in ("unet", "smp-unet"):
-        config = build_config("unet-finetune", arch=arch, data=args.data, out=str(out / arch), epochs=args.epochs,
-                              image_size=args.image_size, weights="none" if args.no_pretrained else "imagenet")
-        start = time.perf_counter()
-        fit(config)
-        seconds = time.perf_counter() - start
-        scores = {}
-        for refine in REFINEMENTS:
-            where = out / arch / ("eval" if refine == Refinements() else f"eval-{refine.name}")
-            metrics = evaluate_checkpoint(out / arch / "best.pt", split="test", out=where, refine=refine, progress=False)["metrics"]
-            scores[refine.name] = {k: metrics[k] for k in ("iou_per_image", "dice_per_image", "thresholded_iou_per_image",
-                                                          "iou_worst_decile")}
-        results[arch] = {"train_seconds": seconds, "epochs": args.epochs, "scores": scores}
-    ratio = results["unet"]["scores"]["plain"]["iou_per_image"] / results["smp-unet"]["scores"]["plain"]["iou_per_image"]
-    summary = {"config": build_config("unet-finetune", epochs=args.epochs, image_size=args.image_size).to_dict(),
-               "results": results, "iou_ratio_ours_over_smp": ratio}
+    wall = time.perf_counter()
+    seconds = train_all(args, out)
+    results = {arch: {"train_seconds": seconds[arch], "epochs": args.epochs, "scores": score(out / arch)} for arch in ARCHS}
+    ratio = {resolution: results["unet"]["scores"]["plain"][resolution]["iou_per_image"]
+             / results["smp-unet"]["scores"]["plain"][resolution]["iou_per_image"] for resolution in ("model", "stored")}
+    config = build_config("unet-finetune", data=args.data, extra_data=args.extra_data, epochs=args.epochs,
+                          image_size=args.image_size, seed=args.seed, weights="none" if args.no_pretrained else "imagenet")
+    summary = {"device": device_name(), "parallel": args.parallel, "wall_seconds": time.perf_counter() - wall,
+               "command": " ".join(sys.argv), "config": config.to_dict(), "results": results,
+               "iou_ratio_ours_over_smp": ratio}
     (out / "unet_vs_smp.json").write_text(json.dumps(summary, indent=2))
-    run_compare([out / "unet", out / "smp-unet"], out / "compare", progress=False)
+    run_compare([out / arch for arch in ARCHS], out / "compare", progress=False)
     for arch, r in results.items():
         for name, s in r["scores"].items():
-            print(f"{arch:9s} {name:45s} IoU {s['iou_per_image']:.4f}  Dice {s['dice_per_image']:.4f}  "
-                  f"thresholded {s['thresholded_iou_per_image']:.4f}  worst decile {s['iou_worst_decile']:.4f}")
-    print(f"ratio ours/smp (plain mean per-image Jaccard): {ratio:.4f}")
+            for resolution, v in s.items():
+                print(f"{arch:9s} {name:45s} {resolution:6s} IoU {v['iou_per_image']:.4f}  Dice {v['dice_per_image']:.4f}  "
+                      f"thresholded {v['thresholded_iou_per_image']:.4f}  worst decile {v['iou_worst_decile']:.4f}")
+    print(f"ratio ours/smp (plain mean per-image Jaccard): model resolution {ratio['model']:.4f}, stored {ratio['stored']:.4f}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,18 @@ def write_dataset(root: Path, counts: dict[str, int], size: int = 48, seed: int 
     return root
 
 
+def write_plain_pairs(root: Path, count: int, size: int = 48, seed: int = 7, prefix: str = "ISIC_extra") -> Path:
+    """`count` pairs in the plain layout (root/images/*.jpg, root/masks/*.png), like isic2018-extra-256."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for n in range(count):
+        image, mask = disc_pair(rng, size)
+        Image.fromarray(image).save(root / "images" / f"{prefix}{n:04d}.jpg", quality=95)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(root / "masks" / f"{prefix}{n:04d}.png")
+    return root
+
+
 @pytest.fixture
 def tiny_data(tmp_path) -> Path:
     """10 training and 4 test pairs, 48x48."""

@@ -53,6 +53,7 @@ def test_summary_prints_the_layer_table(capsys):
     (["evaluate", "/no/such/run.pt"], "/no/such/run.pt: checkpoint not found"),
     (["train", "--image-size", "100", "--no-pretrained"], "image_size must be a multiple of 32"),
     (["train", "--loss", "hinge", "--no-pretrained"], "unknown loss hinge"),
+    (["train", "--extra-data", "/no/extra", "--no-pretrained", "--epochs", "1"], "/no/extra: data folder not found"),
 ])
 def test_bad_input_is_one_line_on_stderr(argv, message, capsys):
     assert main(argv) == 2

@@ -115,3 +115,21 @@ def test_smp_unet_takes_torchvision_weights(tmp_path):
     torch.save(reference, tmp_path / "w.pth")
     model = build_model("smp-unet", weights=str(tmp_path / "w.pth"))
     assert torch.equal(model.encoder.features[0][0].weight, reference["features.0.0.weight"])
+
+
+def test_scse_attention_reweights_every_unet_decoder_block():
+    plain, attended = build_model("unet", weights="none"), build_model("unet", weights="none", attention="scse")
+    # one cSE (two 1x1 convs, reduction 16) and one sSE (1x1 conv to one map) per input and per output
+    extra = count_parameters(attended.decoder) - count_parameters(plain.decoder)
+    assert 200_000 < extra < 300_000
+    assert attended(torch.randn(2, 3, 96, 96)).shape == (2, 1, 96, 96)
+
+
+def test_unet_checkpoints_from_before_attention_still_load():
+    model = build_model("unet", weights="none").eval()
+    old_keys = {k.replace(".convs.", "."): v for k, v in model.state_dict().items()}  # blocks.0.0.weight, ...
+    assert "decoder.blocks.0.0.weight" in old_keys
+    reloaded = build_model("unet", weights="none").eval()
+    reloaded.load_state_dict(old_keys)
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(model(x), reloaded(x))

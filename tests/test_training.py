@@ -7,8 +7,10 @@ import torch
 
 from lesionseg import training
 from lesionseg.config import ConfigError, build_config
-from lesionseg.errors import CheckpointError
-from lesionseg.training import Interrupted, fit, load_checkpoint, model_from_checkpoint, save_checkpoint
+from lesionseg.distributed import Process
+from lesionseg.errors import CheckpointError, DataError
+from lesionseg.training import Interrupted, fit, load_checkpoint, make_loaders, model_from_checkpoint, save_checkpoint
+from conftest import write_plain_pairs
 
 
 def tiny_config(data, out, **overrides):
@@ -142,3 +144,30 @@ def test_other_archs_train_and_reload(arch, tiny_data, tmp_path):
     run = fit(tiny_config(tiny_data, tmp_path / arch, epochs=1, arch=arch), progress=False)
     model, config = model_from_checkpoint(load_checkpoint(run))
     assert config.arch == arch and model(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+
+
+def test_extra_data_is_added_to_training_and_never_to_validation(tiny_data, tmp_path):
+    extra = write_plain_pairs(tmp_path / "extra", 5)
+    config = tiny_config(tiny_data, tmp_path / "run", extra_data=[str(extra)])
+    (tmp_path / "run").mkdir()
+    train, val, everything = make_loaders(config, tmp_path / "run", Process())
+    assert len(train.dataset) == 9 + 5 and len(val.dataset) == 1 and len(everything) == 15
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert split["extra_train"] == [f"ISIC_extra{n:04d}" for n in range(5)]
+    assert not set(split["val"]) & set(split["extra_train"]) and len(split["train"]) == 9
+    assert everything.fingerprint.count("+") == 1  # run.json tells runs with and without the extra data apart
+
+
+def test_extra_data_repeating_a_training_image_is_refused(tiny_data, tmp_path):
+    extra = write_plain_pairs(tmp_path / "extra", 2, prefix="ISIC_train")  # same ids as two training images
+    with pytest.raises(DataError, match=r"extra: image ISIC_train0000 \(and 1 more\) is already in the training data"):
+        fit(tiny_config(tiny_data, tmp_path / "run", extra_data=[str(extra)]), progress=False)
+
+
+def test_unet_with_scse_attention_trains_and_reloads(tiny_data, tmp_path):
+    run = fit(tiny_config(tiny_data, tmp_path / "scse", epochs=1, arch="unet", decoder_attention="scse"), progress=False)
+    model, config = model_from_checkpoint(load_checkpoint(run))
+    assert config.decoder_attention == "scse" and model(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
+    assert build_config("unet-finetune").decoder_attention == "scse"
+    with pytest.raises(ConfigError, match="unknown decoder_attention 'cbam'"):
+        build_config("unet-finetune", decoder_attention="cbam")

@@ -15,6 +15,7 @@ from lesionseg.errors import LesionsegError
 PAPER_PRESETS = ("model1-frozen", "model2-finetune")
 PRESETS = (*PAPER_PRESETS, "unet-finetune")
 ARCHS = ("seed", "unet", "smp-unet")
+ATTENTIONS = ("none", "scse")
 
 
 class ConfigError(LesionsegError):
@@ -30,6 +31,7 @@ class TrainConfig:
     freeze_encoder: bool = False
     loss: dict[str, float] = field(default_factory=lambda: {"bce": 1.0})
     data: str | None = None  # None: the embedded sample
+    extra_data: list[str] = field(default_factory=list)  # more folders of pairs, added to training only (never validation)
     out: str = "runs/run"
     image_size: int = 128
     epochs: int = 40
@@ -45,6 +47,7 @@ class TrainConfig:
     amp: bool = False  # mixed precision on CUDA
     sync_bn: bool = False  # SyncBatchNorm across processes in distributed training
     dropout: float = 0.2  # the paper names Dropout in every decoder block but not its rate
+    decoder_attention: str = "none"  # "scse": squeeze-and-excitation in each U-Net decoder block (arch unet only)
     val_fraction: float = 0.1
     seed: int = 0
     weights: str = "imagenet"  # "imagenet" (torchvision API), "none", or a state_dict file
@@ -59,7 +62,7 @@ class TrainConfig:
         if self.image_size % 32 != 0 or self.image_size < 32:
             raise ConfigError(f"image_size must be a multiple of 32, got {self.image_size}")
         choices = {"arch": ARCHS, "optimizer": ("adam", "adamw"), "schedule": ("constant", "cosine"),
-                   "monitor": ("val_loss", "val_iou")}
+                   "monitor": ("val_loss", "val_iou"), "decoder_attention": ATTENTIONS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"unknown {key} {getattr(self, key)!r}; choose from: {', '.join(allowed)}")

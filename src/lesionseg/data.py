@@ -254,6 +254,27 @@ def load_split(data: str | os.PathLike | None, split: str, size: int, cache_dir=
     return cached
 
 
+def join_splits(base: CachedSplit, extras: list[CachedSplit], names: list[str]) -> CachedSplit:
+    """`base` followed by each extra split; an id already present means the same image twice: refused."""
+    seen = set(base.ids)
+    for extra, name in zip(extras, names):
+        repeated = sorted(seen.intersection(extra.ids))
+        if repeated:
+            more = f" (and {len(repeated) - 1} more)" if len(repeated) > 1 else ""
+            raise DataError(f"{name}: image {repeated[0]}{more} is already in the training data; extra data must hold other images")
+        seen.update(extra.ids)
+    parts = [base, *extras]
+    return CachedSplit(
+        ids=[i for part in parts for i in part.ids],
+        images=torch.cat([part.images for part in parts]),
+        masks=torch.cat([part.masks for part in parts]),
+        source_sizes=[size for part in parts for size in part.source_sizes],
+        skipped=[line for part in parts for line in part.skipped],
+        notes=[line for part in parts for line in part.notes],
+        fingerprint="+".join(part.fingerprint for part in parts),
+    )
+
+
 def train_val_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """A seeded shuffle of the training split into train and validation (at least one of each)."""
     if n < 2:
@@ -264,8 +285,9 @@ def train_val_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int]
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def write_split(path: Path, ids: list[str], train: list[int], val: list[int], seed: int) -> None:
-    path.write_text(json.dumps({"seed": seed, "train": [ids[i] for i in train], "val": [ids[i] for i in val]}, indent=1))
+def write_split(path: Path, ids: list[str], train: list[int], val: list[int], seed: int, extra: list[str] = ()) -> None:
+    split = {"seed": seed, "train": [ids[i] for i in train], "val": [ids[i] for i in val], "extra_train": list(extra)}
+    path.write_text(json.dumps(split, indent=1))
 
 
 class TrainPreset:

@@ -20,6 +20,7 @@ from lesionseg.errors import WeightsError
 SEED_DECODER_CHANNELS = (512, 256, 64, 32, 16)  # the paper's five decoder blocks
 UNET_DECODER_CHANNELS = (256, 128, 64, 32, 16)  # the widths smp's Unet uses, so the comparison is fair
 ARCHS = ("seed", "unet", "smp-unet")
+ATTENTIONS = ("none", "scse")  # decoder attention choices for arch unet
 
 
 def imagenet_state_dict() -> dict[str, torch.Tensor]:
@@ -126,21 +127,54 @@ class ConvBlock(nn.Sequential):
         )
 
 
+def attention(kind: str, channels: int) -> nn.Module:
+    """smp's concurrent spatial and channel squeeze-and-excitation (Roy et al. 2018), or nothing."""
+    from segmentation_models_pytorch.base.modules import Attention
+
+    if kind not in ATTENTIONS:
+        raise ValueError(f"unknown decoder attention {kind!r}; choose from: {', '.join(ATTENTIONS)}")
+    return Attention("scse" if kind == "scse" else None, in_channels=channels)
+
+
+class UNetDecoderBlock(nn.Module):
+    """attention on [upsampled context, skip] -> ConvBlock -> attention on the result.
+
+    With "scse" the block reweights channels (which skip or context features matter) and pixels
+    (where the lesion border is) before and after mixing them; "none" is a plain U-Net block.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kind: str = "none") -> None:
+        super().__init__()
+        self.attend_input = attention(kind, in_channels)
+        self.convs = ConvBlock(in_channels, out_channels)
+        self.attend_output = attention(kind, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attend_output(self.convs(self.attend_input(x)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Checkpoints written before attention existed keep the convs directly under the block: rename."""
+        for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):][:1].isdigit()]:
+            state_dict[f"{prefix}convs.{key[len(prefix):]}"] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 class UNetDecoder(nn.Module):
-    """U-Net decoder on the encoder's feature list: at each stride 16, 8, 4, 2 upsample to the skip's
-    exact size, concatenate, ConvBlock; a last ConvBlock at full resolution; a 1x1 conv to one logit.
+    """U-Net decoder on the encoder's feature list: at each stride 16, 8, 4, 2 upsample (bilinear) to the
+    skip's exact size, concatenate, UNetDecoderBlock; a last block at full resolution; a 1x1 conv to one logit.
 
     The skips are the last block of each stride (MobileNetV2 features[13], [6], [3], [1]): the deepest,
     most processed map at that resolution, before the next stride-2 block throws half of it away.
     """
 
     def __init__(self, encoder_channels: tuple[int, ...], channels: tuple[int, ...] = UNET_DECODER_CHANNELS,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, attention: str = "none") -> None:
         super().__init__()
         skips = encoder_channels[-2::-1]
         inputs = [encoder_channels[-1], *channels[:-1]]
         self.blocks = nn.ModuleList(
-            ConvBlock(c_in + (skips[i] if i < len(skips) else 0), c_out) for i, (c_in, c_out) in enumerate(zip(inputs, channels))
+            UNetDecoderBlock(c_in + (skips[i] if i < len(skips) else 0), c_out, attention)
+            for i, (c_in, c_out) in enumerate(zip(inputs, channels))
         )
         self.dropout = nn.Dropout2d(dropout)
         self.head = nn.Conv2d(channels[-1], 1, 1)
@@ -192,8 +226,10 @@ class SegmentationModel(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-def build_model(arch: str = "seed", weights: str = "imagenet", freeze_encoder: bool = False, dropout: float = 0.2) -> SegmentationModel:
-    """seed: the paper's decoder; unet: ours with skips; smp-unet: smp.Unet("mobilenet_v2") as it ships."""
+def build_model(arch: str = "seed", weights: str = "imagenet", freeze_encoder: bool = False, dropout: float = 0.2,
+                attention: str = "none") -> SegmentationModel:
+    """seed: the paper's decoder; unet: ours with skips (`attention` in its blocks);
+    smp-unet: smp.Unet("mobilenet_v2") as it ships (no attention, nearest upsampling)."""
     if arch == "smp-unet":
         import segmentation_models_pytorch as smp
 
@@ -207,7 +243,7 @@ def build_model(arch: str = "seed", weights: str = "imagenet", freeze_encoder: b
     if arch == "seed":
         decoder: nn.Module = SeedDecoder(encoder.out_channels, dropout)
     elif arch == "unet":
-        decoder = UNetDecoder(encoder.out_channels, dropout=dropout)
+        decoder = UNetDecoder(encoder.out_channels, dropout=dropout, attention=attention)
     else:
         raise ValueError(f"unknown arch {arch!r}; choose from: {', '.join(ARCHS)}")
     return SegmentationModel(encoder, decoder, freeze_encoder)

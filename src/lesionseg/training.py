@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from lesionseg.config import TrainConfig, read_config, save_config
 from lesionseg.data import (
-    CachedSplit, EvalPreset, SegmentationDataset, TrainPreset, load_split, train_val_indices, write_split,
+    CachedSplit, EvalPreset, SegmentationDataset, TrainPreset, join_splits, load_split, train_val_indices, write_split,
 )
 from lesionseg.distributed import Process, barrier, init_process, mean_across, resolve_device
 from lesionseg.errors import CheckpointError, LesionsegError
@@ -81,7 +81,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, TrainConfig]:
     """Rebuild the model from the config stored in the checkpoint: no architecture flags needed."""
     config = TrainConfig.from_dict(state["config"])
-    model = build_model(config.arch, weights="none", freeze_encoder=config.freeze_encoder, dropout=config.dropout)
+    model = build_model(config.arch, "none", config.freeze_encoder, config.dropout, config.decoder_attention)
     model.load_state_dict(state["model"])
     return model.eval(), config
 
@@ -144,12 +144,17 @@ def validate(model, loader, loss_fn, threshold: float, device) -> dict[str, floa
 
 
 def make_loaders(config: TrainConfig, run_dir: Path, process: Process) -> tuple[DataLoader, DataLoader, CachedSplit]:
-    """Seeded train/validation split of the checked training data (split.json) as loaders, and that data."""
-    data = load_split(config.data, "train", config.image_size, config.cache_dir, config.strict, quiet=not process.is_main)
+    """Seeded train/validation split of the checked training data (split.json), extra folders added to training
+    only, as loaders; and all the data, for run.json."""
+    load = dict(size=config.image_size, cache_dir=config.cache_dir, strict=config.strict, quiet=not process.is_main)
+    data = load_split(config.data, "train", **load)
     train_idx, val_idx = train_val_indices(len(data), config.val_fraction, config.seed)
+    extras = [load_split(folder, "train", **load) for folder in config.extra_data]
+    everything = join_splits(data, extras, config.extra_data)  # refuses an extra image that is already in data
     if process.is_main:
-        write_split(run_dir / "split.json", data.ids, train_idx, val_idx, config.seed)
-    train_set = SegmentationDataset(data.subset(train_idx), TrainPreset(config.hflip, config.rotation), seed=config.seed)
+        write_split(run_dir / "split.json", data.ids, train_idx, val_idx, config.seed, everything.ids[len(data):])
+    train_data = join_splits(data.subset(train_idx), extras, config.extra_data)
+    train_set = SegmentationDataset(train_data, TrainPreset(config.hflip, config.rotation), seed=config.seed)
     val_set = SegmentationDataset(data.subset(val_idx), EvalPreset())
     if config.batch_size % process.world:
         raise LesionsegError(f"batch size {config.batch_size} does not split evenly over {process.world} processes")
@@ -159,7 +164,7 @@ def make_loaders(config: TrainConfig, run_dir: Path, process: Process) -> tuple[
     train = DataLoader(train_set, config.batch_size // process.world, sampler=sampler, drop_last=drop_last,
                        num_workers=config.num_workers)
     val = DataLoader(val_set, config.batch_size, shuffle=False, num_workers=config.num_workers)
-    return train, val, data
+    return train, val, everything
 
 
 def run_info(config: TrainConfig, data: CachedSplit, process: Process) -> dict[str, Any]:
@@ -194,7 +199,7 @@ class Trainer:
         seed_everything(config.seed + process.rank)
         self.train_loader, self.val_loader, data = make_loaders(config, run_dir, process)
         self.info = run_info(config, data, process)
-        model = build_model(config.arch, config.weights, config.freeze_encoder, config.dropout)
+        model = build_model(config.arch, config.weights, config.freeze_encoder, config.dropout, config.decoder_attention)
         if config.sync_bn and process.world > 1:
             if self.device.type == "cpu":
                 raise LesionsegError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
