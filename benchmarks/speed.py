@@ -26,7 +26,9 @@ from lesionseg.models import build_model
 from lesionseg.prediction import OnnxPredictor, TorchPredictor
 from lesionseg.training import save_checkpoint
 
-ARCHS = ("seed", "unet", "smp-unet")
+MODELS = {  # label: (arch, decoder attention)
+    "seed": ("seed", "none"), "unet": ("unet", "none"), "unet+scse": ("unet", "scse"), "smp-unet": ("smp-unet", "none"),
+}
 
 
 def best_rate(fn, items: int, repeats: int, warmup: int = 2) -> float:
@@ -52,9 +54,10 @@ def flops_per_image(model: torch.nn.Module, size: int) -> float:
     return 2 * torchinfo.summary(model, input_size=(1, 3, size, size), verbose=0).total_mult_adds
 
 
-def training_rate(arch: str, size: int, batch: int = 16, steps: int = 4) -> float:
+def training_rate(label: str, size: int, batch: int = 16, steps: int = 4) -> float:
     torch.manual_seed(0)
-    model = build_model(arch, weights="none").train()
+    arch, attention = MODELS[label]
+    model = build_model(arch, weights="none", attention=attention).train()
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     loss_fn = WeightedSum({"bce": 1.0})
     x, y = torch.randn(batch, 3, size, size), (torch.rand(batch, 1, size, size) > 0.5).float()
@@ -68,29 +71,30 @@ def training_rate(arch: str, size: int, batch: int = 16, steps: int = 4) -> floa
     return best_rate(step, batch, steps)
 
 
-def checkpoint_for(arch: str, size: int, folder: Path) -> Path:
+def checkpoint_for(label: str, size: int, folder: Path) -> Path:
     """A checkpoint with random weights, so every backend is built the way users build it."""
     torch.manual_seed(0)
-    model = build_model(arch, weights="none").eval()
-    config = TrainConfig(arch=arch, image_size=size, weights="none")
-    path = folder / f"{arch}.pt"
+    arch, attention = MODELS[label]
+    model = build_model(arch, weights="none", attention=attention).eval()
+    config = TrainConfig(arch=arch, image_size=size, weights="none", decoder_attention=attention)
+    path = folder / f"{label}.pt"
     save_checkpoint({"model": model.state_dict(), "config": config.to_dict(), "epoch": 0, "best_metric": None,
                      "history": []}, path)
     return path
 
 
-def measure(arch: str, size: int, folder: Path, repeats: int) -> dict:
-    checkpoint = checkpoint_for(arch, size, folder)
+def measure(label: str, size: int, folder: Path, repeats: int) -> dict:
+    checkpoint = checkpoint_for(label, size, folder)
     backends = {
         "eager": TorchPredictor(checkpoint),
         "channels_last": TorchPredictor(checkpoint, channels_last=True),
-        "onnxruntime": OnnxPredictor(export_onnx(checkpoint, folder / f"{arch}.onnx")),
+        "onnxruntime": OnnxPredictor(export_onnx(checkpoint, folder / f"{label}.onnx")),
     }
     one = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8)
     batch = torch.randint(0, 256, (32, 3, size, size), dtype=torch.uint8)
     reference = backends["eager"](batch) >= 0.5
     flops = flops_per_image(backends["eager"].model, size)
-    result = {"flops_per_image": flops, "train_images_per_s": training_rate(arch, size),
+    result = {"flops_per_image": flops, "train_images_per_s": training_rate(label, size),
               "web_upload_seconds_1504x1129": upload_seconds(checkpoint)}
     for name, predictor in backends.items():
         result[name] = {
@@ -141,12 +145,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     args = parser.parse_args()
     peak = matmul_peak_gflops()
     with tempfile.TemporaryDirectory() as tmp:
-        results = {arch: measure(arch, args.size, Path(tmp), args.repeats) for arch in args.archs}
+        results = {label: measure(label, args.size, Path(tmp), args.repeats) for label in args.models}
     print(table(results, peak))
     machine = {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                "torch": torch.__version__, "device": "cpu"}

@@ -48,3 +48,20 @@ def test_export_cli_and_foreign_files(tiny_checkpoint, tmp_path, capsys):
         OnnxPredictor(tmp_path / "junk.onnx")
     assert main(["predict", "--onnx", str(tmp_path / "nope.onnx"), "x.jpg", "--out", str(tmp_path / "o")]) == 2
     assert "nope.onnx: ONNX model not found" in capsys.readouterr().err
+
+
+def test_unet_with_scse_attention_exports(tmp_path):
+    """The issue-3 model (skips + scSE) goes through the same dynamo export as the paper's."""
+    from lesionseg.config import TrainConfig
+    from lesionseg.models import build_model
+    from lesionseg.training import save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("unet", weights="none", attention="scse").eval()
+    config = TrainConfig(arch="unet", image_size=64, weights="none", decoder_attention="scse")
+    checkpoint = tmp_path / "scse.pt"
+    save_checkpoint({"model": model.state_dict(), "config": config.to_dict(), "epoch": 0, "best_metric": None,
+                     "history": []}, checkpoint)
+    images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
+    onnx_probs = OnnxPredictor(export_onnx(checkpoint, tmp_path / "scse.onnx"))(images)
+    assert (onnx_probs - TorchPredictor(checkpoint)(images)).abs().max().item() < 1e-4

@@ -30,7 +30,8 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--monitor", choices=("val_loss", "val_iou"), help="what picks best.pt (and early stopping)")
     parser.add_argument("--patience", type=int, help="stop after N epochs without improvement (0: never)")
     parser.add_argument("--dropout", type=float)
-    parser.add_argument("--decoder-attention", choices=ATTENTIONS, help="unet only: scse attention in each decoder block")
+    parser.add_argument("--decoder-attention", choices=ATTENTIONS,
+                        help="scse attention in each decoder block (arch unet; the others ignore it)")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     parser.add_argument("--amp", action="store_const", const=True, help="mixed precision on CUDA")
     parser.add_argument("--sync-bn", action="store_const", const=True, help="SyncBatchNorm across GPUs under torchrun")
@@ -46,13 +47,14 @@ def training_overrides(args: argparse.Namespace) -> dict:
     from lesionseg.losses import parse_loss
 
     return {
-        "data": args.data, "extra_data": args.extra_data, "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-        "image_size": args.image_size, "seed": args.seed, "cache_dir": args.cache_dir,
+        "data": args.data, "extra_data": args.extra_data, "epochs": args.epochs, "batch_size": args.batch_size,
+        "lr": args.lr, "image_size": args.image_size, "seed": args.seed, "cache_dir": args.cache_dir,
         "loss": parse_loss(args.loss) if args.loss else None,
         "weights": "none" if args.no_pretrained else args.weights,
         "arch": args.arch, "optimizer": args.optimizer, "weight_decay": args.weight_decay, "schedule": args.schedule,
         "warmup_epochs": args.warmup_epochs, "monitor": args.monitor, "patience": args.patience,
-        "dropout": args.dropout, "decoder_attention": args.decoder_attention, "device": args.device, "amp": args.amp, "sync_bn": args.sync_bn, "strict": args.strict,
+        "dropout": args.dropout, "decoder_attention": args.decoder_attention, "device": args.device, "amp": args.amp,
+        "sync_bn": args.sync_bn, "strict": args.strict,
     }
 
 

@@ -47,7 +47,7 @@ class TrainConfig:
     amp: bool = False  # mixed precision on CUDA
     sync_bn: bool = False  # SyncBatchNorm across processes in distributed training
     dropout: float = 0.2  # the paper names Dropout in every decoder block but not its rate
-    decoder_attention: str = "none"  # "scse": squeeze-and-excitation in each U-Net decoder block (arch unet only)
+    decoder_attention: str = "none"  # "scse": squeeze-and-excitation in each decoder block (arch unet; others ignore it)
     val_fraction: float = 0.1
     seed: int = 0
     weights: str = "imagenet"  # "imagenet" (torchvision API), "none", or a state_dict file

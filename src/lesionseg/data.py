@@ -261,7 +261,8 @@ def join_splits(base: CachedSplit, extras: list[CachedSplit], names: list[str]) 
         repeated = sorted(seen.intersection(extra.ids))
         if repeated:
             more = f" (and {len(repeated) - 1} more)" if len(repeated) > 1 else ""
-            raise DataError(f"{name}: image {repeated[0]}{more} is already in the training data; extra data must hold other images")
+            raise DataError(f"{name}: image {repeated[0]}{more} is already in the training data; "
+                            "extra data must hold other images")
         seen.update(extra.ids)
     parts = [base, *extras]
     return CachedSplit(
@@ -285,8 +286,9 @@ def train_val_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int]
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def write_split(path: Path, ids: list[str], train: list[int], val: list[int], seed: int, extra: list[str] = ()) -> None:
-    split = {"seed": seed, "train": [ids[i] for i in train], "val": [ids[i] for i in val], "extra_train": list(extra)}
+def write_split(path: Path, ids: list[str], train: list[int], val: list[int], seed: int,
+                extra: list[str] | None = None) -> None:
+    split = {"seed": seed, "train": [ids[i] for i in train], "val": [ids[i] for i in val], "extra_train": extra or []}
     path.write_text(json.dumps(split, indent=1))
 
 
