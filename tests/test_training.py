@@ -5,12 +5,12 @@ import os
 import pytest
 import torch
 
+from conftest import write_plain_pairs
 from lesionseg import training
 from lesionseg.config import ConfigError, build_config
 from lesionseg.distributed import Process
 from lesionseg.errors import CheckpointError, DataError
 from lesionseg.training import Interrupted, fit, load_checkpoint, make_loaders, model_from_checkpoint, save_checkpoint
-from conftest import write_plain_pairs
 
 
 def tiny_config(data, out, **overrides):

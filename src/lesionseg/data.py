@@ -62,7 +62,7 @@ class CachedSplit:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def subset(self, indices: list[int]) -> "CachedSplit":
+    def subset(self, indices: list[int]) -> CachedSplit:
         return CachedSplit(
             ids=[self.ids[i] for i in indices],
             images=self.images[indices],

@@ -215,7 +215,7 @@ class SegmentationModel(nn.Module):
         if freeze_encoder:
             self.encoder.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "SegmentationModel":
+    def train(self, mode: bool = True) -> SegmentationModel:
         super().train(mode)
         if self.freeze_encoder:
             self.encoder.eval()  # keep BatchNorm running statistics fixed too

@@ -146,7 +146,7 @@ def validate(model, loader, loss_fn, threshold: float, device) -> dict[str, floa
 def make_loaders(config: TrainConfig, run_dir: Path, process: Process) -> tuple[DataLoader, DataLoader, CachedSplit]:
     """Seeded train/validation split of the checked training data (split.json), extra folders added to training
     only, as loaders; and all the data, for run.json."""
-    load = dict(size=config.image_size, cache_dir=config.cache_dir, strict=config.strict, quiet=not process.is_main)
+    load = {"size": config.image_size, "cache_dir": config.cache_dir, "strict": config.strict, "quiet": not process.is_main}
     data = load_split(config.data, "train", **load)
     train_idx, val_idx = train_val_indices(len(data), config.val_fraction, config.seed)
     extras = [load_split(folder, "train", **load) for folder in config.extra_data]
