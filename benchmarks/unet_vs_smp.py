@@ -78,11 +78,15 @@ def train_all(args: argparse.Namespace, out: Path) -> dict[str, float]:
 
 
 def finished(run: Path, epochs: int) -> bool:
-    """True when the run has its best checkpoint and every epoch logged."""
+    """True when the run has its best checkpoint and ended: every epoch logged, or stopped early by
+    the preset's patience (the same rule training uses), so a rerun never trains it over."""
     if not (run / "best.pt").is_file() or not (run / "log.csv").is_file():
         return False
     with open(run / "log.csv", newline="") as handle:
-        return len(list(csv.DictReader(handle))) >= epochs
+        scores = [float(row["val_iou"]) for row in csv.DictReader(handle)]
+    patience = build_config("unet-finetune").patience
+    best_epoch = scores.index(max(scores)) + 1 if scores else 0
+    return len(scores) >= epochs or bool(patience and len(scores) - best_epoch >= patience)
 
 
 def paired_difference(ours: Path, theirs: Path, column: str = "iou_source", draws: int = 10_000) -> dict[str, float]:
