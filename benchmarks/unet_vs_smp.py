@@ -23,11 +23,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lesionseg.config import build_config
-from lesionseg.evaluation import Refinements, evaluate_checkpoint
+from lesionseg.evaluation import Refinements, evaluate_checkpoint, read_per_image
+from lesionseg.metrics import paired_difference
 from lesionseg.reproduce import run_compare
 
 ARCHS = ("unet", "smp-unet")
@@ -89,22 +89,10 @@ def finished(run: Path, epochs: int) -> bool:
     return len(scores) >= epochs or bool(patience and len(scores) - best_epoch >= patience)
 
 
-def paired_difference(ours: Path, theirs: Path, column: str = "iou_source", draws: int = 10_000) -> dict[str, float]:
-    """Mean per-image Jaccard difference ours - theirs on the same test images, with a paired bootstrap 95 % interval.
-
-    It says whether a gap between the two is larger than the spread from which 339 test images were drawn.
-    """
-    def read(run: Path) -> dict[str, float]:
-        with open(run / "eval" / "per_image.csv", newline="") as handle:
-            return {row["id"]: float(row[column]) for row in csv.DictReader(handle)}
-
-    a, b = read(ours), read(theirs)
-    diff = np.array([a[i] - b[i] for i in sorted(a)])
-    rng = np.random.default_rng(0)
-    means = diff[rng.integers(0, len(diff), (draws, len(diff)))].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return {"mean": float(diff.mean()), "ci95_low": float(low), "ci95_high": float(high),
-            "ours_better": int((diff > 0).sum()), "theirs_better": int((diff < 0).sum())}
+def per_image_jaccard(run: Path, refinement: str = "plain", column: str = "iou_source") -> dict[str, float]:
+    """Per-image test Jaccard of a scored run (default: plain, at the stored resolution)."""
+    where = run / ("eval" if refinement == "plain" else f"eval-{refinement}")
+    return {row["id"]: row[column] for row in read_per_image(where)}
 
 
 def epoch_seconds(run: Path) -> float:
@@ -148,7 +136,8 @@ def main() -> None:
     summary = {"device": device_name(), "parallel": args.parallel, "wall_seconds": time.perf_counter() - wall,
                "command": " ".join(sys.argv), "config": config.to_dict(), "results": results,
                "iou_ratio_ours_over_smp": ratio,
-               "paired_difference_stored_plain": paired_difference(out / "unet", out / "smp-unet")}
+               "paired_difference_stored_plain": paired_difference(per_image_jaccard(out / "unet"),
+                                                                   per_image_jaccard(out / "smp-unet"))}
     (out / "unet_vs_smp.json").write_text(json.dumps(summary, indent=2))
     run_compare([out / arch for arch in ARCHS], out / "compare", progress=False)
     for arch, r in results.items():

@@ -73,3 +73,9 @@ def test_compare_any_runs_with_worst_cases(tiny_data, tmp_path, capsys):
     assert "| metric | seed | unet |" in table and "ISIC 2018 thresholded Jaccard" in table
     figures = {p.name for p in (tmp_path / "cmp" / "figures").iterdir()}
     assert {"worst_seed.png", "worst_unet.png", "radar.png", "bars_comparison.png", "loss_unet.png"} <= figures
+    report = json.loads((tmp_path / "cmp" / "metrics.json").read_text())
+    gap = report["paired_differences"]["unet"]
+    means = {name: report["evaluations"][name]["metrics"]["iou_per_image"] for name in ("seed", "unet")}
+    assert gap["mean"] == pytest.approx(means["unet"] - means["seed"], abs=1e-6)
+    assert gap["ci95_low"] <= gap["mean"] <= gap["ci95_high"] and gap["images"] == 4
+    assert "## Against seed, image by image" in (tmp_path / "cmp" / "results.md").read_text()

@@ -1,8 +1,9 @@
+import numpy as np
 import pytest
 import torch
 from segmentation_models_pytorch import metrics as smp_metrics
 
-from lesionseg.metrics import MetricAccumulator, confusion_counts, summarize
+from lesionseg.metrics import MetricAccumulator, confusion_counts, paired_difference, summarize
 
 BIG = 20.0  # a logit far from the threshold
 
@@ -63,3 +64,20 @@ def test_isic2018_thresholded_jaccard_and_worst_decile():
     assert result["iou_per_image"] == pytest.approx((1 + 0.6 + 0.8) / 3)
     assert result["thresholded_iou_per_image"] == pytest.approx((1 + 0 + 0.8) / 3)
     assert result["iou_worst_decile"] == pytest.approx(0.6)
+
+
+def test_paired_difference_of_per_image_scores():
+    rng = np.random.default_rng(0)
+    theirs = {f"img{i}": float(v) for i, v in enumerate(rng.uniform(0.5, 0.9, 300))}
+    ours = {k: v + 0.02 + float(rng.normal(0, 0.05)) for k, v in theirs.items()}
+    gap = paired_difference(ours, theirs)
+    assert gap["mean"] == pytest.approx(np.mean([ours[k] - theirs[k] for k in ours]))
+    assert 0 < gap["ci95_low"] < gap["mean"] < gap["ci95_high"] < 0.04  # 300 images resolve a 0.02 gap
+    assert gap["ours_better"] + gap["theirs_better"] == gap["images"] == 300
+    same = paired_difference(theirs, theirs)
+    assert same["mean"] == same["ci95_low"] == same["ci95_high"] == 0.0
+
+
+def test_paired_difference_refuses_different_images():
+    with pytest.raises(ValueError, match="different images"):
+        paired_difference({"a": 0.5, "b": 0.6}, {"a": 0.5, "c": 0.6})

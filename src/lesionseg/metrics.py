@@ -7,7 +7,11 @@ rank), `*_pooled` sums the counts over the whole split first.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import numpy as np
 import torch
+from scipy.stats import bootstrap
 from segmentation_models_pytorch.metrics import get_stats
 
 SCORES = ("iou", "dice", "accuracy", "sensitivity", "specificity")
@@ -80,3 +84,22 @@ class MetricAccumulator:
 
     def per_image(self) -> dict[str, list[float]]:
         return {name: values.tolist() for name, values in scores(self.counts).items()}
+
+
+def paired_difference(ours: Mapping[str, float], theirs: Mapping[str, float], draws: int = 10_000,
+                      seed: int = 0) -> dict[str, float]:
+    """Mean per-image difference ours - theirs over the same images, with a paired bootstrap 95 % interval.
+
+    A gap between two models is only worth reporting if it is larger than the spread that comes from
+    which test images happened to be drawn; resampling the per-image differences measures that spread.
+    """
+    if ours.keys() != theirs.keys():
+        only = sorted(ours.keys() ^ theirs.keys())
+        raise ValueError(f"the two were scored on different images ({len(only)} not in both, e.g. {only[0]})")
+    if len(ours) < 2:
+        raise ValueError("a paired difference needs at least two images")
+    diff = np.array([ours[i] - theirs[i] for i in sorted(ours)])
+    interval = bootstrap((diff,), np.mean, n_resamples=draws, confidence_level=0.95, method="percentile",
+                         rng=np.random.default_rng(seed)).confidence_interval
+    return {"mean": float(diff.mean()), "ci95_low": float(interval.low), "ci95_high": float(interval.high),
+            "ours_better": int((diff > 0).sum()), "theirs_better": int((diff < 0).sum()), "images": len(diff)}

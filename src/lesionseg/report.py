@@ -17,6 +17,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from lesionseg.data import CachedSplit, load_split  # noqa: E402
 from lesionseg.evaluation import predict_probabilities, read_per_image  # noqa: E402
+from lesionseg.metrics import paired_difference  # noqa: E402
 from lesionseg.models import build_model  # noqa: E402
 from lesionseg.training import load_checkpoint, model_from_checkpoint, read_log  # noqa: E402
 
@@ -169,6 +170,32 @@ def markdown_table(evaluations: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def paired_differences(runs: dict[str, Path]) -> dict[str, dict[str, float] | str]:
+    """Each run's per-image Jaccard against the first run's on the same test images, with a bootstrap
+    interval, so a table of means is not read as a ranking when the gaps are within noise."""
+    per_image = {name: {row["id"]: row["iou"] for row in read_per_image(Path(run) / "eval")} for name, run in runs.items()}
+    base, *others = runs
+    differences: dict[str, dict[str, float] | str] = {}
+    for name in others:
+        try:
+            differences[name] = paired_difference(per_image[name], per_image[base])
+        except ValueError as error:
+            differences[name] = f"not comparable with {base}: {error}"
+    return differences
+
+
+def paired_table(base: str, differences: dict[str, dict[str, float] | str]) -> str:
+    lines = [f"| run | mean Jaccard − {base} | paired bootstrap 95 % interval | images better | images worse |",
+             "|---|---|---|---|---|"]
+    for name, d in differences.items():
+        if isinstance(d, str):
+            lines.append(f"| {name} | – | {d} | – | – |")
+        else:
+            lines.append(f"| {name} | {d['mean']:+.4f} | {d['ci95_low']:+.4f} to {d['ci95_high']:+.4f} | "
+                         f"{d['ours_better']} | {d['theirs_better']} |")
+    return "\n".join(lines)
+
+
 def save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -211,9 +238,17 @@ def write_report(runs: dict[str, str | os.PathLike], out: str | os.PathLike) -> 
     save(fig_comparison_bars(measured), figures / "bars_comparison.png")
     save(fig_radar(measured), figures / "radar.png")
     table = markdown_table(evaluations)
-    (out / "metrics.json").write_text(json.dumps({"measured": measured, "paper": PAPER, "evaluations": evaluations}, indent=2))
+    differences = paired_differences({name: Path(run) for name, run in runs.items()})
+    (out / "metrics.json").write_text(json.dumps({"measured": measured, "paper": PAPER, "evaluations": evaluations,
+                                                  "paired_differences": differences}, indent=2))
     path = out / "results.md"
-    path.write_text("# Results on the test split\n\nOn the binarized prediction (threshold 0.5) at the model's "
-                    "resolution. Per image: the mean over images (how the ISIC challenges rank); pooled: from counts "
-                    "summed over the split.\n\n" + table + "\n")
-    return {"markdown": table, "path": path, "measured": measured}
+    text = ("# Results on the test split\n\nOn the binarized prediction (threshold 0.5) at the model's "
+            "resolution. Per image: the mean over images (how the ISIC challenges rank); pooled: from counts "
+            "summed over the split.\n\n" + table + "\n")
+    if differences:
+        first = next(iter(runs))
+        text += (f"\n## Against {first}, image by image\n\nThe difference of per-image Jaccard on the same test "
+                 "images; an interval that contains 0 means the gap is within what the choice of test images "
+                 "alone would produce.\n\n" + paired_table(first, differences) + "\n")
+    path.write_text(text)
+    return {"markdown": table, "path": path, "measured": measured, "paired_differences": differences}
