@@ -1,0 +1,54 @@
+"""The benchmark scripts' bookkeeping: what they write must stay true when they are rerun."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rescoring_keeps_the_wall_time_of_the_run_that_trained(tmp_path):
+    unet_vs_smp = load("unet_vs_smp")
+    (tmp_path / "unet_vs_smp.json").write_text(json.dumps({"wall_seconds": 5518.9}))
+    start = time.perf_counter() - 3.0
+    kept = unet_vs_smp.wall_seconds(tmp_path, start, rescore_only=True)
+    assert kept["wall_seconds"] == 5518.9
+    assert 3.0 <= kept["rescore_seconds"] < 60
+    trained = unet_vs_smp.wall_seconds(tmp_path, start, rescore_only=False)
+    assert set(trained) == {"wall_seconds"} and 3.0 <= trained["wall_seconds"] < 60
+    first = unet_vs_smp.wall_seconds(tmp_path / "new", start, rescore_only=True)
+    assert set(first) == {"wall_seconds"}
+
+
+def test_seed_combiner_refuses_runs_that_differ_in_more_than_the_seed(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    seeds = load("unet_vs_smp_seeds")
+    config = {key: 1 for key in seeds.SAME}
+    folders = []
+    for name, seed, epochs in (("a", 0, 16), ("b", 1, 12), ("c", 0, 16)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "unet_vs_smp.json").write_text(json.dumps({"config": {**config, "epochs": epochs, "seed": seed}}))
+        folders.append(tmp_path / name)
+    for pair, message in (((0, 1), "differs from .* in epochs, not only the seed"),
+                          ((0, 2), r"the same seed appears twice: \[0, 0\]"),
+                          ((0,), None)):
+        chosen = [folders[i] for i in pair]
+        if message is None:
+            assert [s["config"]["seed"] for s in seeds.load_runs(chosen)] == [0]
+            continue
+        with pytest.raises(SystemExit, match=message):
+            seeds.load_runs(chosen)
+    with pytest.raises(SystemExit, match="unet_vs_smp.json: not found"):
+        seeds.load_runs([tmp_path / "missing"])
