@@ -2,9 +2,13 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
-# Offline machines have no ImageNet weights: the demo trains the encoder from scratch.
-# With internet (or the weights in $TORCH_HOME/hub/checkpoints) use: make reproduce ARGS="--out runs/demo"
-ARGS ?= --out runs/demo --no-pretrained
+# ImageNet weights wherever they can be had: $LESIONSEG_WEIGHTS, else the shared copy on the project's own
+# machines, else torchvision's cache or download; only without all three does the demo train from scratch,
+# and it says so on stderr and in results.md.
+SHARED_WEIGHTS := $(abspath $(wildcard ../shared/weights/mobilenet_v2_imagenet_from_keras_int8.pth))
+LESIONSEG_WEIGHTS ?= $(SHARED_WEIGHTS)
+export LESIONSEG_WEIGHTS
+ARGS ?= --out runs/demo --weights auto
 
 .PHONY: install reproduce test
 install: $(VENV)/.installed

@@ -16,6 +16,7 @@ def isolated_caches(tmp_path_factory, monkeypatch):
     """No test reads or writes the user's caches, and none can fetch weights."""
     monkeypatch.setenv("LESIONSEG_CACHE", str(tmp_path_factory.mktemp("cache")))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("torch_home")))
+    monkeypatch.delenv("LESIONSEG_WEIGHTS", raising=False)
 
 
 def disc_pair(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -43,7 +43,7 @@ def test_predict_returns_mask_png_and_row(client):
 
 @pytest.mark.parametrize("name, content, status, message", [
     ("notes.txt", b"hello, not an image", 415, "notes.txt: not an image"),
-    ("cut.jpg", jpeg_bytes()[:300], 400, "cut.jpg: corrupt or truncated image"),
+    ("cut.jpg", jpeg_bytes()[:300], 400, "cut.jpg: cannot read image"),
     ("empty.png", b"", 400, "empty.png: empty upload"),
     ("huge.jpg", b"\xff" * 300_000, 413, "limit"),
 ])

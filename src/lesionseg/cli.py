@@ -37,8 +37,13 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sync-bn", action="store_const", const=True, help="SyncBatchNorm across GPUs under torchrun")
     parser.add_argument("--cache-dir", help="where resized images are cached (default $LESIONSEG_CACHE or ~/.cache/lesionseg)")
     weights = parser.add_mutually_exclusive_group()
-    weights.add_argument("--weights", help="encoder weights: a mobilenet_v2 state_dict file (default: torchvision ImageNet)")
+    weights.add_argument("--weights", help="encoder weights: a mobilenet_v2 state_dict FILE, or 'imagenet' (the default: "
+                         "$LESIONSEG_WEIGHTS, else torchvision's cache or download), or 'auto' (the same, else from scratch)")
     weights.add_argument("--no-pretrained", action="store_true", help="encoder from scratch (no ImageNet weights)")
+    parser.add_argument("--freeze-bn", action="store_const", const=True,
+                        help="keep the encoder's BatchNorm statistics fixed while it fine-tunes")
+    parser.add_argument("--encoder-lr-scale", type=float, help="the encoder's learning rate is --lr times this")
+    parser.add_argument("--unfreeze-after", type=int, metavar="N", help="train the decoder alone for N epochs first")
     parser.add_argument("--strict", action="store_const", const=True, help="stop at the first bad image/mask pair (default: skip and list)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -54,7 +59,8 @@ def training_overrides(args: argparse.Namespace) -> dict:
         "arch": args.arch, "optimizer": args.optimizer, "weight_decay": args.weight_decay, "schedule": args.schedule,
         "warmup_epochs": args.warmup_epochs, "monitor": args.monitor, "patience": args.patience,
         "dropout": args.dropout, "decoder_attention": args.decoder_attention, "device": args.device, "amp": args.amp,
-        "sync_bn": args.sync_bn, "strict": args.strict,
+        "sync_bn": args.sync_bn, "strict": args.strict, "freeze_bn": args.freeze_bn,
+        "encoder_lr_scale": args.encoder_lr_scale, "unfreeze_after": args.unfreeze_after,
     }
 
 

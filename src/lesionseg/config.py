@@ -50,7 +50,11 @@ class TrainConfig:
     decoder_attention: str = "none"  # "scse": squeeze-and-excitation in each decoder block (arch unet; others ignore it)
     val_fraction: float = 0.1
     seed: int = 0
-    weights: str = "imagenet"  # "imagenet" (torchvision API), "none", or a state_dict file
+    weights: str = "imagenet"  # "imagenet" ($LESIONSEG_WEIGHTS, else torchvision's API), "auto" (the same, else
+    # from scratch with a warning), "none", or a state_dict file
+    freeze_bn: bool = False  # encoder BatchNorm statistics fixed (eval mode) while the encoder fine-tunes
+    encoder_lr_scale: float = 1.0  # the encoder's lr is lr * this (a pretrained encoder needs smaller steps)
+    unfreeze_after: int = 0  # train the decoder alone for this many epochs before fine-tuning the encoder
     hflip: bool = True
     rotation: float = 60.0  # degrees, the paper's +-60
     threshold: float = 0.5
@@ -68,6 +72,8 @@ class TrainConfig:
                 raise ConfigError(f"unknown {key} {getattr(self, key)!r}; choose from: {', '.join(allowed)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError("epochs and batch_size must be at least 1")
+        if self.encoder_lr_scale <= 0 or not 0 <= self.unfreeze_after < self.epochs:
+            raise ConfigError("encoder_lr_scale must be > 0 and unfreeze_after in [0, epochs)")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 

@@ -9,6 +9,14 @@ class DataError(LesionsegError):
     """An image, mask or data folder that cannot be used; the message names the file."""
 
 
+class ImageTooLargeError(DataError):
+    """An image whose header claims more pixels than any dermoscopy image has (a decompression bomb)."""
+
+
+class NotAnImageError(DataError):
+    """A file in no image format Pillow knows."""
+
+
 class WeightsError(LesionsegError):
     """Pretrained weights that cannot be had; the message says how to provide them."""
 

@@ -7,7 +7,12 @@ list. The model returns logits; sigmoid and threshold live in metrics and predic
 
 from __future__ import annotations
 
+import hashlib
+import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.error import URLError
 
 import torch
@@ -23,36 +28,90 @@ ARCHS = ("seed", "unet", "smp-unet")
 ATTENTIONS = ("none", "scse")  # decoder attention choices for arch unet
 
 
-def imagenet_state_dict() -> dict[str, torch.Tensor]:
+WEIGHTS_ENV = "LESIONSEG_WEIGHTS"  # a path to a mobilenet_v2 state_dict, used when no --weights FILE is given
+
+
+@dataclass
+class EncoderWeights:
+    """The encoder's starting point and where it came from, for run.json and the report."""
+
+    state_dict: dict[str, torch.Tensor] | None  # None: from scratch
+    source: str  # a file path, "torchvision IMAGENET1K_V1 (<file>)", or "none"
+    sha256: str | None = None
+
+    @property
+    def pretrained(self) -> bool:
+        return self.state_dict is not None
+
+    def describe(self) -> dict[str, Any]:
+        return {"pretrained": self.pretrained, "source": self.source, "sha256": self.sha256}
+
+
+FROM_SCRATCH = EncoderWeights(None, "none")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def torchvision_weights() -> EncoderWeights:
     """torchvision's ImageNet weights: read from $TORCH_HOME/hub/checkpoints or downloaded once."""
     weights = MobileNet_V2_Weights.IMAGENET1K_V1
+    filename = weights.url.rsplit("/", 1)[-1]
     try:
-        return weights.get_state_dict(progress=True, check_hash=True)
+        state = weights.get_state_dict(progress=True, check_hash=True)
     except (URLError, OSError, RuntimeError) as exc:
-        filename = weights.url.rsplit("/", 1)[-1]
         raise WeightsError(
             f"ImageNet weights for MobileNetV2 could not be loaded or downloaded ({exc.__class__.__name__}): "
-            f"put {filename} in $TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch), "
-            f"or pass --weights FILE (a mobilenet_v2 state_dict), or --no-pretrained to train from scratch"
+            f"pass --weights FILE or set ${WEIGHTS_ENV} to a mobilenet_v2 state_dict, "
+            f"or put {filename} in $TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch), "
+            f"or pass --no-pretrained to train from scratch"
         ) from None
+    path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    return EncoderWeights(state, f"torchvision IMAGENET1K_V1 ({path})", sha256_of(path) if path.is_file() else None)
 
 
-def file_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def file_weights(path: Path) -> EncoderWeights:
     if not path.is_file():
         raise WeightsError(f"{path}: weights file not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file; all mean the same to the user
         raise WeightsError(f"{path}: not a readable state_dict ({exc.__class__.__name__})") from None
+    if not isinstance(state, dict):
+        raise WeightsError(f"{path}: not a state_dict (a {type(state).__name__})")
+    return EncoderWeights(state, str(path.resolve()), sha256_of(path))
 
 
-def encoder_state_dict(weights: str | None) -> dict[str, torch.Tensor] | None:
-    """"imagenet" (torchvision's API), "none", or a path to a mobilenet_v2 state_dict."""
-    if weights == "imagenet":
-        return imagenet_state_dict()
+def imagenet_weights() -> EncoderWeights:
+    """ImageNet weights, looked up offline first: ${LESIONSEG_WEIGHTS}, then torchvision's cache or download."""
+    env = os.environ.get(WEIGHTS_ENV, "").strip()
+    if env:
+        if not Path(env).is_file():
+            raise WeightsError(f"{env}: weights file not found (from ${WEIGHTS_ENV})")
+        return file_weights(Path(env))
+    return torchvision_weights()
+
+
+def resolve_weights(weights: str | None) -> EncoderWeights:
+    """"imagenet": the lookup above, or its one-line error; "auto": the same, but from scratch with a loud
+    warning when nothing can be had (the demo); "none": from scratch; anything else: a state_dict file."""
     if weights in ("none", "", None):
-        return None
-    return file_state_dict(Path(weights))
+        return FROM_SCRATCH
+    if weights == "imagenet":
+        return imagenet_weights()
+    if weights == "auto":
+        try:
+            return imagenet_weights()
+        except WeightsError as exc:
+            print(f"lesionseg: WARNING: no ImageNet weights ({exc}); the encoder trains FROM SCRATCH and "
+                  "Model 1 (frozen encoder) will be meaningless", file=sys.stderr)
+            return FROM_SCRATCH
+    return file_weights(Path(weights))
 
 
 def load_backbone(module: nn.Module, state_dict: dict[str, torch.Tensor] | None, source: str, strict: bool = True) -> None:
@@ -75,10 +134,11 @@ class MobileNetV2Encoder(nn.Module):
     stage_ends = (1, 3, 6, 13, 18)
     out_channels = (16, 24, 32, 96, 1280)
 
-    def __init__(self, weights: str = "imagenet") -> None:
+    def __init__(self, weights: str | EncoderWeights = FROM_SCRATCH) -> None:
         super().__init__()
         self.backbone = mobilenet_v2(weights=None)
-        load_backbone(self.backbone, encoder_state_dict(weights), str(weights))
+        weights = resolve_weights(weights) if isinstance(weights, str) else weights
+        load_backbone(self.backbone, weights.state_dict, weights.source)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B,3,H,W) -> five maps, (B,16,H/2,W/2) ... (B,1280,H/32,W/32)."""
@@ -205,20 +265,36 @@ class SmpUnetDecoder(nn.Module):
 
 
 class SegmentationModel(nn.Module):
-    """encoder -> decoder -> logits. A frozen encoder neither learns nor updates BatchNorm statistics."""
+    """encoder -> decoder -> logits.
 
-    def __init__(self, encoder: MobileNetV2Encoder, decoder: nn.Module, freeze_encoder: bool = False) -> None:
+    A frozen encoder neither learns nor updates BatchNorm statistics; `freeze_bn` keeps only the encoder's
+    BatchNorm statistics fixed while its weights fine-tune (small batches of dermoscopy would otherwise
+    pull the ImageNet statistics around).
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, freeze_encoder: bool = False,
+                 freeze_bn: bool = False) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
-        self.freeze_encoder = freeze_encoder
-        if freeze_encoder:
-            self.encoder.requires_grad_(False)
+        self.freeze_bn = freeze_bn
+        self.freeze_encoder = False
+        self.set_encoder_frozen(freeze_encoder)
+
+    def set_encoder_frozen(self, frozen: bool) -> None:
+        """Freeze or unfreeze the encoder (the decoder warm-up of `--unfreeze-after` flips it once)."""
+        self.freeze_encoder = frozen
+        self.encoder.requires_grad_(not frozen)
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> SegmentationModel:
         super().train(mode)
         if self.freeze_encoder:
             self.encoder.eval()  # keep BatchNorm running statistics fixed too
+        elif self.freeze_bn:
+            for module in self.encoder.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -226,19 +302,22 @@ class SegmentationModel(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-def build_model(arch: str = "seed", weights: str = "imagenet", freeze_encoder: bool = False, dropout: float = 0.2,
-                attention: str = "none") -> SegmentationModel:
+def build_model(arch: str = "seed", weights: str | EncoderWeights = "imagenet", freeze_encoder: bool = False,
+                dropout: float = 0.2, attention: str = "none", freeze_bn: bool = False) -> SegmentationModel:
     """seed: the paper's decoder; unet: ours with skips (`attention` in its blocks);
-    smp-unet: smp.Unet("mobilenet_v2") as it ships (no attention, nearest upsampling)."""
+    smp-unet: smp.Unet("mobilenet_v2") as it ships (no attention, nearest upsampling).
+    `weights` is resolved by `resolve_weights` when given by name."""
+    if isinstance(weights, str):
+        weights = resolve_weights(weights)
     if arch == "smp-unet":
         import segmentation_models_pytorch as smp
 
         baseline = smp.Unet("mobilenet_v2", encoder_weights=None, classes=1)
-        state = encoder_state_dict(weights)  # smp's encoder is torchvision's MobileNetV2 less the classifier
+        state = weights.state_dict  # smp's encoder is torchvision's MobileNetV2 less the classifier
         if state is not None:
             state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-        load_backbone(baseline.encoder, state, str(weights))
-        return SegmentationModel(baseline.encoder, SmpUnetDecoder(baseline), freeze_encoder)
+        load_backbone(baseline.encoder, state, weights.source)
+        return SegmentationModel(baseline.encoder, SmpUnetDecoder(baseline), freeze_encoder, freeze_bn)
     encoder = MobileNetV2Encoder(weights)
     if arch == "seed":
         decoder: nn.Module = SeedDecoder(encoder.out_channels, dropout)
@@ -246,7 +325,7 @@ def build_model(arch: str = "seed", weights: str = "imagenet", freeze_encoder: b
         decoder = UNetDecoder(encoder.out_channels, dropout=dropout, attention=attention)
     else:
         raise ValueError(f"unknown arch {arch!r}; choose from: {', '.join(ARCHS)}")
-    return SegmentationModel(encoder, decoder, freeze_encoder)
+    return SegmentationModel(encoder, decoder, freeze_encoder, freeze_bn)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

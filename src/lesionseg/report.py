@@ -196,6 +196,27 @@ def paired_table(base: str, differences: dict[str, dict[str, float] | str]) -> s
     return "\n".join(lines)
 
 
+def encoder_weights(run_dir: Path) -> dict[str, Any]:
+    """What the run's encoder started from, as its run.json recorded it (older runs did not)."""
+    info = run_dir / "run.json"
+    recorded = json.loads(info.read_text()).get("weights") if info.is_file() else None
+    return recorded or {"pretrained": None, "source": "not recorded", "sha256": None}
+
+
+def weights_section(weights: dict[str, dict[str, Any]]) -> str:
+    """Which weights each run started from; a loud line for any run trained from scratch."""
+    lines = ["## Encoder weights", ""]
+    for name, w in weights.items():
+        digest = f", sha256 `{w['sha256']}`" if w.get("sha256") else ""
+        lines.append(f"- {name}: `{w['source']}`{digest}")
+    scratch = [name for name, w in weights.items() if w.get("pretrained") is False]
+    if scratch:
+        lines += ["", f"**WARNING: {', '.join(scratch)} trained the encoder FROM SCRATCH: no ImageNet weights were "
+                  "found (--weights FILE, $LESIONSEG_WEIGHTS, or torchvision's download). A frozen random encoder "
+                  "(Model 1) makes its scores meaningless.**"]
+    return "\n".join(lines) + "\n"
+
+
 def save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -239,12 +260,13 @@ def write_report(runs: dict[str, str | os.PathLike], out: str | os.PathLike) -> 
     save(fig_radar(measured), figures / "radar.png")
     table = markdown_table(evaluations)
     differences = paired_differences({name: Path(run) for name, run in runs.items()})
+    weights = {name: encoder_weights(Path(run)) for name, run in runs.items()}
     (out / "metrics.json").write_text(json.dumps({"measured": measured, "paper": PAPER, "evaluations": evaluations,
-                                                  "paired_differences": differences}, indent=2))
+                                                  "paired_differences": differences, "weights": weights}, indent=2))
     path = out / "results.md"
     text = ("# Results on the test split\n\nOn the binarized prediction (threshold 0.5) at the model's "
             "resolution. Per image: the mean over images (how the ISIC challenges rank); pooled: from counts "
-            "summed over the split.\n\n" + table + "\n")
+            "summed over the split.\n\n" + table + "\n\n" + weights_section(weights))
     if differences:
         first = next(iter(runs))
         text += (f"\n## Against {first}, image by image\n\nThe difference of per-image Jaccard on the same test "

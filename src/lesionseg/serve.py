@@ -9,27 +9,29 @@ from importlib import resources
 
 from fastapi import FastAPI, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
+
+from lesionseg.data import decode_image
+from lesionseg.errors import DataError, ImageTooLargeError, NotAnImageError
 
 from lesionseg.prediction import Predictor, describe, mask_image, overlay, png_bytes, segment
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-MAX_PIXELS = 60_000_000  # dermoscopy is at most ~6 MP; far larger is a decompression bomb, not a photo
 
 
 def decode_upload(data: bytes, name: str) -> Image.Image:
-    """RGB image from uploaded bytes, or an HTTP 4xx that says what is wrong with the file."""
+    """RGB image from uploaded bytes under the policy every path shares (`data.decode_image`), or an HTTP 4xx
+    that says what is wrong with the file: 413 too many pixels, 415 not an image, 400 corrupt."""
     if not data:
         raise HTTPException(400, f"{name}: empty upload")
     try:
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > MAX_PIXELS:
-            raise HTTPException(413, f"{name}: {image.width}x{image.height} is too many pixels (limit {MAX_PIXELS:,})")
-        return ImageOps.exif_transpose(image).convert("RGB")
-    except UnidentifiedImageError:
-        raise HTTPException(415, f"{name}: not an image (JPEG, PNG, BMP or TIFF expected)") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise HTTPException(400, f"{name}: corrupt or truncated image ({exc})") from None
+        return decode_image(io.BytesIO(data), name)[0]
+    except ImageTooLargeError as exc:
+        raise HTTPException(413, str(exc)) from None
+    except NotAnImageError as exc:
+        raise HTTPException(415, str(exc)) from None
+    except DataError as exc:
+        raise HTTPException(400, str(exc)) from None
 
 
 def create_app(predictor: Predictor, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:

@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import pickle
 import platform
 import random
 import subprocess
@@ -34,7 +35,7 @@ from lesionseg.distributed import Process, barrier, init_process, mean_across, r
 from lesionseg.errors import CheckpointError, LesionsegError
 from lesionseg.losses import WeightedSum
 from lesionseg.metrics import MetricAccumulator
-from lesionseg.models import build_model
+from lesionseg.models import build_model, resolve_weights
 
 LOG_FIELDS = ("epoch", "train_loss", "val_loss", "val_iou", "val_dice", "lr", "seconds", "train_images_per_s")
 
@@ -47,6 +48,21 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG's state as tensors and plain types, so the checkpoint loads with weights_only=True."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+
+
+def set_rng_state(saved: dict[str, Any]) -> None:
+    kind, keys, pos, has_gauss, gauss = saved["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # an ndarray in checkpoints before 0.2
+    np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(saved["torch"])
+    random.setstate(saved["python"])
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
@@ -63,19 +79,41 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         raise CheckpointError(f"{path}: checkpoint not written ({exc.strerror or exc}); the previous one is intact") from None
 
 
+def legacy_safe_globals() -> list:
+    """What checkpoints of lesionseg <= 0.1 hold beyond tensors: numpy's RNG state, a plain uint32 array.
+    Rebuilding an array from its bytes runs no code, so these exact types may be unpickled."""
+    from numpy._core.multiarray import _reconstruct  # numpy >= 2, which wrote those checkpoints
+
+    return [_reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint read with `weights_only=True`: tensors and plain data only, so a file can never run code."""
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt"
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(legacy_safe_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors and plain data "
+                              f"({', '.join(unsafe_globals(path)) or 'unknown types'}), which could run code when "
+                              "loaded; load it only if you trust it, and save its state_dicts again") from None
     except Exception as exc:  # a truncated or foreign file fails in many ways inside torch
         raise CheckpointError(f"{path}: not a readable lesionseg checkpoint ({exc.__class__.__name__})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path}: not a lesionseg checkpoint (no model/config inside)")
     return state
+
+
+def unsafe_globals(path: Path) -> list[str]:
+    """The types a pickle would import, read without running it (for the error message)."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)[:3]
+    except Exception:  # the message still names the file without them
+        return []
 
 
 def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, TrainConfig]:
@@ -87,9 +125,13 @@ def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, TrainConfig
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    """Group 0: the decoder at lr; group 1: the encoder at lr * encoder_lr_scale, unless it stays frozen.
+    A frozen encoder's parameters have no gradient, so the optimizer leaves them alone until they thaw."""
+    groups = [{"params": list(model.decoder.parameters()), "lr": config.lr}]
+    if not config.freeze_encoder:
+        groups.append({"params": list(model.encoder.parameters()), "lr": config.lr * config.encoder_lr_scale})
     kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-    return kind(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    return kind(groups, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def build_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -180,7 +222,7 @@ def run_info(config: TrainConfig, data: CachedSplit, process: Process) -> dict[s
     except OSError:
         commit = None
     return {"lesionseg": lesionseg.__version__, "git_commit": commit, "python": platform.python_version(),
-            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "segmentation_models_pytorch": segmentation_models_pytorch.__version__,
             "platform": platform.platform(), "processes": process.world, "data_fingerprint": data.fingerprint,
             "data_skipped": data.skipped, "data_notes": data.notes, "config": config.to_dict()}
@@ -199,20 +241,37 @@ class Trainer:
         seed_everything(config.seed + process.rank)
         self.train_loader, self.val_loader, data = make_loaders(config, run_dir, process)
         self.info = run_info(config, data, process)
-        model = build_model(config.arch, config.weights, config.freeze_encoder, config.dropout, config.decoder_attention)
+        weights = resolve_weights(config.weights)
+        self.info["weights"] = weights.describe()
+        model = build_model(config.arch, weights, self.encoder_frozen(1), config.dropout, config.decoder_attention,
+                            config.freeze_bn)
         if config.sync_bn and process.world > 1:
             if self.device.type == "cpu":
                 raise LesionsegError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = model.to(self.device)
-        # our encoders keep MobileNetV2's classifier (the paper counts it) but never run it
-        unused = config.arch != "smp-unet"
-        self.net = DistributedDataParallel(self.model, find_unused_parameters=unused) if process.world > 1 else self.model
+        self.net = self.wrap()
         self.loss_fn = WeightedSum(config.loss)
         self.optimizer = build_optimizer(config, self.model)
         self.scheduler = build_scheduler(config, self.optimizer, len(self.train_loader))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp and self.device.type == "cuda")
         self.state: dict[str, Any] = {"epoch": 0, "best_metric": None, "best_epoch": 0, "history": []}
+
+    def encoder_frozen(self, epoch: int) -> bool:
+        return self.config.freeze_encoder or epoch <= self.config.unfreeze_after
+
+    def wrap(self) -> nn.Module:
+        """DDP over the model's trainable parameters as they are now (our encoders keep MobileNetV2's
+        classifier, which the paper counts but never runs, hence find_unused_parameters)."""
+        if self.process.world == 1:
+            return self.model
+        return DistributedDataParallel(self.model, find_unused_parameters=self.config.arch != "smp-unet")
+
+    def thaw_encoder_if_due(self, epoch: int) -> None:
+        """End the decoder-only warm-up: the encoder trains from this epoch on (DDP rebuilt to include it)."""
+        if self.model.freeze_encoder and not self.encoder_frozen(epoch):
+            self.model.set_encoder_frozen(False)
+            self.net = self.wrap()
 
     def checkpoint(self, name: str) -> None:
         if not self.process.is_main:
@@ -221,7 +280,7 @@ class Trainer:
             **self.state, "config": self.config.to_dict(), "info": self.info,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": rng_state(),
         }, self.run_dir / name)
 
     def restore(self, saved: dict[str, Any]) -> None:
@@ -230,9 +289,7 @@ class Trainer:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.scaler.load_state_dict(saved["scaler"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        np.random.set_state(saved["rng"]["numpy"])
-        random.setstate(saved["rng"]["python"])
+        set_rng_state(saved["rng"])
         self.state = {k: saved[k] for k in ("epoch", "best_metric", "best_epoch", "history")}
 
     def write_log(self) -> None:
@@ -252,6 +309,7 @@ class Trainer:
             for epoch in range(state["epoch"] + 1, config.epochs + 1):
                 if self.stop_early():
                     break
+                self.thaw_encoder_if_due(epoch)
                 self.train_loader.sampler.set_epoch(epoch)
                 self.train_loader.dataset.epoch = epoch
                 start = time.perf_counter()
@@ -296,12 +354,11 @@ def fit(config: TrainConfig, progress: bool = True, resume: bool = False) -> Pat
         except OSError as exc:
             raise CheckpointError(f"{run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
     barrier(process)
-    trainer = Trainer(config, run_dir, process)
     last = run_dir / "last.pt"
-    if resume and last.is_file():
-        saved = load_checkpoint(last)
-        if not saved.get("partial"):  # a checkpoint from inside the first epoch cannot be continued exactly
-            trainer.restore(saved)
+    saved = load_checkpoint(last) if resume and last.is_file() else None  # refused before any work if unsafe
+    trainer = Trainer(config, run_dir, process)
+    if saved is not None and not saved.get("partial"):  # a checkpoint from inside the first epoch cannot be continued exactly
+        trainer.restore(saved)
     if process.is_main:
         (run_dir / "run.json").write_text(json.dumps(trainer.info, indent=1))
     trainer.fit(progress)
@@ -312,7 +369,9 @@ def resume_config(run_dir: str | os.PathLike) -> TrainConfig:
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; --resume takes a run folder written by `lesionseg train`")
-    return read_config(path)
+    config = read_config(path)
+    config.out = str(run_dir)  # the folder as it is now, even if it was moved since
+    return config
 
 
 def read_log(run_dir: Path) -> list[dict[str, float]]:
