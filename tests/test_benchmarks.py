@@ -49,3 +49,23 @@ def test_seed_combiner_refuses_runs_that_differ_in_more_than_the_seed(tmp_path, 
         seeds.load_runs([a, c])
     with pytest.raises(SystemExit, match="unet_vs_smp.json: not found"):
         seeds.load_runs([tmp_path / "missing"])
+
+
+def test_variants_trains_scores_and_compares_each_variant(tmp_path):
+    """benchmarks/variants.py end to end on tiny data: two variants, a table, a paired gap to the first."""
+    import subprocess
+    import sys
+
+    from conftest import write_dataset
+
+    data = write_dataset(tmp_path / "data", {"train": 8, "test": 3}, size=40)
+    out = tmp_path / "out"
+    common = f"--preset model2-finetune --data {data} --no-pretrained --epochs 1 --image-size 32 --batch-size 4"
+    command = [sys.executable, str(BENCHMARKS / "variants.py"), "--out", str(out), "--common", common,
+               "--variant", "base=", "--variant", "freeze-bn=--freeze-bn"]
+    subprocess.run(command, check=True, capture_output=True, cwd=BENCHMARKS.parent)
+    summary = json.loads((out / "variants.json").read_text())["variants"]
+    assert list(summary) == ["base", "freeze-bn"] and summary["freeze-bn"]["args"] == ["--freeze-bn"]
+    assert "vs_first" in summary["freeze-bn"] and summary["freeze-bn"]["vs_first"]["images"] == 3
+    assert (out / "freeze-bn" / "config.yaml").read_text().count("freeze_bn: true") == 1
+    assert "| freeze-bn |" in (out / "variants.md").read_text()

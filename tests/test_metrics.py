@@ -81,3 +81,45 @@ def test_paired_difference_of_per_image_scores():
 def test_paired_difference_refuses_different_images():
     with pytest.raises(ValueError, match="different images"):
         paired_difference({"a": 0.5, "b": 0.6}, {"a": 0.5, "c": 0.6})
+
+
+def test_scores_agree_with_the_isic_challenges_own_scorer(tmp_path):
+    """isic-challenge-scoring (the ISIC challenges' scorer) and lesionseg score the same predicted mask files:
+    8-bit single-channel, lesion = value > 128, predictions at the truth's size, names with ISIC_ + 7 digits."""
+    from isic_challenge_scoring.segmentation import SegmentationScore
+    from PIL import Image
+
+    from lesionseg.data import inspect_mask
+    from lesionseg.metrics import MetricAccumulator
+
+    rng = np.random.default_rng(11)
+    truth_dir, pred_dir = tmp_path / "truth", tmp_path / "pred"
+    truth_dir.mkdir()
+    pred_dir.mkdir()
+    accumulator = MetricAccumulator()
+    for n in range(12):
+        height, width = rng.integers(20, 90, 2)
+        yy, xx = np.mgrid[:height, :width]
+        truth = ((yy - height / 2) ** 2 + (xx - width / 2) ** 2 < rng.uniform(0.05, 0.2) * height * width) * 255
+        predicted = rng.choice([0, 127, 128, 129, 200, 255], (height, width), p=[.5, .05, .1, .05, .05, .25])
+        predicted[: height // 2] = truth[: height // 2]  # mostly right, so Jaccard spans both sides of 0.65
+        if n == 0:
+            predicted[:] = 0  # nothing predicted
+        if n == 1:
+            predicted[:] = truth[:] = 0  # no lesion, none predicted: every score's "freebie" case
+        if n == 2:
+            predicted[:] = 255  # all lesion
+        name = f"ISIC_{1000000 + n:07d}"
+        Image.fromarray(truth.astype(np.uint8)).save(truth_dir / f"{name}_Segmentation.png")
+        Image.fromarray(predicted.astype(np.uint8)).save(pred_dir / f"{name}.png")
+        ours = [torch.from_numpy(inspect_mask(d / f, allow_empty=True)[0])[None, None]
+                for d, f in ((pred_dir, f"{name}.png"), (truth_dir, f"{name}_Segmentation.png"))]
+        accumulator.update_binary(*ours)
+    official = SegmentationScore.from_dir(truth_dir, pred_dir).macro_average
+    ours = accumulator.compute()
+    pairs = {"jaccard": "iou_per_image", "dice": "dice_per_image", "accuracy": "accuracy_per_image",
+             "sensitivity": "sensitivity_per_image", "specificity": "specificity_per_image",
+             "threshold_jaccard": "thresholded_iou_per_image"}
+    for theirs, mine in pairs.items():
+        assert abs(official[theirs] - ours[mine]) < 1e-9, theirs
+    assert 0 < official["threshold_jaccard"] < official["jaccard"] < 1  # the threshold was exercised

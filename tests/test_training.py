@@ -171,3 +171,56 @@ def test_unet_with_scse_attention_trains_and_reloads(tiny_data, tmp_path):
     assert build_config("unet-finetune").decoder_attention == "scse"
     with pytest.raises(ConfigError, match="unknown decoder_attention 'cbam'"):
         build_config("unet-finetune", decoder_attention="cbam")
+
+
+def encoder_bn(model):
+    return next(m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_freeze_bn_keeps_encoder_statistics_while_its_weights_learn(tiny_data, tmp_path):
+    run = fit(tiny_config(tiny_data, tmp_path / "run", epochs=1, freeze_bn=True), progress=False)
+    trained, _ = model_from_checkpoint(load_checkpoint(run / "last.pt"))
+    norms = [m for m in trained.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(m.running_mean, torch.zeros_like(m.running_mean)) for m in norms)  # still their init
+    assert all(torch.equal(m.running_var, torch.ones_like(m.running_var)) for m in norms)
+    assert any(not torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)  # their affine weights learned
+    decoder_norm = trained.decoder.blocks[0][1]
+    assert not torch.equal(decoder_norm.running_mean, torch.zeros_like(decoder_norm.running_mean))
+
+
+def test_encoder_learns_at_a_scaled_learning_rate(tiny_data, tmp_path):
+    from lesionseg.models import build_model
+
+    config = tiny_config(tiny_data, tmp_path / "run", lr=0.01, encoder_lr_scale=0.1)
+    model = build_model("seed", "none")
+    decoder, encoder = training.build_optimizer(config, model).param_groups
+    assert decoder["lr"] == pytest.approx(0.01) and encoder["lr"] == pytest.approx(0.001)
+    assert len(encoder["params"]) == len(list(model.encoder.parameters()))
+    frozen = tiny_config(tiny_data, tmp_path / "run", freeze_encoder=True)
+    assert len(training.build_optimizer(frozen, build_model("seed", "none", freeze_encoder=True)).param_groups) == 1
+
+
+def test_unfreeze_after_trains_the_decoder_alone_first(tiny_data, tmp_path, monkeypatch):
+    snapshots = []  # (first encoder conv, first encoder BN mean, decoder head) before training and after each epoch
+
+    def snapshot(model):
+        snapshots.append([t.detach().clone() for t in (model.encoder.backbone.features[0][0].weight,
+                                                        encoder_bn(model).running_mean, model.decoder.head.weight)])
+
+    original = training.train_one_epoch
+
+    def recording(model, *args, **kwargs):
+        if not snapshots:
+            snapshot(model)
+        result = original(model, *args, **kwargs)
+        snapshot(model)
+        return result
+
+    monkeypatch.setattr(training, "train_one_epoch", recording)
+    fit(tiny_config(tiny_data, tmp_path / "run", epochs=2, unfreeze_after=1), progress=False)
+    start, warm, thawed = snapshots
+    assert torch.equal(start[0], warm[0]) and torch.equal(start[1], warm[1])  # encoder still, statistics too
+    assert not torch.equal(start[2], warm[2])  # while the decoder learned
+    assert not torch.equal(warm[0], thawed[0]) and not torch.equal(warm[1], thawed[1])
+    with pytest.raises(ConfigError, match="unfreeze_after"):
+        tiny_config(tiny_data, tmp_path / "bad", epochs=2, unfreeze_after=2)

@@ -1,3 +1,3 @@
 """lesionseg: skin-lesion segmentation in dermoscopy images with a MobileNetV2 encoder."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -182,8 +182,9 @@ def read_image(path: Path) -> Image.Image:
     return inspect_image(path)[0]
 
 
-def inspect_mask(path: Path) -> tuple[np.ndarray, list[str]]:
-    """A boolean lesion mask from 0/255, 0/1, 16-bit or RGB masks (above half range is lesion)."""
+def inspect_mask(path: Path, allow_empty: bool = False) -> tuple[np.ndarray, list[str]]:
+    """A boolean lesion mask from 0/255, 0/1, 16-bit or RGB masks. Lesion is the ISIC scorer's rule for 8-bit
+    masks, value > 128, and its equivalent (above half range) for the others."""
     with open_checked(path, str(path), "mask") as im:
         try:
             values = np.asarray(im)
@@ -195,9 +196,9 @@ def inspect_mask(path: Path) -> tuple[np.ndarray, list[str]]:
         raise DataError(f"{path}: cannot read mask (unsupported {values.dtype} pixels)")
     top = 1 if values.max() <= 1 else 255 if values.max() <= 255 else 65535
     levels = np.unique(values)
-    notes = [] if set(levels.tolist()) <= {0, top} else [f"{path}: non-binary mask ({len(levels)} levels), thresholded at {top / 2:g}"]
-    mask = values > top / 2
-    if not mask.any():
+    notes = [] if set(levels.tolist()) <= {0, top} else [f"{path}: non-binary mask ({len(levels)} levels), lesion where > {(top + 1) // 2}"]
+    mask = values > (top + 1) // 2  # 0/1: > 0; 8-bit: > 128; 16-bit: > 32768
+    if not (mask.any() or allow_empty):
         raise DataError(f"{path}: empty mask (no lesion pixel)")
     return mask, notes
 

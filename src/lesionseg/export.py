@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import lesionseg
+
 from lesionseg.data import IMAGENET_MEAN, IMAGENET_STD
 from lesionseg.errors import LesionsegError
 from lesionseg.training import load_checkpoint, model_from_checkpoint
@@ -32,7 +34,8 @@ def export_onnx(checkpoint: str | os.PathLike, path: str | os.PathLike) -> Path:
     """One self-contained .onnx file with a dynamic batch axis and lesionseg metadata."""
     import onnx
 
-    model, config = model_from_checkpoint(load_checkpoint(checkpoint))
+    state = load_checkpoint(checkpoint)
+    model, config = model_from_checkpoint(state)
     path = Path(path)
     example = torch.rand(2, 3, config.image_size, config.image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -42,7 +45,9 @@ def export_onnx(checkpoint: str | os.PathLike, path: str | os.PathLike) -> Path:
     )
     proto = program.model_proto
     props = {p.key: p.value for p in proto.metadata_props}
-    props.update(image_size=str(config.image_size), threshold=str(config.threshold), arch=config.arch, io=INPUT_DOC)
+    props.update(image_size=str(config.image_size), threshold=str(config.threshold), arch=config.arch, io=INPUT_DOC,
+                 name=f"{config.name} ({config.arch}, {config.image_size} px)",
+                 version=f"{Path(checkpoint).name}, epoch {state['epoch']}, lesionseg {lesionseg.__version__}")
     onnx.helper.set_model_props(proto, props)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

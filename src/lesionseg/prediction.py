@@ -30,6 +30,8 @@ OUTLINE_RGB = (0, 255, 0)
 class Predictor(Protocol):
     image_size: int
     threshold: float
+    name: str  # what the page and the API show: which model answered
+    version: str
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
 
@@ -40,8 +42,11 @@ class TorchPredictor:
     def __init__(self, checkpoint: str | os.PathLike, channels_last: bool = False) -> None:
         from lesionseg.training import load_checkpoint, model_from_checkpoint
 
-        self.model, config = model_from_checkpoint(load_checkpoint(checkpoint))
+        state = load_checkpoint(checkpoint)
+        self.model, config = model_from_checkpoint(state)
         self.image_size, self.threshold = config.image_size, config.threshold
+        self.name = f"{config.name} ({config.arch}, {config.image_size} px)"
+        self.version = f"{Path(checkpoint).name}, epoch {state['epoch']}, lesionseg {state.get('info', {}).get('lesionseg', '?')}"
         self.channels_last = channels_last
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -65,6 +70,8 @@ class OnnxPredictor:
         path = Path(path)
         meta = read_metadata(path)
         self.image_size, self.threshold = int(meta["image_size"]), float(meta["threshold"])
+        self.name = meta.get("name", f"{meta.get('arch', 'model')} ({self.image_size} px)")
+        self.version = meta.get("version", path.name)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

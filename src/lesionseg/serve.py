@@ -51,7 +51,7 @@ def create_app(predictor: Predictor, max_upload_bytes: int = MAX_UPLOAD_BYTES) -
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "image_size": predictor.image_size}
+        return {"status": "ok", "image_size": predictor.image_size, "model": predictor.name, "version": predictor.version}
 
     @app.post("/predict")
     def predict(file: UploadFile) -> dict:
@@ -67,6 +67,8 @@ def create_app(predictor: Predictor, max_upload_bytes: int = MAX_UPLOAD_BYTES) -
         row = describe(name, result)
         return {
             **row,
+            "model": predictor.name,
+            "version": predictor.version,
             "seconds": time.perf_counter() - start,
             "mask_png": base64.b64encode(png_bytes(mask_image(result.mask))).decode(),
             "overlay_png": base64.b64encode(png_bytes(overlay(image, result.mask))).decode(),
