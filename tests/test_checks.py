@@ -23,7 +23,7 @@ def truncate(path):
 
 SKIPPED = {  # crafted damage -> what the report must say about which file
     "truncated image": (lambda image, mask: truncate(image), "image", "cannot read image"),
-    "not an image": (lambda image, mask: image.write_bytes(b"hello"), "image", "cannot read image"),
+    "not an image": (lambda image, mask: image.write_bytes(b"hello"), "image", "not an image"),
     "truncated mask": (lambda image, mask: truncate(mask), "mask", "cannot read mask"),
     "missing mask": (lambda image, mask: mask.unlink(), "image", "no mask in"),
     "size mismatch": (lambda image, mask: Image.new("L", (10, 12), 255).save(mask), "mask", "mask is 10x12 but its image is 48x48"),

@@ -61,7 +61,7 @@ def test_unreadable_files_are_named_skipped_and_set_the_exit_status(tiny_checkpo
                    "--out", str(out), "--no-progress"])
     assert status == 1
     err = capsys.readouterr().err
-    assert "broken.jpg: cannot read image" in err
+    assert "broken.jpg: not an image or damaged" in err
     assert len(list(csv.DictReader(open(out / "predictions.csv")))) == 3
 
 

@@ -136,7 +136,7 @@ def open_checked(source: Path | BinaryIO, name: str, what: str = "image") -> Ima
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower and says more
             image = Image.open(source)
     except UnidentifiedImageError:
-        raise NotAnImageError(f"{name}: not an {what} (JPEG, PNG, BMP or TIFF expected)") from None
+        raise NotAnImageError(f"{name}: not an {what} or damaged (JPEG, PNG, BMP or TIFF expected)") from None
     except Image.DecompressionBombError as exc:  # Pillow's own, higher limit: the header gives only a count
         claimed = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(claimed.group(1)):,} pixels" if claimed else "too many pixels"
