@@ -19,7 +19,8 @@ from PIL import Image
 
 from conftest import write_dataset
 from lesionseg.cli import main
-from lesionseg.data import MAX_PIXELS, find_pairs, load_split
+from lesionseg.data import find_pairs, load_split
+from lesionseg.images import MAX_PIXELS
 from lesionseg.prediction import TorchPredictor
 from lesionseg.serve import create_app
 from lesionseg.training import load_checkpoint

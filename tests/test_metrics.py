@@ -89,7 +89,7 @@ def test_scores_agree_with_the_isic_challenges_own_scorer(tmp_path):
     from isic_challenge_scoring.segmentation import SegmentationScore
     from PIL import Image
 
-    from lesionseg.data import inspect_mask
+    from lesionseg.images import inspect_mask
     from lesionseg.metrics import MetricAccumulator
 
     rng = np.random.default_rng(11)

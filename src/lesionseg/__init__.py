@@ -1,3 +1,11 @@
 """lesionseg: skin-lesion segmentation in dermoscopy images with a MobileNetV2 encoder."""
 
 __version__ = "0.2.0"
+
+
+def load(model=None):
+    """The released model, or an `.onnx` file, checkpoint or run folder: `lesionseg.load().segment("lesion.jpg")`.
+    See `lesionseg.prediction.Segmenter`."""
+    from lesionseg.prediction import load as load_model
+
+    return load_model(model)

@@ -109,9 +109,9 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from lesionseg.prediction import load_predictor, run_predict
+    from lesionseg.prediction import Segmenter, load_predictor, run_predict
 
-    report = run_predict(load_predictor(args.checkpoint, args.onnx), args.inputs, args.out, args.batch_size,
+    report = run_predict(Segmenter(load_predictor(args.checkpoint, args.onnx)), args.inputs, args.out, args.batch_size,
                          progress=not args.no_progress)
     print(f"segmented {len(report.rows)} image(s) into {args.out}; {len(report.problems)} skipped")
     return 1 if report.problems or not report.rows else 0
@@ -138,9 +138,9 @@ def cmd_download(args: argparse.Namespace) -> None:
 
 
 def add_model_source(parser: argparse.ArgumentParser) -> None:
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a lesionseg checkpoint (.pt) or run folder")
-    source.add_argument("--onnx", help="a model exported with `lesionseg export` (runs in onnxruntime)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="a lesionseg checkpoint (.pt) or run folder (default: the released model)")
+    source.add_argument("--onnx", help="a model exported with `lesionseg export` (default: the released model)")
 
 
 def build_parser() -> argparse.ArgumentParser:

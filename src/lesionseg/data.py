@@ -11,33 +11,30 @@ import hashlib
 import json
 import os
 import random
-import re
 import sys
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from lesionseg.errors import DataError, ImageTooLargeError, NotAnImageError
+from lesionseg.errors import DataError
+from lesionseg.images import IMAGE_SUFFIXES, inspect_image, inspect_mask
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 OFFICIAL_DIRS = {  # ISIC 2016 Task 1 archive names
     "train": ("ISBI2016_ISIC_Part1_Training_Data", "ISBI2016_ISIC_Part1_Training_GroundTruth"),
     "test": ("ISBI2016_ISIC_Part1_Test_Data", "ISBI2016_ISIC_Part1_Test_GroundTruth"),
 }
 CACHE_VERSION = 2
-MAX_PIXELS = 60_000_000  # dermoscopy is at most ~6 MP; far larger is a decompression bomb, not a photo
 
 
 @dataclass(frozen=True)
@@ -126,81 +123,6 @@ def find_pairs(data: str | os.PathLike | None, split: str) -> tuple[list[Pair], 
         if mask.suffix.lower() in IMAGE_SUFFIXES and mask.stem.removesuffix("_Segmentation") not in stems:
             problems.append(f"{mask}: mask without an image")
     return pairs, problems
-
-
-def open_checked(source: Path | BinaryIO, name: str, what: str = "image") -> Image.Image:
-    """Open (header only) under the one policy every path shares: a readable image format whose header
-    claims at most MAX_PIXELS pixels. Nothing is decoded yet, so a bomb costs a few bytes of reading."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower and says more
-            image = Image.open(source)
-    except UnidentifiedImageError:
-        raise NotAnImageError(f"{name}: not an {what} or damaged (JPEG, PNG, BMP or TIFF expected)") from None
-    except Image.DecompressionBombError as exc:  # Pillow's own, higher limit: the header gives only a count
-        claimed = re.search(r"\((\d+) pixels\)", str(exc))
-        size = f"{int(claimed.group(1)):,} pixels" if claimed else "too many pixels"
-        raise ImageTooLargeError(f"{name}: {size} claimed by its header, over the {MAX_PIXELS:,}-pixel limit") from None
-    except Exception as exc:  # hostile headers fail in many ways inside Pillow; each means "unusable file"
-        raise DataError(f"{name}: cannot read {what} ({exc.__class__.__name__}: {exc})") from None
-    width, height = image.size
-    if width * height > MAX_PIXELS:
-        image.close()
-        raise ImageTooLargeError(f"{name}: {width}x{height} = {width * height:,} pixels claimed by its header, "
-                                 f"over the {MAX_PIXELS:,}-pixel limit")
-    return image
-
-
-def decode_image(source: Path | BinaryIO, name: str) -> tuple[Image.Image, list[str]]:
-    """An 8-bit RGB image as it is meant to be seen (EXIF rotation applied), and what was converted.
-    Every failure is a DataError naming `name`: a hostile file never escapes as a traceback."""
-    notes = []
-    with open_checked(source, name) as im:
-        try:
-            im.load()  # decode fully now: a truncated file fails here, not halfway through training
-            orientation = im.getexif().get(0x0112, 1)
-            if orientation != 1:
-                notes.append(f"{name}: EXIF orientation {orientation} applied")
-            im = ImageOps.exif_transpose(im)
-            if im.mode.startswith("I"):  # 16/32-bit grayscale: scale 0..65535 to 0..255
-                notes.append(f"{name}: 16-bit {im.mode} image scaled to 8-bit RGB")
-                im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
-            if im.mode != "RGB":
-                notes.append(f"{name}: {im.mode} image converted to RGB")
-                im = im.convert("RGB")
-            return im, notes
-        except Exception as exc:  # truncated data, bad chunks, codec errors: all "cannot read"
-            raise DataError(f"{name}: cannot read image ({exc.__class__.__name__}: {exc})") from None
-
-
-def inspect_image(path: Path) -> tuple[Image.Image, list[str]]:
-    return decode_image(path, str(path))
-
-
-def read_image(path: Path) -> Image.Image:
-    """An RGB image, EXIF rotation applied; unreadable files raise DataError naming the file."""
-    return inspect_image(path)[0]
-
-
-def inspect_mask(path: Path, allow_empty: bool = False) -> tuple[np.ndarray, list[str]]:
-    """A boolean lesion mask from 0/255, 0/1, 16-bit or RGB masks. Lesion is the ISIC scorer's rule for 8-bit
-    masks, value > 128, and its equivalent (above half range) for the others."""
-    with open_checked(path, str(path), "mask") as im:
-        try:
-            values = np.asarray(im)
-        except Exception as exc:
-            raise DataError(f"{path}: cannot read mask ({exc.__class__.__name__}: {exc})") from None
-    if values.ndim == 3:
-        values = values[..., :3].max(axis=-1)
-    if values.ndim != 2 or values.dtype.kind not in "biu":
-        raise DataError(f"{path}: cannot read mask (unsupported {values.dtype} pixels)")
-    top = 1 if values.max() <= 1 else 255 if values.max() <= 255 else 65535
-    levels = np.unique(values)
-    notes = [] if set(levels.tolist()) <= {0, top} else [f"{path}: non-binary mask ({len(levels)} levels), lesion where > {(top + 1) // 2}"]
-    mask = values > (top + 1) // 2  # 0/1: > 0; 8-bit: > 128; 16-bit: > 32768
-    if not (mask.any() or allow_empty):
-        raise DataError(f"{path}: empty mask (no lesion pixel)")
-    return mask, notes
 
 
 def resize_image(image: Image.Image, size: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from lesionseg.data import IMAGE_SUFFIXES
+from lesionseg.images import IMAGE_SUFFIXES
 from lesionseg.errors import LesionsegError
 
 CHUNK = 1 << 16

@@ -19,7 +19,8 @@ from scipy import ndimage
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from lesionseg.data import CachedSplit, find_pairs, inspect_mask, load_split, normalize
+from lesionseg.data import CachedSplit, find_pairs, load_split, normalize
+from lesionseg.images import inspect_mask
 from lesionseg.metrics import MetricAccumulator
 from lesionseg.training import load_checkpoint, model_from_checkpoint
 

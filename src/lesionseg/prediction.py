@@ -1,7 +1,9 @@
-"""Segment new images: predictors (PyTorch checkpoint or ONNX), full-resolution masks, overlays, rows.
+"""Segment new images: the Python API (`lesionseg.load(...).segment(...)`), and `predict`'s files.
 
-A predictor maps uint8 images (B,3,S,S) at the model's size to lesion probabilities (B,1,S,S);
-everything else (reading, resizing back to each image's own size, outlines, numbers) is shared.
+A predictor maps uint8 images (B,3,S,S) at the model's size to lesion probabilities (B,1,S,S) as NumPy
+arrays; everything else (reading, resizing back to each image's own size, statistics, outlines) is shared.
+No PyTorch at module level: with an ONNX model, the released one included, inference needs only
+onnxruntime, Pillow, NumPy and SciPy.
 """
 
 from __future__ import annotations
@@ -12,19 +14,21 @@ import json
 import os
 import sys
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Union
 
 import numpy as np
-import torch
 from PIL import Image
-from torch.nn import functional as F
+from scipy import ndimage
 from tqdm.auto import tqdm
 
-from lesionseg.data import IMAGE_SUFFIXES, normalize, read_image, resize_image
 from lesionseg.errors import DataError, LesionsegError
+from lesionseg.images import IMAGE_SUFFIXES, decode_image
 
 OUTLINE_RGB = (0, 255, 0)
+RELEASED_MODEL = "release/lesionseg-unet.onnx"  # inside the package; see MODEL_CARD.md
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
 class Predictor(Protocol):
@@ -33,11 +37,11 @@ class Predictor(Protocol):
     name: str  # what the page and the API show: which model answered
     version: str
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, images: np.ndarray) -> np.ndarray: ...
 
 
 class TorchPredictor:
-    """A trained checkpoint, rebuilt from its stored config."""
+    """A trained checkpoint, rebuilt from its stored config (PyTorch is imported only here)."""
 
     def __init__(self, checkpoint: str | os.PathLike, channels_last: bool = False) -> None:
         from lesionseg.training import load_checkpoint, model_from_checkpoint
@@ -49,18 +53,24 @@ class TorchPredictor:
         self.version = f"{Path(checkpoint).name}, epoch {state['epoch']}, lesionseg {state.get('info', {}).get('lesionseg', '?')}"
         self.channels_last = channels_last
         if channels_last:
+            import torch
+
             self.model = self.model.to(memory_format=torch.channels_last)
 
-    @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = normalize(images)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return torch.sigmoid(self.model(x))
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        import torch
+
+        from lesionseg.data import normalize
+
+        with torch.inference_mode():
+            x = normalize(torch.as_tensor(np.asarray(images)))
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            return torch.sigmoid(self.model(x)).numpy()
 
 
 class OnnxPredictor:
-    """An exported model run by onnxruntime; size and threshold come from the file's metadata."""
+    """An exported model run by onnxruntime; size, threshold, name and version come from the file's metadata."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -68,24 +78,36 @@ class OnnxPredictor:
         from lesionseg.export import read_metadata
 
         path = Path(path)
-        meta = read_metadata(path)
-        self.image_size, self.threshold = int(meta["image_size"]), float(meta["threshold"])
-        self.name = meta.get("name", f"{meta.get('arch', 'model')} ({self.image_size} px)")
-        self.version = meta.get("version", path.name)
+        self.metadata = read_metadata(path)
+        self.image_size, self.threshold = int(self.metadata["image_size"]), float(self.metadata["threshold"])
+        self.name = self.metadata.get("name", f"{self.metadata.get('arch', 'model')} ({self.image_size} px)")
+        self.version = self.metadata.get("version", path.name)
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.as_subclass(torch.Tensor).float().div(255).numpy()
-        return torch.from_numpy(self.session.run(None, {"image": x})[0])
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        x = np.asarray(images, dtype=np.float32) / 255
+        return self.session.run(None, {"image": x})[0]
 
 
-def load_predictor(checkpoint: str | None = None, onnx: str | None = None) -> Predictor:
-    if bool(checkpoint) == bool(onnx):
-        raise LesionsegError("give either --checkpoint CKPT or --onnx MODEL")
-    return OnnxPredictor(onnx) if onnx else TorchPredictor(checkpoint)
+def released_model() -> Path:
+    """The model that ships inside the package (ONNX, metadata inside)."""
+    path = Path(str(resources.files("lesionseg").joinpath(RELEASED_MODEL)))
+    if not path.is_file():
+        raise LesionsegError(f"{path}: the released model is missing from this installation; "
+                             "pass --checkpoint or --onnx, or reinstall lesionseg")
+    return path
+
+
+def load_predictor(checkpoint: str | os.PathLike | None = None, onnx: str | os.PathLike | None = None) -> Predictor:
+    """A checkpoint (PyTorch), an ONNX file (onnxruntime), or with neither the released model."""
+    if checkpoint and onnx:
+        raise LesionsegError("give either --checkpoint CKPT or --onnx MODEL, not both")
+    if checkpoint:
+        return TorchPredictor(checkpoint)
+    return OnnxPredictor(onnx or released_model())
 
 
 @dataclass
@@ -94,18 +116,79 @@ class Segmentation:
 
     mask: np.ndarray
     probability: np.ndarray
+    name: str = ""
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """The numbers `predict` writes for the image."""
+        return describe(self.name, self)
 
 
-def segment(predictor: Predictor, images: list[Image.Image]) -> list[Segmentation]:
+def model_input(image: Image.Image, size: int) -> np.ndarray:
+    """uint8 (3,S,S): Pillow's bilinear resize, antialiased when shrinking like the training cache's."""
+    return np.asarray(image.resize((size, size), Image.Resampling.BILINEAR)).transpose(2, 0, 1)
+
+
+def to_own_size(probability: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(S,S) probabilities -> (height,width), bilinear on pixel centres."""
+    return np.asarray(Image.fromarray(probability.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR))
+
+
+def segment(predictor: Predictor, images: list[Image.Image], names: list[str] | None = None) -> list[Segmentation]:
     """Resize each image to the model's size, predict as one batch, bring probabilities back to size."""
-    batch = torch.stack([resize_image(im, predictor.image_size) for im in images])
+    batch = np.stack([model_input(im, predictor.image_size) for im in images])
     probabilities = predictor(batch)
     results = []
-    for image, p in zip(images, probabilities):
-        full = F.interpolate(p[None].float(), size=(image.height, image.width), mode="bilinear", align_corners=False)[0, 0]
-        full = full.numpy()
-        results.append(Segmentation(full >= predictor.threshold, full))
+    for n, (image, p) in enumerate(zip(images, probabilities)):
+        full = to_own_size(p[0], image.width, image.height)
+        results.append(Segmentation(full >= predictor.threshold, full, names[n] if names else ""))
     return results
+
+
+def as_image(item: ImageInput, index: int) -> tuple[Image.Image, str]:
+    """An RGB PIL image and a name from a path (read under the shared image policy), a PIL image or an array."""
+    if isinstance(item, (str, os.PathLike)):
+        return decode_image(Path(item), str(item))[0], str(item)
+    if isinstance(item, Image.Image):
+        return item.convert("RGB"), getattr(item, "filename", "") or f"image {index}"
+    if isinstance(item, np.ndarray):
+        if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
+            raise DataError(f"image {index}: an array must be HxWx3 uint8 RGB, got shape {item.shape} {item.dtype}")
+        return Image.fromarray(item), f"image {index}"
+    raise DataError(f"image {index}: expected a path, a PIL image or an HxWx3 uint8 array, got {type(item).__name__}")
+
+
+class Segmenter:
+    """A model loaded once, segmenting any number of images. Get one with `lesionseg.load()`."""
+
+    def __init__(self, predictor: Predictor) -> None:
+        self.predictor = predictor
+
+    @property
+    def name(self) -> str:
+        return self.predictor.name
+
+    @property
+    def version(self) -> str:
+        return self.predictor.version
+
+    def segment(self, images: ImageInput | list[ImageInput], batch_size: int = 16) -> Segmentation | list[Segmentation]:
+        """One result for one input, a list for a list. Each has `.mask` (H,W bool, the image's own size),
+        `.probability` (H,W float32) and `.stats` (area, bounding box, mean probability)."""
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        results = []
+        for start in range(0, len(items), batch_size):
+            opened = [as_image(item, start + n) for n, item in enumerate(items[start : start + batch_size])]
+            results += segment(self.predictor, [im for im, _ in opened], [name for _, name in opened])
+        return results[0] if single else results
+
+
+def load(model: str | os.PathLike | None = None) -> Segmenter:
+    """The released model (no argument), an exported `.onnx` file, or a checkpoint / run folder."""
+    if model is not None and Path(model).suffix.lower() == ".onnx":
+        return Segmenter(OnnxPredictor(model))
+    return Segmenter(load_predictor(checkpoint=model))
 
 
 def describe(name: str, result: Segmentation) -> dict[str, Any]:
@@ -125,10 +208,8 @@ def describe(name: str, result: Segmentation) -> dict[str, Any]:
 
 
 def outline(mask: np.ndarray, thickness: int) -> np.ndarray:
-    """Pixels of the mask within `thickness` of its border (mask minus its erosion)."""
-    m = torch.from_numpy(mask).float()[None, None]
-    eroded = -F.max_pool2d(-m, 2 * thickness + 1, stride=1, padding=thickness)
-    return (m - eroded)[0, 0].numpy() > 0
+    """Pixels of the mask within `thickness` of its border (mask minus its erosion; the image edge is no border)."""
+    return mask & ~ndimage.binary_erosion(mask, np.ones((3, 3), bool), iterations=thickness, border_value=1)
 
 
 def overlay(image: Image.Image, mask: np.ndarray) -> Image.Image:
@@ -176,28 +257,32 @@ class PredictReport:
     problems: list[str]
 
 
-def run_predict(predictor: Predictor, inputs: list[str | os.PathLike], out: str | os.PathLike,
+def run_predict(segmenter: Segmenter, inputs: list[str | os.PathLike], out: str | os.PathLike,
                 batch_size: int = 16, progress: bool = True) -> PredictReport:
-    """For each readable image: <stem>_mask.png, <stem>_overlay.png and a row in predictions.csv/json."""
+    """For each readable image: <stem>_mask.png, <stem>_overlay.png and a row in predictions.csv/json.
+    An image that cannot be used is named on stderr and skipped; the others are still segmented."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files, problems = collect_inputs(inputs)
+    for line in problems:
+        print(f"lesionseg: skipped {line}", file=sys.stderr)
     rows, used = [], set()
     for start in tqdm(range(0, len(files), batch_size), desc="predict", unit="batch", disable=not progress):
         readable = []
         for path in files[start : start + batch_size]:
             try:
-                readable.append((path, read_image(path)))
+                readable.append((path, decode_image(path, str(path))[0]))
             except DataError as exc:
                 problems.append(str(exc))
                 print(f"lesionseg: skipped {exc}", file=sys.stderr)
         if not readable:
             continue
-        for (path, image), result in zip(readable, segment(predictor, [im for _, im in readable])):
+        for (path, image), result in zip(readable, segment(segmenter.predictor, [im for _, im in readable],
+                                                            [str(p) for p, _ in readable])):
             stem = unique_stem(path, used)
             mask_image(result.mask).save(out / f"{stem}_mask.png")
             overlay(image, result.mask).save(out / f"{stem}_overlay.png")
-            rows.append({**describe(str(path), result), "mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.png"})
+            rows.append({**result.stats, "mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.png"})
     write_rows(rows, out)
     return PredictReport(rows, problems)
 

@@ -11,10 +11,10 @@ from fastapi import FastAPI, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 
-from lesionseg.data import decode_image
+from lesionseg.images import decode_image
 from lesionseg.errors import DataError, ImageTooLargeError, NotAnImageError
 
-from lesionseg.prediction import Predictor, describe, mask_image, overlay, png_bytes, segment
+from lesionseg.prediction import Predictor, mask_image, overlay, png_bytes, segment
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 
@@ -63,10 +63,9 @@ def create_app(predictor: Predictor, max_upload_bytes: int = MAX_UPLOAD_BYTES) -
             raise HTTPException(413, f"{name}: larger than the {max_upload_bytes // 2**20} MiB upload limit")
         image = decode_upload(data, name)
         start = time.perf_counter()
-        result = segment(predictor, [image])[0]
-        row = describe(name, result)
+        result = segment(predictor, [image], [name])[0]
         return {
-            **row,
+            **result.stats,
             "model": predictor.name,
             "version": predictor.version,
             "seconds": time.perf_counter() - start,
