@@ -65,3 +65,41 @@ def test_unet_with_scse_attention_exports(tmp_path):
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     onnx_probs = OnnxPredictor(export_onnx(checkpoint, tmp_path / "scse.onnx"))(images)
     assert np.abs(onnx_probs - TorchPredictor(checkpoint)(images)).max() < 1e-4
+
+
+def test_fp16_weights_halve_the_file_and_keep_the_masks(tiny_checkpoint, onnx_model, tmp_path):
+    half = export_onnx(tiny_checkpoint, tmp_path / "half.onnx", fp16_weights=True, metadata={"release": "test"})
+    assert half.stat().st_size < 0.55 * onnx_model.stat().st_size
+    predictor = OnnxPredictor(half)
+    assert predictor.metadata["weights_storage"] == "float16" and predictor.metadata["release"] == "test"
+    images = np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
+    full = OnnxPredictor(onnx_model)(images)
+    assert np.abs(predictor(images) - full).max() < 5e-3
+    assert predictor(images).dtype == np.float32
+
+
+def test_evaluate_an_onnx_model_needs_data_and_matches_its_checkpoint(tiny_checkpoint, onnx_model, tmp_path, capsys):
+    from lesionseg.evaluation import evaluate_checkpoint
+
+    data = torch.load(tiny_checkpoint, weights_only=True)["config"]["data"]
+    assert main(["evaluate", str(onnx_model), "--no-progress"]) == 2
+    assert "pass --data" in capsys.readouterr().err
+    by_onnx = evaluate_checkpoint(onnx_model, data, progress=False)
+    by_torch = evaluate_checkpoint(tiny_checkpoint, data, progress=False)
+    assert by_onnx["images"] == by_torch["images"] == 4 and by_onnx["epoch"] is None
+    assert abs(by_onnx["metrics"]["iou_per_image"] - by_torch["metrics"]["iou_per_image"]) < 1e-3
+
+
+def test_onnx_inference_never_imports_pytorch(onnx_model, photos, tmp_path):
+    """The released model must run where PyTorch is not installed: block `import torch` and predict."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None; import lesionseg; from lesionseg.cli import main; "
+            f"seg = lesionseg.load({str(onnx_model)!r}).segment({str(photos / 'a.jpg')!r}); "
+            "assert seg.mask.shape == (70, 70), seg.mask.shape; "
+            f"sys.exit(main(['predict', '--onnx', {str(onnx_model)!r}, {str(photos)!r}, '--out', {str(tmp_path / 'o')!r}, "
+            "'--no-progress']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list((tmp_path / "o").glob("*_mask.png"))) == 3

@@ -74,3 +74,27 @@ def test_channels_last_gives_the_same_probabilities(tiny_checkpoint):
     images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     eager, cl = TorchPredictor(tiny_checkpoint), TorchPredictor(tiny_checkpoint, channels_last=True)
     assert np.allclose(eager(images), cl(images), atol=1e-5)
+
+
+def test_python_api_segments_paths_pil_images_and_arrays(tiny_checkpoint, photos, tmp_path):
+    import lesionseg
+    from lesionseg.errors import DataError
+
+    model = lesionseg.load(tiny_checkpoint)
+    one = model.segment(photos / "a.jpg")
+    assert one.mask.shape == one.probability.shape == (70, 70) and one.mask.dtype == bool
+    assert np.array_equal(one.mask, one.probability >= 0.5)
+    pil = Image.open(photos / "b.png")
+    array = np.asarray(Image.open(photos / "c.jpeg").convert("RGB"))
+    many = model.segment([str(photos / "a.jpg"), pil, array], batch_size=2)
+    assert [r.mask.shape for r in many] == [(70, 70), (40, 40), (96, 96)]
+    assert np.allclose(many[0].probability, one.probability, atol=1e-5)  # batch size may change the last bits
+    # the same statistics `predict` writes, from the same code
+    report = run_predict(model, [photos / "a.jpg"], tmp_path / "out", progress=False)
+    row = {k: v for k, v in report.rows[0].items() if k not in ("mask", "overlay")}
+    assert one.stats == row
+    assert many[2].stats["file"] == "image 2" and many[2].stats["width"] == 96
+    with pytest.raises(DataError, match="image 0: an array must be HxWx3 uint8"):
+        model.segment(np.zeros((10, 10), np.uint8))
+    with pytest.raises(DataError, match="missing.jpg"):
+        model.segment(tmp_path / "missing.jpg")

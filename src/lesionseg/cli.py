@@ -120,7 +120,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> None:
     from lesionseg.export import export_onnx
 
-    print(f"exported: {export_onnx(args.checkpoint, args.onnx)}")
+    print(f"exported: {export_onnx(args.checkpoint, args.onnx, fp16_weights=args.fp16_weights)}")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="score a checkpoint on a split")
-    p.add_argument("checkpoint", help="a .pt file or a run folder (uses its best.pt)")
+    p.add_argument("checkpoint", help="a .pt file, a run folder (uses its best.pt) or an exported .onnx model (needs --data)")
     p.add_argument("--data", help="dataset folder (default: the one the model was trained on)")
     p.add_argument("--split", choices=("test", "train"), default="test")
     p.add_argument("--out", help="folder for metrics.json and per_image.csv")
@@ -196,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a checkpoint to ONNX (dynamic batch, normalization inside)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--onnx", required=True, help="output .onnx file")
+    p.add_argument("--fp16-weights", action="store_true",
+                   help="store weights as float16 (half the file; still computes in float32)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("download", help="fetch, verify and extract a dataset's official archives")

@@ -22,6 +22,9 @@ from tqdm.auto import tqdm
 from lesionseg.data import CachedSplit, find_pairs, load_split, normalize
 from lesionseg.images import inspect_mask
 from lesionseg.metrics import MetricAccumulator
+from lesionseg.config import TrainConfig
+from lesionseg.errors import LesionsegError
+from lesionseg.prediction import Predictor
 from lesionseg.training import load_checkpoint, model_from_checkpoint
 
 
@@ -38,22 +41,26 @@ class Refinements:
 
 
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-    """uint8 (N,3,S,S) -> logits (N,1,S,S), in batches."""
-    model.eval()
+def batched_probabilities(model: torch.nn.Module | Predictor, images: torch.Tensor, batch_size: int = 32,
+                          progress: bool = False) -> torch.Tensor:
+    """uint8 (N,3,S,S) -> probabilities (N,1,S,S), in batches, from a PyTorch model or a predictor (ONNX)."""
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+        run = lambda x: torch.sigmoid(model(normalize(x)))  # noqa: E731
+    else:
+        run = lambda x: torch.from_numpy(model(x.numpy()))  # noqa: E731
     chunks = range(0, len(images), batch_size)
-    return torch.cat([model(normalize(images[i : i + batch_size])) for i in tqdm(chunks, disable=not progress, desc="predict")])
+    return torch.cat([run(images[i : i + batch_size]) for i in tqdm(chunks, disable=not progress, desc="predict")])
 
 
 @torch.no_grad()
-def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: bool = False, batch_size: int = 32,
-                          progress: bool = False) -> torch.Tensor:
+def predict_probabilities(model: torch.nn.Module | Predictor, images: torch.Tensor, tta: bool = False,
+                          batch_size: int = 32, progress: bool = False) -> torch.Tensor:
     """uint8 (N,3,S,S) -> probabilities (N,1,S,S); with `tta`, the mean over flips (each flipped back)."""
-    probabilities = torch.sigmoid(predict_logits(model, images, batch_size, progress))
+    probabilities = batched_probabilities(model, images, batch_size, progress)
     if tta:
         for dims in ([-1], [-2]):
-            flipped = torch.sigmoid(predict_logits(model, images.flip(dims), batch_size))
-            probabilities += flipped.flip(dims)
+            probabilities += batched_probabilities(model, images.flip(dims).contiguous(), batch_size).flip(dims)
         probabilities /= 3
     return probabilities
 
@@ -91,6 +98,24 @@ def score_source_resolution(probabilities: torch.Tensor, data, split: str, thres
     return metrics
 
 
+def load_for_evaluation(source: str | os.PathLike, data) -> tuple[Any, TrainConfig, dict[str, Any]]:
+    """The model to score, the settings scoring needs (size, threshold, data), and what the checkpoint says of its
+    training. An ONNX file knows its size and threshold but not its data: --data is then required."""
+    if Path(source).suffix.lower() == ".onnx":
+        from lesionseg.prediction import OnnxPredictor
+
+        if data is None:
+            raise LesionsegError(f"{source}: an ONNX model does not record its data folder; pass --data")
+        predictor = OnnxPredictor(source)
+        config = TrainConfig(image_size=predictor.image_size, threshold=predictor.threshold, data=str(data))
+        return predictor, config, dict.fromkeys(("epoch", "monitor", "best_metric", "train_loss", "val_loss"))
+    state = load_checkpoint(source)
+    model, config = model_from_checkpoint(state)
+    last = state["history"][state["epoch"] - 1] if state["history"] else {}
+    return model, config, {"epoch": state["epoch"], "monitor": config.monitor, "best_metric": state["best_metric"],
+                           "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss")}
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     data: str | os.PathLike | None = None,
@@ -101,9 +126,9 @@ def evaluate_checkpoint(
     batch_size: int = 32,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Metrics of `checkpoint` on `split`; also at each image's own resolution if asked; written to `out`."""
-    state = load_checkpoint(checkpoint)
-    model, config = model_from_checkpoint(state)
+    """Metrics of `checkpoint` (a .pt file, a run folder, or an exported .onnx model) on `split`; also at each
+    image's own resolution if asked; written to `out`."""
+    model, config, about = load_for_evaluation(checkpoint, data)
     data = data if data is not None else config.data
     cached = load_split(data, split, config.image_size, config.cache_dir)
     probabilities = predict_probabilities(model, cached.images, refine.tta, batch_size, progress)
@@ -111,10 +136,7 @@ def evaluate_checkpoint(
     per_image = model_res.per_image()
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint), "split": split, "images": len(cached), "image_size": config.image_size,
-        "refinements": refine.name, "metrics": model_res.compute(),
-        "epoch": state["epoch"], "monitor": config.monitor, "best_metric": state["best_metric"],
-        "train_loss": state["history"][state["epoch"] - 1]["train_loss"] if state["history"] else None,
-        "val_loss": state["history"][state["epoch"] - 1]["val_loss"] if state["history"] else None,
+        "refinements": refine.name, "metrics": model_res.compute(), **about,
     }
     if source_resolution:
         source = score_source_resolution(probabilities, data, split, config.threshold, refine, cached.ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,8 +31,27 @@ class ExportWrapper(nn.Module):
         return torch.sigmoid(self.model((image - self.mean) / self.std))
 
 
-def export_onnx(checkpoint: str | os.PathLike, path: str | os.PathLike) -> Path:
-    """One self-contained .onnx file with a dynamic batch axis and lesionseg metadata."""
+def store_weights_fp16(proto) -> None:
+    """Halve the file: each float32 weight is stored as float16 and cast back by a Cast node, which onnxruntime
+    folds into a float32 constant when it loads the model, so inference still computes in float32."""
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    casts = []
+    for weight in proto.graph.initializer:
+        if weight.data_type != TensorProto.FLOAT or np.prod(weight.dims) < 16:  # scalars and tiny vectors stay exact
+            continue
+        name = weight.name
+        weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight).astype(np.float16), f"{name}__fp16"))
+        casts.append(onnx.helper.make_node("Cast", [f"{name}__fp16"], [name], to=TensorProto.FLOAT))
+    nodes = casts + list(proto.graph.node)
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+
+
+def export_onnx(checkpoint: str | os.PathLike, path: str | os.PathLike, fp16_weights: bool = False,
+                metadata: dict[str, str] | None = None) -> Path:
+    """One self-contained .onnx file with a dynamic batch axis and lesionseg metadata (plus `metadata`)."""
     import onnx
 
     state = load_checkpoint(checkpoint)
@@ -47,7 +67,10 @@ def export_onnx(checkpoint: str | os.PathLike, path: str | os.PathLike) -> Path:
     props = {p.key: p.value for p in proto.metadata_props}
     props.update(image_size=str(config.image_size), threshold=str(config.threshold), arch=config.arch, io=INPUT_DOC,
                  name=f"{config.name} ({config.arch}, {config.image_size} px)",
-                 version=f"{Path(checkpoint).name}, epoch {state['epoch']}, lesionseg {lesionseg.__version__}")
+                 version=f"{Path(checkpoint).name}, epoch {state['epoch']}, lesionseg {lesionseg.__version__}",
+                 weights_storage="float16" if fp16_weights else "float32", **(metadata or {}))
+    if fp16_weights:
+        store_weights_fp16(proto)
     onnx.helper.set_model_props(proto, props)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -57,18 +80,3 @@ def export_onnx(checkpoint: str | os.PathLike, path: str | os.PathLike) -> Path:
     except OSError as exc:
         raise LesionsegError(f"{path}: cannot write ({exc.strerror or exc})") from None
     return path
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    import onnx
-
-    if not path.is_file():
-        raise LesionsegError(f"{path}: ONNX model not found")
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf raises its own types for a foreign file
-        raise LesionsegError(f"{path}: not a readable ONNX model ({exc.__class__.__name__})") from None
-    meta = {p.key: p.value for p in proto.metadata_props}
-    if "image_size" not in meta:
-        raise LesionsegError(f"{path}: not exported by lesionseg (no image_size in its metadata)")
-    return meta

@@ -75,17 +75,22 @@ class OnnxPredictor:
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        from lesionseg.export import read_metadata
-
         path = Path(path)
-        self.metadata = read_metadata(path)
-        self.image_size, self.threshold = int(self.metadata["image_size"]), float(self.metadata["threshold"])
-        self.name = self.metadata.get("name", f"{self.metadata.get('arch', 'model')} ({self.image_size} px)")
-        self.version = self.metadata.get("version", path.name)
+        if not path.is_file():
+            raise LesionsegError(f"{path}: ONNX model not found")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own types for a foreign or damaged file
+            raise LesionsegError(f"{path}: not a readable ONNX model ({exc.__class__.__name__})") from None
+        self.metadata = self.session.get_modelmeta().custom_metadata_map
+        if "image_size" not in self.metadata:
+            raise LesionsegError(f"{path}: not exported by lesionseg (no image_size in its metadata)")
+        self.image_size, self.threshold = int(self.metadata["image_size"]), float(self.metadata["threshold"])
+        self.name = self.metadata.get("name", f"{self.metadata.get('arch', 'model')} ({self.image_size} px)")
+        self.version = self.metadata.get("version", path.name)
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         x = np.asarray(images, dtype=np.float32) / 255
