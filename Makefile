@@ -24,3 +24,4 @@ reproduce: install
 
 test: install
 	$(BIN)/python -m pytest -q
+	.ci/wheel-check

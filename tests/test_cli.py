@@ -79,3 +79,22 @@ def test_compare_any_runs_with_worst_cases(tiny_data, tmp_path, capsys):
     assert gap["mean"] == pytest.approx(means["unet"] - means["seed"], abs=1e-6)
     assert gap["ci95_low"] <= gap["mean"] <= gap["ci95_high"] and gap["images"] == 4
     assert "## Against seed, image by image" in (tmp_path / "cmp" / "results.md").read_text()
+
+
+def test_reproduce_names_its_weights_and_warns_when_from_scratch(tiny_data, tmp_path, monkeypatch):
+    import torch
+    from torchvision.models import mobilenet_v2
+
+    common = ["--data", str(tiny_data), "--epochs", "1", "--image-size", "32", "--batch-size", "4", "--no-progress"]
+    torch.save(mobilenet_v2().state_dict(), tmp_path / "imagenet.pth")
+    monkeypatch.setenv("LESIONSEG_WEIGHTS", str(tmp_path / "imagenet.pth"))
+    assert main(["reproduce", "--out", str(tmp_path / "pre"), "--weights", "auto", *common]) == 0
+    text = (tmp_path / "pre" / "results.md").read_text()
+    assert f"`{tmp_path / 'imagenet.pth'}`, sha256 `" in text and "FROM SCRATCH" not in text
+    recorded = json.loads((tmp_path / "pre" / "model1-frozen" / "run.json").read_text())["weights"]
+    assert recorded["pretrained"] and len(recorded["sha256"]) == 64
+
+    monkeypatch.delenv("LESIONSEG_WEIGHTS")
+    assert main(["reproduce", "--out", str(tmp_path / "scratch"), "--no-pretrained", *common]) == 0
+    assert "**WARNING: model1-frozen, model2-finetune trained the encoder FROM SCRATCH" in (
+        tmp_path / "scratch" / "results.md").read_text()

@@ -133,3 +133,38 @@ def test_unet_checkpoints_from_before_attention_still_load():
     reloaded.load_state_dict(old_keys)
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(model(x), reloaded(x))
+
+
+def test_weights_come_from_the_environment_before_torchvision(tmp_path, monkeypatch, offline):
+    from lesionseg.models import resolve_weights, sha256_of
+
+    reference = mobilenet_v2().state_dict()
+    torch.save(reference, tmp_path / "imagenet.pth")
+    monkeypatch.setenv("LESIONSEG_WEIGHTS", str(tmp_path / "imagenet.pth"))
+    found = resolve_weights("imagenet")
+    assert found.pretrained and found.source == str(tmp_path / "imagenet.pth")
+    assert found.sha256 == sha256_of(tmp_path / "imagenet.pth") and len(found.sha256) == 64
+    monkeypatch.setenv("LESIONSEG_WEIGHTS", str(tmp_path / "gone.pth"))
+    with pytest.raises(WeightsError, match=r"gone.pth: weights file not found \(from \$LESIONSEG_WEIGHTS\)"):
+        resolve_weights("imagenet")
+
+
+def test_auto_falls_back_to_scratch_loudly_only_when_nothing_can_be_had(offline, capsys):
+    from lesionseg.models import resolve_weights
+
+    found = resolve_weights("auto")
+    assert not found.pretrained and found.source == "none"
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "FROM SCRATCH" in err and len(err.strip().splitlines()) == 1
+
+
+SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_v2_imagenet_from_keras_int8.pth"
+
+
+@pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="the shared ImageNet weights exist only on the project's machines")
+def test_the_shared_imagenet_weights_load_strictly_and_see_images():
+    encoder = MobileNetV2Encoder(str(SHARED_WEIGHTS)).eval()
+    with torch.no_grad():
+        features = encoder(torch.randn(2, 3, 128, 128))[-1]
+    assert features.shape == (2, 1280, 4, 4)
+    assert 0.05 < (features > 0).float().mean().item() < 0.9  # ReLU6 maps, neither dead nor saturated
