@@ -81,10 +81,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/release"))
     parser.add_argument("--shared", type=Path, default=Path("../shared/data"), help="folder holding the data sets")
     parser.add_argument("--weights", required=True, help="the ImageNet MobileNetV2 state_dict the encoder starts from")
-    parser.add_argument("--stage", choices=("train", "all"), default="all")
+    parser.add_argument("--stage", choices=("train", "all", "speed"), default="all",
+                        help="train: only train; speed: only time the shipped file (needs an idle machine)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    if args.stage == "speed":
+        return speed(args.shared / "isic2016-256", args.out)
     run = train(args.out, args.shared, args.weights)
     if args.stage == "train":
         return
@@ -128,6 +131,30 @@ def ship(args: argparse.Namespace, run: Path, start: float) -> None:
     worst_figure(scores[chosen]["plain"]["worst"], final, data, ROOT / "docs" / "release_worst.png")
     print(json.dumps({k: {m: v for m, v in s["plain"].items() if m != "worst"} for k, s in scores.items()}, indent=1))
     print(f"shipped: {SHIPPED} ({release['bytes'] / 1e6:.1f} MB, {chosen} weights)")
+
+
+def speed(data: Path, out: Path, repeats: int = 5) -> None:
+    """`lesionseg predict` on every test image, end to end (a fresh process: start-up, decode, resize, model,
+    upsample, two PNGs per image), beside the shipped model's own batch-32 throughput, in one run."""
+    from lesionseg.prediction import OnnxPredictor
+
+    images = sorted((data / "ISBI2016_ISIC_Part1_Test_Data").glob("*.jpg"))
+    predictor = OnnxPredictor(SHIPPED)
+    batch = np.random.default_rng(0).integers(0, 256, (32, 3, predictor.image_size, predictor.image_size), dtype=np.uint8)
+    predictor(batch)
+    model_rates = []
+    for _ in range(repeats):
+        begin = time.perf_counter()
+        predictor(batch)
+        model_rates.append(32 / (time.perf_counter() - begin))
+    begin = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "lesionseg", "predict", str(data / "ISBI2016_ISIC_Part1_Test_Data"),
+                    "--out", str(out / "predict-test"), "--no-progress"], check=True, capture_output=True)
+    end_to_end = len(images) / (time.perf_counter() - begin)
+    result = {"device": device_name(), "images": len(images), "predict_images_per_s": end_to_end,
+              "model_batch32_images_per_s": max(model_rates)}
+    (out / "speed.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
 
 
 def worst_figure(worst: list[dict], model: Path, data: Path, path: Path) -> None:

@@ -136,7 +136,8 @@ def test_unet_checkpoints_from_before_attention_still_load():
 
 
 def test_weights_come_from_the_environment_before_torchvision(tmp_path, monkeypatch, offline):
-    from lesionseg.models import resolve_weights, sha256_of
+    from lesionseg.download import sha256_of
+    from lesionseg.models import resolve_weights
 
     reference = mobilenet_v2().state_dict()
     torch.save(reference, tmp_path / "imagenet.pth")

@@ -98,3 +98,36 @@ def test_python_api_segments_paths_pil_images_and_arrays(tiny_checkpoint, photos
         model.segment(np.zeros((10, 10), np.uint8))
     with pytest.raises(DataError, match="missing.jpg"):
         model.segment(tmp_path / "missing.jpg")
+
+
+def test_the_readme_example_runs_with_the_released_model(tmp_path, monkeypatch):
+    """The README's Python example, as written, on a sample image named lesion.jpg."""
+    import re
+    import shutil
+    from pathlib import Path
+
+    from lesionseg.data import sample_data_dir
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = re.search(r"## Segment a lesion now.*?```python\n(.*?)```", readme, re.S).group(1)
+    shutil.copy(sorted((sample_data_dir() / "ISBI2016_ISIC_Part1_Test_Data").glob("*.jpg"))[0], tmp_path / "lesion.jpg")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    result = namespace["result"]
+    assert result.mask.shape == (256, 256) and 0.01 < result.stats["lesion_fraction"] < 0.99
+    assert namespace["model"].version.startswith("v")
+
+
+def test_predict_and_serve_default_to_the_released_model(photos, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from lesionseg.prediction import load_predictor
+    from lesionseg.serve import create_app
+
+    assert main(["predict", str(photos), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
+    assert len(list((tmp_path / "out").glob("*_mask.png"))) == 3
+    predictor = load_predictor()
+    assert predictor.metadata["release"] and float(predictor.metadata["test_jaccard"]) > 0.8
+    health = TestClient(create_app(predictor)).get("/health").json()
+    assert health["model"].startswith("lesionseg U-Net") and health["version"] == predictor.version

@@ -7,7 +7,6 @@ list. The model returns logits; sigmoid and threshold live in metrics and predic
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
+from lesionseg.download import sha256_of
 from lesionseg.errors import WeightsError
 
 SEED_DECODER_CHANNELS = (512, 256, 64, 32, 16)  # the paper's five decoder blocks
@@ -48,14 +48,6 @@ class EncoderWeights:
 
 
 FROM_SCRATCH = EncoderWeights(None, "none")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def torchvision_weights() -> EncoderWeights:
