@@ -98,9 +98,9 @@ def _split_dirs(root: Path, split: str) -> tuple[Path, Path]:
     raise DataError(f"{root}: no {split} images found (looked for {tried})")
 
 
-def _mask_for(image: Path, mask_dir: Path) -> Path | None:
+def _mask_for(image: Path, mask_dir: Path, mask_names: set[str]) -> Path | None:
     for name in (f"{image.stem}_Segmentation.png", f"{image.stem}.png"):
-        if (mask_dir / name).is_file():
+        if name in mask_names:
             return mask_dir / name
     return None
 
@@ -111,15 +111,17 @@ def find_pairs(data: str | os.PathLike | None, split: str) -> tuple[list[Pair], 
     images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
         raise DataError(f"{images_dir}: no images (.jpg/.png) in folder")
+    mask_names = {entry.name for entry in os.scandir(masks_dir) if entry.is_file()}  # one listing, not a stat per image
     pairs, problems = [], []
     for image in images:
-        mask = _mask_for(image, masks_dir)
+        mask = _mask_for(image, masks_dir, mask_names)
         if mask is None:
             problems.append(f"{image}: no mask in {masks_dir} ({image.stem}_Segmentation.png or {image.stem}.png)")
         else:
             pairs.append(Pair(image, mask))
     stems = {image.stem for image in images}
-    for mask in sorted(masks_dir.iterdir()):
+    for name in sorted(mask_names):
+        mask = masks_dir / name
         if mask.suffix.lower() in IMAGE_SUFFIXES and mask.stem.removesuffix("_Segmentation") not in stems:
             problems.append(f"{mask}: mask without an image")
     return pairs, problems
@@ -158,13 +160,26 @@ def _decode(pairs: list[Pair], size: int) -> CachedSplit:
                        torch.stack(masks) if masks else empty, sizes, skipped, notes)
 
 
+def folder_listing(folder: Path) -> dict[str, str]:
+    """"resolved path:size:mtime" of every file in a folder, from one scandir: resolving and stat-ing
+    10,000 files one by one took seconds on every run, before the cache could even be found."""
+    resolved = folder.resolve()
+    listing = {}
+    for entry in os.scandir(folder):
+        st = entry.stat()
+        listing[entry.name] = f"{resolved}{os.sep}{entry.name}:{st.st_size}:{st.st_mtime_ns};"
+    return listing
+
+
 def cache_key(pairs: list[Pair], size: int) -> str:
     """Changes whenever a source file (path, size, mtime) or the target size changes."""
     h = hashlib.sha256(f"v{CACHE_VERSION}:{size}".encode())
+    listings: dict[Path, dict[str, str]] = {}
     for pair in pairs:
         for path in (pair.image, pair.mask):
-            st = path.stat()
-            h.update(f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns};".encode())
+            if path.parent not in listings:
+                listings[path.parent] = folder_listing(path.parent)
+            h.update(listings[path.parent][path.name].encode())
     return h.hexdigest()[:20]
 
 
