@@ -15,8 +15,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from lesionseg.images import IMAGE_SUFFIXES
 from lesionseg.errors import LesionsegError
+from lesionseg.images import IMAGE_SUFFIXES
 
 CHUNK = 1 << 16
 

@@ -11,16 +11,15 @@ from fastapi import FastAPI, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 
-from lesionseg.images import decode_image
 from lesionseg.errors import DataError, ImageTooLargeError, NotAnImageError
-
+from lesionseg.images import decode_image
 from lesionseg.prediction import Predictor, mask_image, overlay, png_bytes, segment
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 
 
 def decode_upload(data: bytes, name: str) -> Image.Image:
-    """RGB image from uploaded bytes under the policy every path shares (`data.decode_image`), or an HTTP 4xx
+    """RGB image from uploaded bytes under the policy every path shares (`images.decode_image`), or an HTTP 4xx
     that says what is wrong with the file: 413 too many pixels, 415 not an image, 400 corrupt."""
     if not data:
         raise HTTPException(400, f"{name}: empty upload")
