@@ -69,3 +69,20 @@ def test_variants_trains_scores_and_compares_each_variant(tmp_path):
     assert "vs_first" in summary["freeze-bn"] and summary["freeze-bn"]["vs_first"]["images"] == 3
     assert (out / "freeze-bn" / "config.yaml").read_text().count("freeze_bn: true") == 1
     assert "| freeze-bn |" in (out / "variants.md").read_text()
+
+
+def test_serve_load_reports_throughput_latency_and_memory(tiny_checkpoint, tmp_path):
+    """benchmarks/serve_load.py against a real server on 127.0.0.1, bounded: 2 runs of 4 requests."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "load.json"
+    subprocess.run([sys.executable, str(BENCHMARKS / "serve_load.py"), "--synthetic", "64x48.png", "--clients", "1", "2",
+                    "--requests", "4", "--time-limit", "60", "--out", str(out), "--", "--checkpoint", str(tiny_checkpoint)],
+                   check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["image"] == "64x48 PNG" and result["server_peak_rss_mb"] > 50
+    assert [run["clients"] for run in result["runs"]] == [1, 2]
+    for run in result["runs"]:
+        assert run["sent"] == 4 and run["errors"] == 0 and run["requests_per_s"] > 0
+        assert 0 < run["p50_ms"] <= run["p95_ms"] <= run["max_ms"]
