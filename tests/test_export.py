@@ -68,10 +68,11 @@ def test_unet_with_scse_attention_exports(tmp_path):
 
 
 def test_fp16_weights_halve_the_file_and_keep_the_masks(tiny_checkpoint, onnx_model, tmp_path):
-    half = export_onnx(tiny_checkpoint, tmp_path / "half.onnx", fp16_weights=True, metadata={"release": "test"})
+    half = export_onnx(tiny_checkpoint, tmp_path / "half.onnx", fp16_weights=True, metadata={"release": "test", "name": "n"})
     assert half.stat().st_size < 0.55 * onnx_model.stat().st_size
     predictor = OnnxPredictor(half)
     assert predictor.metadata["weights_storage"] == "float16" and predictor.metadata["release"] == "test"
+    assert predictor.name == "n"
     images = np.random.default_rng(0).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
     full = OnnxPredictor(onnx_model)(images)
     assert np.abs(predictor(images) - full).max() < 5e-3

@@ -68,7 +68,8 @@ def export_onnx(checkpoint: str | os.PathLike, path: str | os.PathLike, fp16_wei
     props.update(image_size=str(config.image_size), threshold=str(config.threshold), arch=config.arch, io=INPUT_DOC,
                  name=f"{config.name} ({config.arch}, {config.image_size} px)",
                  version=f"{Path(checkpoint).name}, epoch {state['epoch']}, lesionseg {lesionseg.__version__}",
-                 weights_storage="float16" if fp16_weights else "float32", **(metadata or {}))
+                 weights_storage="float16" if fp16_weights else "float32")
+    props.update(metadata or {})  # the caller's values win, name and version included
     if fp16_weights:
         store_weights_fp16(proto)
     onnx.helper.set_model_props(proto, props)
