@@ -77,6 +77,11 @@ class TrainConfig:
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
+    @property
+    def model_name(self) -> str:
+        """What the page, the API and an exported file call the model."""
+        return f"{self.name} ({self.arch}, {self.image_size} px)"
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

@@ -19,12 +19,12 @@ from scipy import ndimage
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
+from lesionseg.config import TrainConfig
 from lesionseg.data import CachedSplit, find_pairs, load_split, normalize
+from lesionseg.errors import LesionsegError
 from lesionseg.images import inspect_mask
 from lesionseg.metrics import MetricAccumulator
-from lesionseg.config import TrainConfig
-from lesionseg.errors import LesionsegError
-from lesionseg.prediction import Predictor
+from lesionseg.prediction import OnnxPredictor, Predictor
 from lesionseg.training import load_checkpoint, model_from_checkpoint
 
 
@@ -102,8 +102,6 @@ def load_for_evaluation(source: str | os.PathLike, data) -> tuple[Any, TrainConf
     """The model to score, the settings scoring needs (size, threshold, data), and what the checkpoint says of its
     training. An ONNX file knows its size and threshold but not its data: --data is then required."""
     if Path(source).suffix.lower() == ".onnx":
-        from lesionseg.prediction import OnnxPredictor
-
         if data is None:
             raise LesionsegError(f"{source}: an ONNX model does not record its data folder; pass --data")
         predictor = OnnxPredictor(source)

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 import lesionseg
-
 from lesionseg.data import IMAGENET_MEAN, IMAGENET_STD
 from lesionseg.errors import LesionsegError
 from lesionseg.training import load_checkpoint, model_from_checkpoint
@@ -66,7 +65,7 @@ def export_onnx(checkpoint: str | os.PathLike, path: str | os.PathLike, fp16_wei
     proto = program.model_proto
     props = {p.key: p.value for p in proto.metadata_props}
     props.update(image_size=str(config.image_size), threshold=str(config.threshold), arch=config.arch, io=INPUT_DOC,
-                 name=f"{config.name} ({config.arch}, {config.image_size} px)",
+                 name=config.model_name,
                  version=f"{Path(checkpoint).name}, epoch {state['epoch']}, lesionseg {lesionseg.__version__}",
                  weights_storage="float16" if fp16_weights else "float32")
     props.update(metadata or {})  # the caller's values win, name and version included

@@ -49,7 +49,7 @@ class TorchPredictor:
         state = load_checkpoint(checkpoint)
         self.model, config = model_from_checkpoint(state)
         self.image_size, self.threshold = config.image_size, config.threshold
-        self.name = f"{config.name} ({config.arch}, {config.image_size} px)"
+        self.name = config.model_name
         self.version = f"{Path(checkpoint).name}, epoch {state['epoch']}, lesionseg {state.get('info', {}).get('lesionseg', '?')}"
         self.channels_last = channels_last
         if channels_last:
