@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import socket
+import threading
 import statistics
 import subprocess
 import sys
@@ -33,14 +35,16 @@ def free_port() -> int:
 
 
 def synthetic_image(spec: str, folder: Path) -> Path:
-    """WIDTHxHEIGHT.(png|jpg): a smooth dermoscopy-like picture (a dark disc on skin tones), so that PNG and
-    JPEG sizes are realistic rather than those of noise."""
+    """WIDTHxHEIGHT.(png|jpg): a dermoscopy-like picture (a dark disc on skin tones) with mild sensor-like
+    noise, so that PNG and JPEG sizes, and so decoding times, are those of photos (about 1 MB for a
+    765x572 PNG), not of flat colour or of pure noise."""
     size, _, suffix = spec.partition(".")
     width, height = map(int, size.split("x"))
     yy, xx = np.mgrid[:height, :width]
     disc = ((yy - height / 2) ** 2 + (xx - width / 2) ** 2) < (min(width, height) / 3) ** 2
     shade = (yy / height * 30).astype(np.int16)[..., None]
-    pixels = np.where(disc[..., None], [90, 60, 50], [200, 160, 140]) + shade
+    noise = np.random.default_rng(0).normal(0, 4, (height, width, 3))
+    pixels = np.where(disc[..., None], [90, 60, 50], [200, 160, 140]) + shade + noise
     path = folder / f"{size}.{suffix}"
     Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=92)
     return path
@@ -56,9 +60,11 @@ def peak_rss_mb(pid: int) -> float | None:
     return None
 
 
-def start_server(port: int, serve_args: list[str]) -> subprocess.Popen:
+def start_server(port: int, serve_args: list[str], src: Path | None = None) -> subprocess.Popen:
+    """`lesionseg serve` from the installed package, or from another checkout's src/ (before/after runs)."""
+    env = {**os.environ, "PYTHONPATH": str(src.resolve())} if src else None
     server = subprocess.Popen([sys.executable, "-m", "lesionseg", "serve", "--port", str(port), *serve_args],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 120
     while time.time() < deadline:
         if server.poll() is not None:
@@ -76,12 +82,15 @@ def load(url: str, payload: bytes, name: str, clients: int, requests: int, time_
     """`requests` POSTs from `clients` threads, each request timed from send to full answer."""
     latencies, errors = [], 0
     stop_at = time.perf_counter() + time_limit
+    local = threading.local()  # one keep-alive connection per client, as a browser or a script holds one
 
     def one(_: int) -> float | None:
         if time.perf_counter() > stop_at:
             return None
+        if not hasattr(local, "client"):
+            local.client = httpx.Client(timeout=time_limit)
         begin = time.perf_counter()
-        response = httpx.post(url, files={"file": (name, payload)}, timeout=time_limit)
+        response = local.client.post(url, files={"file": (name, payload)})
         response.raise_for_status()
         return time.perf_counter() - begin
 
@@ -113,13 +122,14 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40, help="requests per run")
     parser.add_argument("--time-limit", type=float, default=120, help="seconds per run at most")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
+    parser.add_argument("--src", type=Path, help="run the server from this src/ folder (e.g. a worktree of an older commit)")
     args, serve_args = parser.parse_known_args()
     serve_args = [a for a in serve_args if a != "--"]
     with tempfile.TemporaryDirectory() as folder:
         image = args.image or synthetic_image(args.synthetic, Path(folder))
         payload = image.read_bytes()
         port = free_port()
-        server = start_server(port, serve_args)
+        server = start_server(port, serve_args, args.src)
         try:
             url = f"http://127.0.0.1:{port}/predict"
             load(url, payload, image.name, 1, 2, args.time_limit)  # warm-up: first-request costs are not load
@@ -130,7 +140,8 @@ def main() -> None:
             server.wait(10)
     with Image.open(io.BytesIO(payload)) as im:
         size = f"{im.width}x{im.height} {im.format}"
-    result = {"image": size, "bytes": len(payload), "serve_args": serve_args, "server_peak_rss_mb": rss, "runs": runs}
+    result = {"image": size, "bytes": len(payload), "serve_args": serve_args, "src": str(args.src or "installed"),
+              "server_peak_rss_mb": rss, "runs": runs}
     print(json.dumps(result, indent=1))
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))

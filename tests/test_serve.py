@@ -40,7 +40,60 @@ def test_predict_returns_mask_png_and_row(client):
     mask = Image.open(io.BytesIO(base64.b64decode(body["mask_png"])))
     assert mask.size == (60, 45)
     assert body["lesion_pixels"] == int((np.asarray(mask) > 0).sum())
-    assert Image.open(io.BytesIO(base64.b64decode(body["overlay_png"]))).size == (60, 45)
+    assert "overlay_png" not in body  # the page draws the outline from the mask
+    with_overlay = client.post("/predict?overlay=true", files={"file": ("lesion.jpg", jpeg_bytes(), "image/jpeg")}).json()
+    assert Image.open(io.BytesIO(base64.b64decode(with_overlay["overlay_png"]))).size == (60, 45)
+    assert with_overlay["mask_png"] == body["mask_png"]
+
+
+def test_large_jpeg_is_decoded_reduced_and_the_mask_comes_back_at_full_size(client):
+    """A 1000x750 JPEG reaches the 32 px model decoded at 1/8 scale; the mask still has the upload's own size
+    and the same lesion as a whole decode would give, within a few pixels of the outline."""
+    yy, xx = np.mgrid[:750, :1000]
+    photo = np.where((((yy - 375) ** 2 + (xx - 500) ** 2) < 250**2)[..., None], 60, 200).astype(np.uint8).repeat(3, 2)
+    buffer = io.BytesIO()
+    Image.fromarray(photo).save(buffer, "JPEG", quality=90)
+    reduced = client.post("/predict", files={"file": ("big.jpg", buffer.getvalue(), "image/jpeg")}).json()
+    whole = client.post("/predict?overlay=true", files={"file": ("big.jpg", buffer.getvalue(), "image/jpeg")}).json()
+    masks = [np.asarray(Image.open(io.BytesIO(base64.b64decode(r["mask_png"])))) for r in (reduced, whole)]
+    assert masks[0].shape == masks[1].shape == (750, 1000)
+    assert (masks[0] != masks[1]).mean() < 0.01
+
+
+def test_concurrent_requests_share_model_batches(app):
+    """Eight clients at once: every reply is right and the model ran fewer times than there were requests."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = TestClient(app)
+    batcher = app.state.batcher
+    calls_before = len(batcher.batch_sizes)
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda n: client.post("/predict", files={"file": (f"{n}.jpg", jpeg_bytes(), "image/jpeg")}),
+                                range(32)))
+    assert [r.status_code for r in replies] == [200] * 32
+    assert len({r.json()["mask_png"] for r in replies}) == 1  # same image, same mask, whatever the batch
+    sizes = batcher.batch_sizes[calls_before:]
+    assert sum(sizes) == 32 and len(sizes) < 32 and max(sizes) > 1
+
+
+def test_batcher_passes_model_errors_to_each_request_and_refuses_when_full():
+    from lesionseg.serve import MicroBatcher, ServerBusy
+
+    class Broken:
+        image_size, threshold, name, version = 8, 0.5, "broken", "0"
+
+        def __call__(self, images):
+            raise RuntimeError("model failed")
+
+    batcher = MicroBatcher(Broken())
+    with pytest.raises(RuntimeError, match="model failed"):
+        batcher(np.zeros((2, 3, 8, 8), np.uint8))
+    batcher.close()
+    stalled = MicroBatcher(Broken(), max_waiting=1)
+    stalled.close()  # no worker now: one image fills the queue and the next is refused, not queued forever
+    stalled.submit(np.zeros((3, 8, 8), np.uint8))
+    with pytest.raises(ServerBusy, match="1 images already wait"):
+        stalled.submit(np.zeros((3, 8, 8), np.uint8))
 
 
 @pytest.mark.parametrize("name, content, status, message", [

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 from lesionseg.config import ARCHS, ATTENTIONS, PRESETS
 from lesionseg.errors import LesionsegError
@@ -127,7 +128,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from lesionseg.prediction import load_predictor
     from lesionseg.serve import run_serve
 
-    run_serve(load_predictor(args.checkpoint, args.onnx), args.host, args.port)
+    start = time.perf_counter()  # a checkpoint is exported for onnxruntime first: about 20 s
+    predictor = load_predictor(args.checkpoint, args.onnx, backend=args.backend)
+    print(f"lesionseg: serving {predictor.name} with {type(predictor).__name__} "
+          f"(ready in {time.perf_counter() - start:.0f} s)", file=sys.stderr)
+    run_serve(predictor, args.host, args.port, args.max_batch, args.batch_window_ms)
 
 
 def cmd_download(args: argparse.Namespace) -> None:
@@ -210,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_source(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=("auto", "onnxruntime", "torch"), default="auto",
+                   help="how a --checkpoint runs: exported to onnxruntime (auto: when installed) or in PyTorch")
+    p.add_argument("--max-batch", type=int, default=16, help="most concurrent requests run as one model batch")
+    p.add_argument("--batch-window-ms", type=float, default=2.0,
+                   help="how long a batch waits for more requests after the first")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -48,21 +48,39 @@ def open_checked(source: Path | BinaryIO, name: str, what: str = "image") -> Ima
 def decode_image(source: Path | BinaryIO, name: str) -> tuple[Image.Image, list[str]]:
     """An 8-bit RGB image as it is meant to be seen (EXIF rotation applied), and what was converted.
     Every failure is a DataError naming `name`: a hostile file never escapes as a traceback."""
+    image, notes, _ = decode(source, name)
+    return image, notes
+
+
+def decode_reduced(source: Path | BinaryIO, name: str, min_side: int) -> tuple[Image.Image, tuple[int, int]]:
+    """The image decoded at the smallest JPEG scale (1/2, 1/4, 1/8, done inside the decoder, so several times
+    faster) that keeps both sides at least `min_side`, and the (width, height) it has at full size. For a
+    model that sees 128-256 px this is all it needs; other formats are decoded whole."""
+    image, _, full_size = decode(source, name, min_side)
+    return image, full_size
+
+
+def decode(source: Path | BinaryIO, name: str, min_side: int | None = None) -> tuple[Image.Image, list[str], tuple[int, int]]:
     notes = []
     with open_checked(source, name) as im:
         try:
+            full_width, full_height = im.size
+            if min_side and im.format == "JPEG":
+                im.draft(None, (min_side, min_side))
             im.load()  # decode fully now: a truncated file fails here, not halfway through training
             orientation = im.getexif().get(0x0112, 1)
             if orientation != 1:
                 notes.append(f"{name}: EXIF orientation {orientation} applied")
             im = ImageOps.exif_transpose(im)
+            if orientation in (5, 6, 7, 8):  # a quarter turn swaps the sides
+                full_width, full_height = full_height, full_width
             if im.mode.startswith("I"):  # 16/32-bit grayscale: scale 0..65535 to 0..255
                 notes.append(f"{name}: 16-bit {im.mode} image scaled to 8-bit RGB")
                 im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
             if im.mode != "RGB":
                 notes.append(f"{name}: {im.mode} image converted to RGB")
                 im = im.convert("RGB")
-            return im, notes
+            return im, notes, (full_width, full_height)
         except Exception as exc:  # truncated data, bad chunks, codec errors: all "cannot read"
             raise DataError(f"{name}: cannot read image ({exc.__class__.__name__}: {exc})") from None
 

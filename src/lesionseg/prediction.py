@@ -13,8 +13,10 @@ import io
 import json
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from importlib import resources
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Protocol, Union
 
@@ -63,7 +65,7 @@ class TorchPredictor:
         from lesionseg.data import normalize
 
         with torch.inference_mode():
-            x = normalize(torch.as_tensor(np.asarray(images)))
+            x = normalize(torch.from_numpy(np.array(images)))  # a copy: arrays from Pillow are read-only
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             return torch.sigmoid(self.model(x)).numpy()
@@ -79,6 +81,7 @@ class OnnxPredictor:
         if not path.is_file():
             raise LesionsegError(f"{path}: ONNX model not found")
         options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
         try:
@@ -106,13 +109,25 @@ def released_model() -> Path:
     return path
 
 
-def load_predictor(checkpoint: str | os.PathLike | None = None, onnx: str | os.PathLike | None = None) -> Predictor:
-    """A checkpoint (PyTorch), an ONNX file (onnxruntime), or with neither the released model."""
+def load_predictor(checkpoint: str | os.PathLike | None = None, onnx: str | os.PathLike | None = None,
+                   backend: str = "torch") -> Predictor:
+    """A checkpoint, an ONNX file (onnxruntime), or with neither the released model. A checkpoint runs in
+    PyTorch, or with backend "onnxruntime" exported and run there ("auto": onnxruntime if installed)."""
     if checkpoint and onnx:
         raise LesionsegError("give either --checkpoint CKPT or --onnx MODEL, not both")
-    if checkpoint:
-        return TorchPredictor(checkpoint)
-    return OnnxPredictor(onnx or released_model())
+    if not checkpoint:
+        return OnnxPredictor(onnx or released_model())
+    if backend == "onnxruntime" or (backend == "auto" and find_spec("onnxruntime") is not None):
+        return exported_predictor(checkpoint)
+    return TorchPredictor(checkpoint)
+
+
+def exported_predictor(checkpoint: str | os.PathLike) -> OnnxPredictor:
+    """The checkpoint exported to a temporary ONNX file and loaded by onnxruntime (the file is not kept)."""
+    from lesionseg.export import export_onnx
+
+    with tempfile.TemporaryDirectory() as folder:
+        return OnnxPredictor(export_onnx(checkpoint, Path(folder) / "model.onnx"))
 
 
 @dataclass
@@ -139,13 +154,15 @@ def to_own_size(probability: np.ndarray, width: int, height: int) -> np.ndarray:
     return np.asarray(Image.fromarray(probability.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR))
 
 
-def segment(predictor: Predictor, images: list[Image.Image], names: list[str] | None = None) -> list[Segmentation]:
-    """Resize each image to the model's size, predict as one batch, bring probabilities back to size."""
+def segment(predictor: Predictor, images: list[Image.Image], names: list[str] | None = None,
+            sizes: list[tuple[int, int]] | None = None) -> list[Segmentation]:
+    """Resize each image to the model's size, predict as one batch, bring probabilities back to each image's
+    own size: its (width, height) in `sizes` when it was decoded reduced (`images.decode_reduced`)."""
     batch = np.stack([model_input(im, predictor.image_size) for im in images])
     probabilities = predictor(batch)
     results = []
     for n, (image, p) in enumerate(zip(images, probabilities)):
-        full = to_own_size(p[0], image.width, image.height)
+        full = to_own_size(p[0], *(sizes[n] if sizes else image.size))
         results.append(Segmentation(full >= predictor.threshold, full, names[n] if names else ""))
     return results
 
@@ -203,10 +220,10 @@ def describe(name: str, result: Segmentation) -> dict[str, Any]:
     area = int(mask.sum())
     row: dict[str, Any] = {"file": name, "width": width, "height": height, "lesion_pixels": area,
                            "lesion_fraction": area / (width * height)}
-    if area:
-        ys, xs = np.nonzero(mask)
-        row.update(bbox_x0=int(xs.min()), bbox_y0=int(ys.min()), bbox_x1=int(xs.max()), bbox_y1=int(ys.max()),
-                   mean_probability=float(result.probability[mask].mean()))
+    if area:  # the box from the rows and columns that hold lesion: no coordinate list of every pixel
+        rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        row.update(bbox_x0=int(columns[0]), bbox_y0=int(rows[0]), bbox_x1=int(columns[-1]), bbox_y1=int(rows[-1]),
+                   mean_probability=float(result.probability.sum(where=mask, dtype=np.float64) / area))
     else:
         row.update(bbox_x0=None, bbox_y0=None, bbox_x1=None, bbox_y1=None, mean_probability=None)
     return row
@@ -226,6 +243,11 @@ def overlay(image: Image.Image, mask: np.ndarray) -> Image.Image:
 
 def mask_image(mask: np.ndarray) -> Image.Image:
     return Image.fromarray(mask.astype(np.uint8) * 255)
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """The mask as a 1-bit PNG (black 0, white 255 once decoded): 3-4x faster to write than 8-bit, and smaller."""
+    return png_bytes(Image.fromarray(mask))
 
 
 def png_bytes(image: Image.Image) -> bytes:

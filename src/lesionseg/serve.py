@@ -1,30 +1,110 @@
-"""`lesionseg serve`: POST /predict takes an image, GET / is a page to drop one on."""
+"""`lesionseg serve`: POST /predict takes an image, GET / is a page to drop one on.
+
+Where the time goes decides the design (benchmarks/README.md, "Service"): a request spends far longer
+decoding, resizing and encoding PNGs than in the model. So an upload is decoded only as large as the model
+needs (JPEG DCT scaling), the reply carries the mask alone (the page draws the outline itself; the overlay
+is opt-in), and the model runs in one thread that batches the requests in flight, instead of every
+request thread running its own model call on the same two cores.
+"""
 
 from __future__ import annotations
 
 import base64
 import io
+import queue
+import threading
 import time
+from concurrent.futures import Future
+from contextlib import asynccontextmanager
 from importlib import resources
 
+import numpy as np
 from fastapi import FastAPI, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 
 from lesionseg.errors import DataError, ImageTooLargeError, NotAnImageError
-from lesionseg.images import decode_image
-from lesionseg.prediction import Predictor, mask_image, overlay, png_bytes, segment
+from lesionseg.images import decode_image, decode_reduced
+from lesionseg.prediction import Predictor, mask_png, png_bytes, segment
+from lesionseg.prediction import overlay as outlined
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 
 
-def decode_upload(data: bytes, name: str) -> Image.Image:
-    """RGB image from uploaded bytes under the policy every path shares (`images.decode_image`), or an HTTP 4xx
-    that says what is wrong with the file: 413 too many pixels, 415 not an image, 400 corrupt."""
+class ServerBusy(Exception):
+    """More requests are waiting for the model than the queue holds."""
+
+
+class MicroBatcher:
+    """The Predictor protocol for many request threads: images submitted while the model is busy, or within
+    `window_s` of the first, run together as one batch of at most `max_batch`, one model call at a time."""
+
+    def __init__(self, predictor: Predictor, max_batch: int = 16, window_s: float = 0.002, max_waiting: int = 256) -> None:
+        self.predictor, self.max_batch, self.window_s = predictor, max_batch, window_s
+        self.image_size, self.threshold = predictor.image_size, predictor.threshold
+        self.name, self.version = predictor.name, predictor.version
+        self.batch_sizes: list[int] = []  # one entry per model call, for tests and benchmarks
+        self.waiting: queue.Queue = queue.Queue(max_waiting)
+        self.worker = threading.Thread(target=self.run, name="lesionseg-batcher", daemon=True)
+        self.worker.start()
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        futures = [self.submit(image) for image in images]
+        return np.stack([future.result() for future in futures])
+
+    def submit(self, image: np.ndarray) -> Future:
+        future: Future = Future()
+        try:
+            self.waiting.put_nowait((image, future))
+        except queue.Full:
+            raise ServerBusy(f"{self.waiting.maxsize} images already wait for the model") from None
+        return future
+
+    def next_batch(self) -> list[tuple[np.ndarray, Future]] | None:
+        """What is queued now, plus what arrives within the window, up to max_batch; None to stop."""
+        first = self.waiting.get()
+        if first is None:
+            return None
+        batch, deadline = [first], time.perf_counter() + self.window_s
+        while len(batch) < self.max_batch:
+            try:
+                item = self.waiting.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if item is None:  # stop after this batch
+                self.waiting.put(None)
+                break
+            batch.append(item)
+        return batch
+
+    def run(self) -> None:
+        while (batch := self.next_batch()) is not None:
+            try:
+                probabilities = self.predictor(np.stack([image for image, _ in batch]))
+            except Exception as exc:  # every waiting request gets the model's error, the worker lives on
+                for _, future in batch:
+                    future.set_exception(exc)
+                continue
+            self.batch_sizes.append(len(batch))
+            for (_, future), probability in zip(batch, probabilities):
+                future.set_result(probability)
+
+    def close(self) -> None:
+        self.waiting.put(None)
+        self.worker.join(10)
+
+
+def decode_upload(data: bytes, name: str, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """RGB image from uploaded bytes under the policy every path shares (`images`), reduced where the format
+    allows to at least `min_side` pixels a side, and its full size; or an HTTP 4xx that says what is wrong
+    with the file: 413 too many pixels, 415 not an image, 400 corrupt."""
     if not data:
         raise HTTPException(400, f"{name}: empty upload")
     try:
-        return decode_image(io.BytesIO(data), name)[0]
+        if min_side:
+            return decode_reduced(io.BytesIO(data), name, min_side)
+        image = decode_image(io.BytesIO(data), name)[0]
+        return image, image.size
     except ImageTooLargeError as exc:
         raise HTTPException(413, str(exc)) from None
     except NotAnImageError as exc:
@@ -33,8 +113,21 @@ def decode_upload(data: bytes, name: str) -> Image.Image:
         raise HTTPException(400, str(exc)) from None
 
 
-def create_app(predictor: Predictor, max_upload_bytes: int = MAX_UPLOAD_BYTES) -> FastAPI:
-    app = FastAPI(title="lesionseg", description="Skin-lesion segmentation of dermoscopy images")
+def as_base64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def create_app(predictor: Predictor, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_batch: int = 16,
+               batch_window_s: float = 0.002) -> FastAPI:
+    batcher = MicroBatcher(predictor, max_batch, batch_window_s)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        batcher.close()
+
+    app = FastAPI(title="lesionseg", description="Skin-lesion segmentation of dermoscopy images", lifespan=lifespan)
+    app.state.batcher = batcher
     page = resources.files("lesionseg").joinpath("static", "index.html").read_text()
 
     @app.middleware("http")
@@ -53,29 +146,31 @@ def create_app(predictor: Predictor, max_upload_bytes: int = MAX_UPLOAD_BYTES) -
         return {"status": "ok", "image_size": predictor.image_size, "model": predictor.name, "version": predictor.version}
 
     @app.post("/predict")
-    def predict(file: UploadFile) -> dict:
-        """The JSON row of the image, with its mask and overlay as base64 PNG (run in the thread pool,
-        so a long prediction does not hold up other requests)."""
+    def predict(file: UploadFile, overlay: bool = False) -> dict:
+        """The JSON row of the image and its mask as a base64 1-bit PNG at the image's own size; with
+        `?overlay=true` also `overlay_png`, the image with the outline drawn (full decode, several times slower).
+        Runs in the thread pool; the model call itself is batched with the other requests in flight."""
         name = file.filename or "upload"
         data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"{name}: larger than the {max_upload_bytes // 2**20} MiB upload limit")
-        image = decode_upload(data, name)
         start = time.perf_counter()
-        result = segment(predictor, [image], [name])[0]
-        return {
-            **result.stats,
-            "model": predictor.name,
-            "version": predictor.version,
-            "seconds": time.perf_counter() - start,
-            "mask_png": base64.b64encode(png_bytes(mask_image(result.mask))).decode(),
-            "overlay_png": base64.b64encode(png_bytes(overlay(image, result.mask))).decode(),
-        }
+        image, size = decode_upload(data, name, None if overlay else predictor.image_size)
+        try:
+            result = segment(batcher, [image], [name], [size])[0]
+        except ServerBusy as exc:
+            raise HTTPException(503, f"{name}: server busy ({exc}); retry later") from None
+        reply = {**result.stats, "model": predictor.name, "version": predictor.version,
+                 "mask_png": as_base64(mask_png(result.mask))}
+        if overlay:
+            reply["overlay_png"] = as_base64(png_bytes(outlined(image, result.mask)))
+        return {**reply, "seconds": time.perf_counter() - start}
 
     return app
 
 
-def run_serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000) -> None:
+def run_serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
+              batch_window_ms: float = 2.0) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(predictor), host=host, port=port)
+    uvicorn.run(create_app(predictor, max_batch=max_batch, batch_window_s=batch_window_ms / 1000), host=host, port=port)
