@@ -86,3 +86,15 @@ def test_serve_load_reports_throughput_latency_and_memory(tiny_checkpoint, tmp_p
     for run in result["runs"]:
         assert run["sent"] == 4 and run["errors"] == 0 and run["requests_per_s"] > 0
         assert 0 < run["p50_ms"] <= run["p95_ms"] <= run["max_ms"]
+
+
+def test_speed_peaks_name_their_source():
+    """The theoretical fp32 peak follows the vector width and FMA pipes; the measured ones run."""
+    speed = load("speed")
+    zen1 = {"cores": 2, "base_mhz": 2000.0, "isa": "avx2+fma", "family": "23", "model": "1"}
+    assert speed.theoretical_peak_gflops(zen1)[0] == pytest.approx(64.0)  # 2 x 2 GHz x 16 FLOP/cycle
+    zen4 = {**zen1, "family": "25", "model": "17", "isa": "avx512f"}
+    peak, how = speed.theoretical_peak_gflops(zen4)
+    assert peak == pytest.approx(256.0) and "avx512f" in how
+    assert speed.theoretical_peak_gflops({**zen1, "base_mhz": None}) == (None, "clock unknown")
+    assert speed.onnxruntime_matmul_gflops(128, 2) > 0.1

@@ -104,3 +104,26 @@ def test_onnx_inference_never_imports_pytorch(onnx_model, photos, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(list((tmp_path / "o").glob("*_mask.png"))) == 3
+
+
+def test_int8_export_is_calibrated_on_training_images_and_close_to_float32(tiny_checkpoint, onnx_model, tmp_path, capsys):
+    """`export --int8`: a quarter of the file, int8 recorded in its metadata, probabilities close to float32,
+    and usable by predict and evaluate like any export."""
+    from lesionseg.evaluation import evaluate_checkpoint
+
+    int8 = tmp_path / "int8.onnx"
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--onnx", str(int8), "--int8"]) == 0
+    assert int8.stat().st_size < 0.35 * onnx_model.stat().st_size
+    predictor = OnnxPredictor(int8)
+    assert predictor.metadata["precision"] == "int8" and "per-channel" in predictor.metadata["int8_recipe"]
+    assert predictor.name.endswith("int8") and predictor.image_size == 32
+    data = torch.load(tiny_checkpoint, weights_only=True)["config"]["data"]
+    test = load_split(data, "test", 32).images.numpy()
+    assert np.abs(predictor(test) - OnnxPredictor(onnx_model)(test)).mean() < 0.02
+    assert evaluate_checkpoint(int8, data, progress=False)["images"] == 4
+    (tmp_path / "empty").mkdir()
+    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--onnx", str(tmp_path / "x.onnx"), "--int8",
+                 "--calibration-data", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "empty: no training images to calibrate int8 on" in err
+    assert not (tmp_path / "x.onnx").exists()

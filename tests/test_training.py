@@ -224,3 +224,16 @@ def test_unfreeze_after_trains_the_decoder_alone_first(tiny_data, tmp_path, monk
     assert not torch.equal(warm[0], thawed[0]) and not torch.equal(warm[1], thawed[1])
     with pytest.raises(ConfigError, match="unfreeze_after"):
         tiny_config(tiny_data, tmp_path / "bad", epochs=2, unfreeze_after=2)
+
+
+def test_amp_on_the_cpu_trains_in_bfloat16_channels_last_and_warns_where_that_is_slow(tiny_data, tmp_path, monkeypatch, capsys):
+    conv = torch.nn.Conv2d(3, 4, 3)
+    with training.autocast(torch.device("cpu"), True):
+        assert conv(torch.randn(1, 3, 8, 8)).dtype == torch.bfloat16
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    run = fit(tiny_config(tiny_data, tmp_path / "amp", epochs=1, amp=True, channels_last=True), progress=False)
+    assert "WARNING: --amp on this CPU" in capsys.readouterr().err
+    row = next(csv.DictReader(open(run / "log.csv")))
+    assert 0 < float(row["train_loss"]) < 10 and 0 <= float(row["val_iou"]) <= 1
+    model, config = model_from_checkpoint(load_checkpoint(run))
+    assert config.amp and config.channels_last and next(model.parameters()).dtype == torch.float32

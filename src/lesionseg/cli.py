@@ -34,7 +34,9 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decoder-attention", choices=ATTENTIONS,
                         help="scse attention in each decoder block (arch unet; the others ignore it)")
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
-    parser.add_argument("--amp", action="store_const", const=True, help="mixed precision on CUDA")
+    parser.add_argument("--amp", action="store_const", const=True,
+                        help="mixed precision: bfloat16 on the CPU (fast only where it has AVX512-BF16 or AMX), float16 on CUDA")
+    parser.add_argument("--channels-last", action="store_const", const=True, help="NHWC memory layout for training")
     parser.add_argument("--sync-bn", action="store_const", const=True, help="SyncBatchNorm across GPUs under torchrun")
     parser.add_argument("--cache-dir", help="where resized images are cached (default $LESIONSEG_CACHE or ~/.cache/lesionseg)")
     weights = parser.add_mutually_exclusive_group()
@@ -60,6 +62,7 @@ def training_overrides(args: argparse.Namespace) -> dict:
         "arch": args.arch, "optimizer": args.optimizer, "weight_decay": args.weight_decay, "schedule": args.schedule,
         "warmup_epochs": args.warmup_epochs, "monitor": args.monitor, "patience": args.patience,
         "dropout": args.dropout, "decoder_attention": args.decoder_attention, "device": args.device, "amp": args.amp,
+        "channels_last": args.channels_last,
         "sync_bn": args.sync_bn, "strict": args.strict, "freeze_bn": args.freeze_bn,
         "encoder_lr_scale": args.encoder_lr_scale, "unfreeze_after": args.unfreeze_after,
     }
@@ -119,9 +122,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from lesionseg.export import export_onnx
+    from lesionseg.export import export_int8, export_onnx
 
-    print(f"exported: {export_onnx(args.checkpoint, args.onnx, fp16_weights=args.fp16_weights)}")
+    if args.int8:
+        path = export_int8(args.checkpoint, args.onnx, args.calibration_data, args.calibration_images)
+    else:
+        path = export_onnx(args.checkpoint, args.onnx, fp16_weights=args.fp16_weights)
+    print(f"exported: {path}")
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -201,8 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a checkpoint to ONNX (dynamic batch, normalization inside)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--onnx", required=True, help="output .onnx file")
-    p.add_argument("--fp16-weights", action="store_true",
-                   help="store weights as float16 (half the file; still computes in float32)")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--fp16-weights", action="store_true",
+                           help="store weights as float16 (half the file; still computes in float32)")
+    precision.add_argument("--int8", action="store_true",
+                           help="int8 weights and activations (onnxruntime static quantization, calibrated on training images)")
+    p.add_argument("--calibration-data", metavar="DIR",
+                   help="training images for --int8's activation ranges (default: the data the checkpoint was trained on)")
+    p.add_argument("--calibration-images", type=int, metavar="N", help="how many (default 128)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("download", help="fetch, verify and extract a dataset's official archives")

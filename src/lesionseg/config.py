@@ -44,7 +44,8 @@ class TrainConfig:
     monitor: str = "val_loss"  # which validation number picks best.pt: "val_loss" (lower) | "val_iou" (higher)
     patience: int = 0  # stop after this many epochs without a better monitor value; 0 = never
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda", "cuda:1", ...
-    amp: bool = False  # mixed precision on CUDA
+    amp: bool = False  # mixed precision: bfloat16 autocast on the CPU, float16 with loss scaling on CUDA
+    channels_last: bool = False  # NHWC tensors, the layout oneDNN's CPU convolutions prefer
     sync_bn: bool = False  # SyncBatchNorm across processes in distributed training
     dropout: float = 0.2  # the paper names Dropout in every decoder block but not its rate
     decoder_attention: str = "none"  # "scse": squeeze-and-excitation in each decoder block (arch unet; others ignore it)

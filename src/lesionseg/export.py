@@ -80,3 +80,21 @@ def export_onnx(checkpoint: str | os.PathLike, path: str | os.PathLike, fp16_wei
     except OSError as exc:
         raise LesionsegError(f"{path}: cannot write ({exc.strerror or exc})") from None
     return path
+
+
+def export_int8(checkpoint: str | os.PathLike, path: str | os.PathLike, calibration_data: str | os.PathLike | None = None,
+                calibration_images: int | None = None) -> Path:
+    """The checkpoint as an int8 ONNX model (`quantize.DEFAULT_RECIPE`), its activation ranges calibrated on
+    training images: from `calibration_data`, else from the folder the checkpoint was trained on."""
+    import tempfile
+    from dataclasses import replace
+
+    from lesionseg.data import resolve_data_dir
+    from lesionseg.quantize import DEFAULT_RECIPE, quantize_int8, training_images
+
+    config = model_from_checkpoint(load_checkpoint(checkpoint))[1]
+    recipe = replace(DEFAULT_RECIPE, images=calibration_images or DEFAULT_RECIPE.images)
+    images = training_images(resolve_data_dir(calibration_data or config.data), recipe.images, config.image_size)
+    with tempfile.TemporaryDirectory() as folder:
+        fp32 = export_onnx(checkpoint, Path(folder) / "fp32.onnx")
+        return quantize_int8(fp32, path, images, recipe)

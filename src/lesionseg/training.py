@@ -15,6 +15,7 @@ import pickle
 import platform
 import random
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -149,13 +150,29 @@ def build_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int) -> tor
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device, bar) -> tuple[float, int]:
+def warn_if_slow_bf16(device: torch.device, amp: bool) -> None:
+    """bfloat16 convolutions are fast only where oneDNN has native bf16 (AVX512-BF16, AMX); elsewhere PyTorch
+    falls back to a generic im2col path about 10x slower than float32 (benchmarks/README.md, "bf16")."""
+    if amp and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        print("lesionseg: WARNING: --amp on this CPU (no AVX512-BF16 or AMX) runs bfloat16 convolutions on a slow "
+              "path, about 10x slower than float32; train without --amp here", file=sys.stderr)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """Mixed precision: bfloat16 on the CPU (no loss scaling needed), float16 on CUDA (with the GradScaler)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16, enabled=enabled)
+
+
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device, bar, amp: bool = False,
+                    channels_last: bool = False) -> tuple[float, int]:
     """Mean training loss over this process's batches and the number of images it saw."""
     model.train()
     total, count = 0.0, 0
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for images, masks in loader:
-        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-        with torch.autocast(device.type, enabled=scaler.is_enabled()):
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
+        masks = masks.to(device, non_blocking=True)
+        with autocast(device, amp):
             loss = loss_fn(model(images), masks)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -249,11 +266,13 @@ class Trainer:
             if self.device.type == "cpu":
                 raise LesionsegError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = model.to(self.device)
+        self.model = model.to(self.device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
         self.net = self.wrap()
         self.loss_fn = WeightedSum(config.loss)
         self.optimizer = build_optimizer(config, self.model)
         self.scheduler = build_scheduler(config, self.optimizer, len(self.train_loader))
+        if process.is_main:
+            warn_if_slow_bf16(self.device, config.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp and self.device.type == "cuda")
         self.state: dict[str, Any] = {"epoch": 0, "best_metric": None, "best_epoch": 0, "history": []}
 
@@ -314,7 +333,7 @@ class Trainer:
                 self.train_loader.dataset.epoch = epoch
                 start = time.perf_counter()
                 loss, seen = train_one_epoch(self.net, self.train_loader, self.loss_fn, self.optimizer, self.scheduler,
-                                             self.scaler, self.device, bar)
+                                             self.scaler, self.device, bar, config.amp, config.channels_last)
                 seconds = time.perf_counter() - start
                 row = {"epoch": epoch, "train_loss": mean_across(loss, seen, self.process, self.device),
                        **validate(self.model, self.val_loader, self.loss_fn, config.threshold, self.device),

@@ -1,0 +1,114 @@
+"""int8 ONNX models for CPUs with int8 dot products (AVX-512 VNNI): onnxruntime's static quantization,
+calibrated on training images only. Which recipe holds accuracy was measured, not assumed
+(benchmarks/int8.py, benchmarks/README.md "int8"); `DEFAULT_RECIPE` is the one that did.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lesionseg.errors import DataError, LesionsegError
+from lesionseg.images import IMAGE_SUFFIXES, read_image
+from lesionseg.prediction import model_input
+
+CALIBRATIONS = ("minmax", "entropy", "percentile")
+FLOAT_ROLES = ("first_conv", "last_conv", "resize")  # layers that may be kept in float32
+
+
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How to quantize: per-channel weight scales, the activation-range method, how many calibration
+    images, which layers stay float32, and the graph format (QDQ pairs, or QLinear operators)."""
+
+    per_channel: bool = True
+    calibration: str = "minmax"
+    images: int = 128
+    keep_float: tuple[str, ...] = ()
+    format: str = "qdq"
+
+    def describe(self) -> str:
+        kept = "+".join(self.keep_float) or "none"
+        return (f"{self.format}, {'per-channel' if self.per_channel else 'per-tensor'} weights, {self.calibration} "
+                f"ranges from {self.images} training images, float32 kept: {kept}")
+
+
+DEFAULT_RECIPE = Int8Recipe()
+
+
+def training_images(folder: str | os.PathLike, count: int, size: int, seed: int = 0) -> np.ndarray:
+    """uint8 (N,3,S,S): `count` images drawn (seeded) from a training folder (ISIC 2016 layout or images/)."""
+    folder = Path(folder)
+    candidates = [folder / "ISBI2016_ISIC_Part1_Training_Data", folder / "images", folder]
+    source = next((c for c in candidates if c.is_dir()), None)
+    files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if source else []
+    if not files:
+        raise DataError(f"{folder}: no training images to calibrate int8 on (.jpg/.png in the training folder or images/)")
+    chosen = random.Random(seed).sample(files, min(count, len(files)))
+    return np.stack([model_input(read_image(path), size) for path in chosen])
+
+
+def float_node_names(model, roles: tuple[str, ...]) -> list[str]:
+    """Names of the nodes that play each role: the first and last convolution, every bilinear upsampling."""
+    convs = [node.name for node in model.graph.node if node.op_type == "Conv"]
+    names = []
+    if "first_conv" in roles:
+        names.append(convs[0])
+    if "last_conv" in roles:
+        names.append(convs[-1])
+    if "resize" in roles:
+        names += [node.name for node in model.graph.node if node.op_type == "Resize"]
+    return names
+
+
+def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, images: np.ndarray,
+                  recipe: Int8Recipe = DEFAULT_RECIPE) -> Path:
+    """Write the int8 model of an exported float32 lesionseg model. `images`: uint8 (N,3,S,S) training
+    images for the activation ranges. Metadata is carried over, with the recipe and `precision: int8`."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.calibrate import CalibrationDataReader
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if recipe.calibration not in CALIBRATIONS:
+        raise LesionsegError(f"int8 calibration must be one of {', '.join(CALIBRATIONS)}, not {recipe.calibration!r}")
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(np.array_split(images.astype(np.float32) / 255, max(1, len(images) // 16)))
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {"image": batch}
+
+    out_path = Path(out_path)
+    original = onnx.load(str(fp32_path))
+    with tempfile.TemporaryDirectory() as folder:
+        prepared = Path(folder) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared))  # shape inference and graph clean-up, as the docs advise
+        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[recipe.calibration]
+        quantized = Path(folder) / "int8.onnx"
+        quantize_static(str(prepared), str(quantized), Batches(),
+                        quant_format=QuantFormat.QDQ if recipe.format == "qdq" else QuantFormat.QOperator,
+                        per_channel=recipe.per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=method, nodes_to_exclude=float_node_names(onnx.load(str(prepared)), recipe.keep_float))
+        model = onnx.load(str(quantized))
+    props = {p.key: p.value for p in original.metadata_props}
+    props.update(precision="int8", int8_recipe=recipe.describe(), weights_storage="int8",
+                 version=f"{props.get('version', fp32_path)}, int8", name=f"{props.get('name', 'model')} int8")
+    onnx.helper.set_model_props(model, props)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(".onnx.tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def recipe_dict(recipe: Int8Recipe) -> dict:
+    return asdict(recipe)
