@@ -127,3 +127,15 @@ def test_int8_export_is_calibrated_on_training_images_and_close_to_float32(tiny_
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "empty: no training images to calibrate int8 on" in err
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_serving_a_checkpoint_runs_it_in_onnxruntime(tiny_checkpoint, onnx_model):
+    """`serve --checkpoint` (backend auto) exports in a child process and serves the ONNX model: same name,
+    same probabilities as the checkpoint; `--backend torch` keeps PyTorch."""
+    from lesionseg.prediction import load_predictor
+
+    served = load_predictor(tiny_checkpoint, backend="auto")
+    assert isinstance(served, OnnxPredictor) and served.name == TorchPredictor(tiny_checkpoint).name
+    images = np.random.default_rng(1).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+    assert np.abs(served(images) - TorchPredictor(tiny_checkpoint)(images)).max() < 1e-4
+    assert isinstance(load_predictor(tiny_checkpoint, backend="torch"), TorchPredictor)
