@@ -1,10 +1,12 @@
 """Which int8 recipe holds accuracy, and how fast is it? For each float32 model and each recipe: quantize
-(calibrated on training images only), score on the test split at the stored resolution (mean per-image
-Jaccard, paired interval against float32), and time batch-32 onnxruntime throughput against float32,
+(calibrated on training images only, the run's validation images left out), score on those validation
+images (what the default recipe is chosen on) and on the test split at the stored resolution (mean
+per-image Jaccard, paired intervals against float32), and time batch-32 onnxruntime throughput against float32,
 alternating the two in one process so the ratio holds on a busy or slower machine.
 
     .venv/bin/python benchmarks/int8.py --data ../shared/data/isic2016-256 --out runs/int8 \
-        --model paper=runs/paper-model2.onnx --model unet=runs/release/model-fp32.onnx \
+        --model paper=runs/paper-model2.onnx:runs/paper-imagenet/model2-finetune/split.json \
+        --model unet=runs/release/model-fp32.onnx:runs/release/train/split.json \
         --recipe naive --recipe per-channel --recipe keep-ends
 """
 
@@ -18,9 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
+from reduced_decode import jaccard
+
+from lesionseg.data import find_pairs
 from lesionseg.evaluation import evaluate_checkpoint
+from lesionseg.images import inspect_mask, read_image
 from lesionseg.metrics import paired_difference
-from lesionseg.prediction import OnnxPredictor
+from lesionseg.prediction import OnnxPredictor, segment
 from lesionseg.quantize import Int8Recipe, quantize_int8, recipe_dict, training_images
 
 RECIPES = {
@@ -35,6 +41,8 @@ RECIPES = {
     "qoperator": Int8Recipe(format="qoperator"),
     "per-channel-512": Int8Recipe(images=512),
     "keep-ends-512": Int8Recipe(images=512, keep_float=("first_conv", "last_conv")),
+    "conv-only": Int8Recipe(op_types=("Conv",)),  # attention gates (Sigmoid, Mul), adds and resizes in float32
+    "conv-add": Int8Recipe(op_types=("Conv", "Add")),
 }
 
 
@@ -48,6 +56,13 @@ def cpu_name() -> str:
 def test_scores(model: Path, data: str) -> tuple[float, dict[str, float]]:
     scored = evaluate_checkpoint(model, data, "test", out=None, source_resolution=True, progress=False)
     return scored["metrics_source_resolution"]["iou_per_image"], {r["id"]: r["iou_source"] for r in scored["per_image"]}
+
+
+def validation_scores(model: Path, data: str, val_ids: set[str]) -> dict[str, float]:
+    """Per-image Jaccard on the run's own validation images (what a recipe may be chosen on)."""
+    predictor = OnnxPredictor(model)
+    pairs = [pair for pair in find_pairs(data, "train")[0] if pair.id in val_ids]
+    return {pair.id: jaccard(segment(predictor, [read_image(pair.image)])[0].mask, inspect_mask(pair.mask)[0]) for pair in pairs}
 
 
 def paired_rates(first: OnnxPredictor, second: OnnxPredictor, size: int, rounds: int = 5) -> tuple[float, float]:
@@ -64,36 +79,44 @@ def paired_rates(first: OnnxPredictor, second: OnnxPredictor, size: int, rounds:
     return best[0], best[1]
 
 
-def parse_model(text: str) -> tuple[str, Path]:
-    label, _, path = text.partition("=")
-    return label, Path(path)
+def parse_model(text: str) -> tuple[str, Path, Path]:
+    label, _, paths = text.partition("=")
+    model, _, split = paths.partition(":")
+    return label, Path(model), Path(split)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="dataset: training split for calibration, test split for scores")
-    parser.add_argument("--model", action="append", type=parse_model, required=True, help="LABEL=float32.onnx")
+    parser.add_argument("--model", action="append", type=parse_model, required=True,
+                        help="LABEL=float32.onnx:split.json (the split.json of the run it was trained in)")
     parser.add_argument("--recipe", action="append", choices=RECIPES, help="default: all")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    results = {"cpu": cpu_name(), "data": args.data, "models": {}}
-    for label, fp32 in args.model:
+    summary = args.out / "int8.json"  # a later run adds its recipes to those already measured
+    results = json.loads(summary.read_text()) if summary.is_file() else {"cpu": cpu_name(), "data": args.data, "models": {}}
+    for label, fp32, split in args.model:
         reference = OnnxPredictor(fp32)
+        val_ids = set(json.loads(split.read_text())["val"])
+        fp32_val = validation_scores(fp32, args.data, val_ids)
         fp32_iou, fp32_per_image = test_scores(fp32, args.data)
-        rows = results["models"][label] = {"float32": {"path": str(fp32), "iou_per_image": fp32_iou}}
+        rows = results["models"].setdefault(label, {})
+        rows["float32"] = {"path": str(fp32), "iou_per_image": fp32_iou, "val_iou": float(np.mean(list(fp32_val.values())))}
         for name in args.recipe or list(RECIPES):
             recipe = RECIPES[name]
-            calibration = training_images(args.data, recipe.images, reference.image_size)
+            calibration = training_images(args.data, recipe.images, reference.image_size, exclude=frozenset(val_ids))
             int8 = quantize_int8(fp32, args.out / label / f"{name}.onnx", calibration, recipe)
+            val = paired_difference(validation_scores(int8, args.data, val_ids), fp32_val)
             iou, per_image = test_scores(int8, args.data)
             fp32_rate, int8_rate = paired_rates(reference, OnnxPredictor(int8), reference.image_size, args.rounds)
-            rows[name] = {"recipe": recipe_dict(recipe), "iou_per_image": iou, "minus_float32": paired_difference(per_image, fp32_per_image),
+            rows[name] = {"recipe": recipe_dict(recipe), "val_minus_float32": val, "iou_per_image": iou,
+                          "minus_float32": paired_difference(per_image, fp32_per_image),
                           "float32_images_per_s": fp32_rate, "int8_images_per_s": int8_rate, "speedup": int8_rate / fp32_rate,
                           "bytes": int8.stat().st_size}
-            print(f"{label} {name}: Jaccard {iou:.4f} ({iou - fp32_iou:+.4f} vs float32 {fp32_iou:.4f}), "
-                  f"{int8_rate:.0f} vs {fp32_rate:.0f} img/s = {int8_rate / fp32_rate:.2f}x", flush=True)
-            (args.out / "int8.json").write_text(json.dumps(results, indent=1))
+            print(f"{label} {name}: validation {val['mean']:+.4f}; test Jaccard {iou:.4f} ({iou - fp32_iou:+.4f} vs float32 "
+                  f"{fp32_iou:.4f}), {int8_rate:.0f} vs {fp32_rate:.0f} img/s = {int8_rate / fp32_rate:.2f}x", flush=True)
+            summary.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def test_serve_load_reports_throughput_latency_and_memory(tiny_checkpoint, tmp_p
 
     out = tmp_path / "load.json"
     subprocess.run([sys.executable, str(BENCHMARKS / "serve_load.py"), "--synthetic", "64x48.png", "--clients", "1", "2",
-                    "--requests", "4", "--time-limit", "60", "--out", str(out), "--", "--checkpoint", str(tiny_checkpoint)],
+                    "--requests", "4", "--time-limit", "60", "--out", str(out), "--", "--checkpoint", str(tiny_checkpoint), "--backend", "torch"],
                    check=True, capture_output=True, timeout=300)
     result = json.loads(out.read_text())
     assert result["image"] == "64x48 PNG" and result["server_peak_rss_mb"] > 50

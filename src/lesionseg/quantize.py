@@ -31,22 +31,26 @@ class Int8Recipe:
     images: int = 128
     keep_float: tuple[str, ...] = ()
     format: str = "qdq"
+    op_types: tuple[str, ...] = ()  # only these operator types in int8 (e.g. Conv); () = all onnxruntime can
 
     def describe(self) -> str:
         kept = "+".join(self.keep_float) or "none"
+        ops = "+".join(self.op_types) or "all"
         return (f"{self.format}, {'per-channel' if self.per_channel else 'per-tensor'} weights, {self.calibration} "
-                f"ranges from {self.images} training images, float32 kept: {kept}")
+                f"ranges from {self.images} training images, int8 ops: {ops}, float32 kept: {kept}")
 
 
 DEFAULT_RECIPE = Int8Recipe()
 
 
-def training_images(folder: str | os.PathLike, count: int, size: int, seed: int = 0) -> np.ndarray:
-    """uint8 (N,3,S,S): `count` images drawn (seeded) from a training folder (ISIC 2016 layout or images/)."""
+def training_images(folder: str | os.PathLike, count: int, size: int, seed: int = 0,
+                    exclude: frozenset[str] = frozenset()) -> np.ndarray:
+    """uint8 (N,3,S,S): `count` images drawn (seeded) from a training folder (ISIC 2016 layout or images/),
+    leaving out the ids in `exclude` (a run's validation images, kept for choosing between recipes)."""
     folder = Path(folder)
     candidates = [folder / "ISBI2016_ISIC_Part1_Training_Data", folder / "images", folder]
     source = next((c for c in candidates if c.is_dir()), None)
-    files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES) if source else []
+    files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.stem not in exclude) if source else []
     if not files:
         raise DataError(f"{folder}: no training images to calibrate int8 on (.jpg/.png in the training folder or images/)")
     chosen = random.Random(seed).sample(files, min(count, len(files)))
@@ -97,7 +101,8 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, ima
         quantize_static(str(prepared), str(quantized), Batches(),
                         quant_format=QuantFormat.QDQ if recipe.format == "qdq" else QuantFormat.QOperator,
                         per_channel=recipe.per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=method, nodes_to_exclude=float_node_names(onnx.load(str(prepared)), recipe.keep_float))
+                        calibrate_method=method, op_types_to_quantize=list(recipe.op_types) or None,
+                        nodes_to_exclude=float_node_names(onnx.load(str(prepared)), recipe.keep_float))
         model = onnx.load(str(quantized))
     props = {p.key: p.value for p in original.metadata_props}
     props.update(precision="int8", int8_recipe=recipe.describe(), weights_storage="int8",
