@@ -41,6 +41,7 @@ RECIPES = {
     "qoperator": Int8Recipe(format="qoperator"),
     "per-channel-512": Int8Recipe(images=512),
     "keep-ends-512": Int8Recipe(images=512, keep_float=("first_conv", "last_conv")),
+    "percentile-512": Int8Recipe(calibration="percentile", images=512),
     "conv-only": Int8Recipe(op_types=("Conv",)),  # attention gates (Sigmoid, Mul), adds and resizes in float32
     "conv-add": Int8Recipe(op_types=("Conv", "Add")),
 }
