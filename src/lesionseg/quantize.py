@@ -102,9 +102,6 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, ima
                         quant_format=QuantFormat.QDQ if recipe.format == "qdq" else QuantFormat.QOperator,
                         per_channel=recipe.per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=method, op_types_to_quantize=list(recipe.op_types) or None,
-                        # fold activations into the ranges every 2 batches instead of holding them all: the
-                        # U-Net's percentile calibration peaked at 8.6 GB with 128 images otherwise
-                        extra_options={"CalibMaxIntermediateOutputs": 2},
                         nodes_to_exclude=float_node_names(onnx.load(str(prepared)), recipe.keep_float))
         model = onnx.load(str(quantized))
     props = {p.key: p.value for p in original.metadata_props}
