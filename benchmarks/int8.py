@@ -16,6 +16,7 @@ import argparse
 import json
 import platform
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from lesionseg.evaluation import evaluate_checkpoint
 from lesionseg.images import inspect_mask, read_image
 from lesionseg.metrics import paired_difference
 from lesionseg.prediction import OnnxPredictor, segment
-from lesionseg.quantize import Int8Recipe, quantize_int8, recipe_dict, training_images
+from lesionseg.quantize import Int8Recipe, quantize_int8, training_images
 
 RECIPES = {
     "naive": Int8Recipe(per_channel=False),
@@ -111,7 +112,7 @@ def main() -> None:
             val = paired_difference(validation_scores(int8, args.data, val_ids), fp32_val)
             iou, per_image = test_scores(int8, args.data)
             fp32_rate, int8_rate = paired_rates(reference, OnnxPredictor(int8), reference.image_size, args.rounds)
-            rows[name] = {"recipe": recipe_dict(recipe), "val_minus_float32": val, "iou_per_image": iou,
+            rows[name] = {"recipe": asdict(recipe), "val_minus_float32": val, "iou_per_image": iou,
                           "minus_float32": paired_difference(per_image, fp32_per_image),
                           "float32_images_per_s": fp32_rate, "int8_images_per_s": int8_rate, "speedup": int8_rate / fp32_rate,
                           "bytes": int8.stat().st_size}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,6 @@ from lesionseg.images import IMAGE_SUFFIXES, read_image
 from lesionseg.prediction import model_input
 
 CALIBRATIONS = ("minmax", "entropy", "percentile")
-FLOAT_ROLES = ("first_conv", "last_conv", "resize")  # layers that may be kept in float32
 
 
 @dataclass(frozen=True)
@@ -29,7 +28,7 @@ class Int8Recipe:
     per_channel: bool = True
     calibration: str = "minmax"
     images: int = 128
-    keep_float: tuple[str, ...] = ()
+    keep_float: tuple[str, ...] = ()  # any of "first_conv", "last_conv", "resize"
     format: str = "qdq"
     op_types: tuple[str, ...] = ()  # only these operator types in int8 (e.g. Conv); () = all onnxruntime can
 
@@ -113,7 +112,3 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, ima
     onnx.save(model, str(tmp))
     os.replace(tmp, out_path)
     return out_path
-
-
-def recipe_dict(recipe: Int8Recipe) -> dict:
-    return asdict(recipe)
