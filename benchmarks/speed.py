@@ -155,7 +155,8 @@ def measure(label: str, size: int, folder: Path, repeats: int) -> dict:
 
 
 def upload_seconds(checkpoint: Path, width: int = 1504, height: int = 1129, repeats: int = 5) -> float:
-    """Median time of POST /predict for a JPEG of a typical ISIC 2016 size: decode, resize, predict, PNGs."""
+    """Median time of POST /predict for a JPEG of a typical ISIC 2016 size: decode (reduced), resize, predict,
+    mask PNG, in-process through FastAPI's test client."""
     import io
 
     import numpy as np
