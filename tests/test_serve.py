@@ -220,4 +220,13 @@ def test_a_person_segments_images_in_the_page(page_server, tmp_path):
         page.wait_for_function("document.getElementById('error').textContent.length > 0")
         assert "bad.jpg: not an image" in page.text_content("#error")
         assert_no_overlap(page, ["#drop", "#status", "#error", "#result"])
+
+        tiff = tmp_path / "scan.tif"  # a format the browser cannot draw: the page asks the server for the overlay
+        Image.open(photo).save(tiff)
+        asked = []
+        page.on("request", lambda request: asked.append(request.url))
+        page.set_input_files("#file", str(tiff))
+        page.wait_for_function("document.querySelectorAll('.result').length === 3")
+        assert [url for url in asked if url.endswith("predict?overlay=true")]
+        assert page.locator(".result").nth(2).locator("canvas").evaluate(GREEN_PIXELS) > 0
         browser.close()
