@@ -94,7 +94,8 @@ def export_int8(checkpoint: str | os.PathLike, path: str | os.PathLike, calibrat
 
     config = model_from_checkpoint(load_checkpoint(checkpoint))[1]
     recipe = replace(DEFAULT_RECIPE, images=calibration_images or DEFAULT_RECIPE.images)
-    images = training_images(resolve_data_dir(calibration_data or config.data), recipe.images, config.image_size)
+    images = training_images(resolve_data_dir(calibration_data or config.data), recipe.images, config.image_size,
+                             cache_dir=config.cache_dir)
     with tempfile.TemporaryDirectory() as folder:
         fp32 = export_onnx(checkpoint, Path(folder) / "fp32.onnx")
         return quantize_int8(fp32, path, images, recipe)

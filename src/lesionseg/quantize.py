@@ -14,8 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from lesionseg.errors import DataError, LesionsegError
-from lesionseg.images import IMAGE_SUFFIXES, read_image
-from lesionseg.prediction import model_input
 
 CALIBRATIONS = ("minmax", "entropy", "percentile")
 
@@ -43,17 +41,19 @@ DEFAULT_RECIPE = Int8Recipe(calibration="percentile")  # chosen on validation im
 
 
 def training_images(folder: str | os.PathLike, count: int, size: int, seed: int = 0,
-                    exclude: frozenset[str] = frozenset()) -> np.ndarray:
-    """uint8 (N,3,S,S): `count` images drawn (seeded) from a training folder (ISIC 2016 layout or images/),
-    leaving out the ids in `exclude` (a run's validation images, kept for choosing between recipes)."""
-    folder = Path(folder)
-    candidates = [folder / "ISBI2016_ISIC_Part1_Training_Data", folder / "images", folder]
-    source = next((c for c in candidates if c.is_dir()), None)
-    files = sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.stem not in exclude) if source else []
-    if not files:
-        raise DataError(f"{folder}: no training images to calibrate int8 on (.jpg/.png in the training folder or images/)")
-    chosen = random.Random(seed).sample(files, min(count, len(files)))
-    return np.stack([model_input(read_image(path), size) for path in chosen])
+                    exclude: frozenset[str] = frozenset(), cache_dir: str | None = None) -> np.ndarray:
+    """uint8 (N,3,S,S): `count` images drawn (seeded) from a dataset's training split, leaving out the ids in
+    `exclude` (a run's validation images, kept for choosing between recipes). They come from the resize cache
+    training filled, so they are the very pixels the model learnt from, and nothing is decoded twice."""
+    from lesionseg.data import load_split
+
+    try:
+        split = load_split(folder, "train", size, cache_dir, quiet=True)
+    except DataError as exc:
+        raise DataError(f"{folder}: no training images to calibrate int8 on ({exc})") from None
+    allowed = [n for n, image_id in enumerate(split.ids) if image_id not in exclude]
+    chosen = random.Random(seed).sample(allowed, min(count, len(allowed)))
+    return split.images[chosen].numpy()
 
 
 def float_node_names(model, roles: tuple[str, ...]) -> list[str]:
