@@ -8,7 +8,7 @@ the CPU cores (on 2 cores that is faster than one after the other).
 
     .venv/bin/python benchmarks/unet_vs_smp.py --data ../shared/data/isic2016-256 \
         --extra-data ../shared/data/isic2018-extra-256 --out runs/unet-vs-smp-extra --epochs 12 \
-        --no-pretrained --parallel
+        --no-pretrained --parallel          # or --weights ../shared/weights/mobilenet_v2_imagenet_from_keras_int8.pth
 """
 
 from __future__ import annotations
@@ -54,7 +54,14 @@ def train_command(args: argparse.Namespace, arch: str, out: Path) -> list[str]:
         command += ["--extra-data", folder]
     if arch == "unet" and args.decoder_attention:
         command += ["--decoder-attention", args.decoder_attention]
-    return command + (["--no-pretrained"] if args.no_pretrained else [])
+    return command + encoder_start(args)
+
+
+def encoder_start(args: argparse.Namespace) -> list[str]:
+    """How both encoders start: from scratch, from a named ImageNet file, or from lesionseg's weight lookup."""
+    if args.no_pretrained:
+        return ["--no-pretrained"]
+    return ["--weights", args.weights] if args.weights else []
 
 
 def train_all(args: argparse.Namespace, out: Path) -> dict[str, float]:
@@ -122,7 +129,7 @@ def score(run: Path) -> dict[str, dict[str, dict[str, float]]]:
     return scores
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True)
     parser.add_argument("--extra-data", action="append", default=[], metavar="DIR", help="added to training only")
@@ -130,10 +137,16 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-pretrained", action="store_true")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--no-pretrained", action="store_true", help="both encoders from scratch")
+    start.add_argument("--weights", metavar="FILE", help="both encoders from this ImageNet state_dict (default: lesionseg's lookup)")
     parser.add_argument("--decoder-attention", choices=("none", "scse"), help="ours only (default: the preset's, scse)")
     parser.add_argument("--parallel", action="store_true", help="train both at once, each on half the cores")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
     out = Path(args.out)
     start = time.perf_counter()
     rescore_only = all(finished(out / arch, args.epochs) for arch in ARCHS)
@@ -143,7 +156,8 @@ def main() -> None:
              / results["smp-unet"]["scores"]["plain"][resolution]["iou_per_image"] for resolution in ("model", "stored")}
     config = build_config("unet-finetune", data=args.data, extra_data=args.extra_data, epochs=args.epochs,
                           decoder_attention=args.decoder_attention,
-                          image_size=args.image_size, seed=args.seed, weights="none" if args.no_pretrained else "imagenet")
+                          image_size=args.image_size, seed=args.seed,
+                          weights="none" if args.no_pretrained else args.weights or "imagenet")
     summary = {"device": device_name(), "parallel": args.parallel, **wall_seconds(out, start, rescore_only),
                "command": " ".join(sys.argv), "config": config.to_dict(), "results": results,
                "iou_ratio_ours_over_smp": ratio,

@@ -32,6 +32,18 @@ def test_rescoring_keeps_the_wall_time_of_the_run_that_trained(tmp_path):
     assert set(first) == {"wall_seconds"}
 
 
+def test_smp_comparison_starts_both_encoders_from_the_named_weights_file():
+    unet_vs_smp = load("unet_vs_smp")
+    base = ["--data", "d", "--extra-data", "e"]
+    for extra, start in (([], []), (["--no-pretrained"], ["--no-pretrained"]), (["--weights", "w.pth"], ["--weights", "w.pth"])):
+        args = unet_vs_smp.parse_args([*base, *extra])
+        for arch in unet_vs_smp.ARCHS:
+            command = unet_vs_smp.train_command(args, arch, Path("out"))
+            assert [a for a in command if a in ("--weights", "w.pth", "--no-pretrained")] == start
+    with pytest.raises(SystemExit):
+        unet_vs_smp.parse_args([*base, "--no-pretrained", "--weights", "w.pth"])
+
+
 def test_seed_combiner_refuses_runs_that_differ_in_more_than_the_seed(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     seeds = load("unet_vs_smp_seeds")
