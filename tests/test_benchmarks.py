@@ -110,3 +110,24 @@ def test_speed_peaks_name_their_source():
     assert peak == pytest.approx(256.0) and "avx512f" in how
     assert speed.theoretical_peak_gflops({**zen1, "base_mhz": None}) == (None, "clock unknown")
     assert speed.onnxruntime_matmul_gflops(128, 2) > 0.1
+
+
+def test_refinements_are_chosen_on_validation_and_reported_on_test(tmp_path, monkeypatch):
+    """benchmarks/refinements.py: every candidate scored on both splits, the choice read off validation only."""
+    from conftest import write_dataset
+    from lesionseg.config import build_config
+    from lesionseg.training import fit
+
+    data = write_dataset(tmp_path / "data", {"train": 9, "test": 3}, size=40)
+    run = fit(build_config("model2-finetune", data=str(data), out=str(tmp_path / "run"), weights="none", image_size=32,
+                           epochs=1, batch_size=3, val_fraction=0.34), progress=False)
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    refinements = load("refinements")
+    result = refinements.choose(run)
+    rows = result["candidates"]
+    assert list(rows) == [r.name for r in refinements.CANDIDATES]
+    best_on_validation = max(row["val"]["iou_per_image"] for row in rows.values())
+    assert rows[result["chosen_on_validation"]]["val"]["iou_per_image"] == best_on_validation
+    assert rows["plain"]["val_gain_over_plain"]["mean"] == 0 and rows["plain"]["test_gain_over_plain"]["mean"] == 0
+    assert [row["views"] for row in rows.values()] == [1, 3, 3, 8, 8]
+    assert "| tta+rotations+largest_component+fill_holes | 8 |" in refinements.table("run", result)

@@ -1,3 +1,6 @@
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -5,6 +8,7 @@ from PIL import Image
 
 from conftest import write_dataset
 from lesionseg.config import build_config
+from lesionseg.errors import LesionsegError
 from lesionseg.evaluation import Refinements, binarize, evaluate_checkpoint, predict_probabilities
 from lesionseg.training import fit
 
@@ -31,6 +35,27 @@ def test_flip_tta_averages_the_flipped_back_predictions():
     # identity, horizontal flip (flipped back: mirrored) and vertical flip (flipped back: unchanged here)
     assert plain[0, 0, 0, 0] < 0.1
     assert torch.allclose(tta, (2 * plain + plain.flip(-1)) / 3, atol=1e-6)
+
+
+def test_rotation_tta_averages_the_turned_back_predictions_over_the_views():
+    class LeftBiased(torch.nn.Module):  # its output ignores the image: every view's answer is the same ramp
+        def forward(self, x):
+            return torch.linspace(-3, 3, x.shape[-1]).expand(x.shape[0], 1, x.shape[-2], -1).clone()
+
+    class Pointwise(torch.nn.Module):  # a per-pixel model commutes with every turn and mirror
+        def forward(self, x):
+            return x[:, :1] - 0.5
+
+    images = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    plain = predict_probabilities(LeftBiased(), images)
+    turned = [torch.rot90(plain, -k, dims=(-2, -1)) for k in range(4)]
+    assert torch.allclose(predict_probabilities(LeftBiased(), images, rotations=True), sum(turned) / 4, atol=1e-6)
+    all_eight = predict_probabilities(LeftBiased(), images, tta=True, rotations=True)
+    assert torch.allclose(all_eight, (sum(turned) + sum(t.flip(-1) for t in turned)) / 8, atol=1e-6)
+    assert Refinements(tta=True, rotations=True).views == [(k, m) for m in (False, True) for k in range(4)]
+    for tta in (False, True):
+        assert torch.allclose(predict_probabilities(Pointwise(), images, tta=tta, rotations=True),
+                              predict_probabilities(Pointwise(), images), atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +85,16 @@ def test_evaluation_at_source_resolution_and_refinements(full_size_run, tmp_path
         assert 0 <= m["thresholded_iou_per_image"] <= m["iou_per_image"] <= 1
     rows = (tmp_path / "eval" / "per_image.csv").read_text().splitlines()
     assert len(rows) == 4 and "iou_source" in rows[0]
+
+
+def test_validation_split_scores_the_runs_own_validation_images(full_size_run, tmp_path):
+    val_ids = json.loads((full_size_run / "split.json").read_text())["val"]
+    result = evaluate_checkpoint(full_size_run, split="val", source_resolution=True,
+                                 refine=Refinements(tta=True, rotations=True), progress=False)
+    assert [row["id"] for row in result["per_image"]] == val_ids
+    assert result["refinements"] == "tta+rotations"
+    assert 0 <= result["metrics_source_resolution"]["iou_per_image"] <= 1
+    elsewhere = tmp_path / "best.pt"
+    shutil.copy(full_size_run / "best.pt", elsewhere)
+    with pytest.raises(LesionsegError, match="split.json: not found"):
+        evaluate_checkpoint(elsewhere, split="val", progress=False)

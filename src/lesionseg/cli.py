@@ -84,7 +84,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from lesionseg.evaluation import Refinements, evaluate_checkpoint
 
-    refine = Refinements(args.tta, args.largest_component, args.fill_holes)
+    refine = Refinements(tta=args.tta, rotations=args.rotations, largest_component=args.largest_component,
+                         fill_holes=args.fill_holes)
     result = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.out, refine, args.source_resolution,
                                  progress=not args.no_progress)
     print(json.dumps({k: v for k, v in result.items() if k.startswith("metrics")}, indent=2))
@@ -174,9 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="score a checkpoint on a split")
     p.add_argument("checkpoint", help="a .pt file, a run folder (uses its best.pt) or an exported .onnx model (needs --data)")
     p.add_argument("--data", help="dataset folder (default: the one the model was trained on)")
-    p.add_argument("--split", choices=("test", "train"), default="test")
+    p.add_argument("--split", choices=("test", "train", "val"), default="test",
+                   help="val: the run's own validation images (from its split.json), where refinements may be chosen")
     p.add_argument("--out", help="folder for metrics.json and per_image.csv")
     p.add_argument("--tta", action="store_true", help="average over horizontal and vertical flips")
+    p.add_argument("--rotations", action="store_true",
+                   help="average over the four quarter turns too (with --tta: all eight symmetries of the square)")
     p.add_argument("--largest-component", action="store_true", help="keep only the largest connected lesion")
     p.add_argument("--fill-holes", action="store_true", help="fill holes inside the lesion")
     p.add_argument("--source-resolution", action="store_true",

@@ -1,7 +1,8 @@
 """Score a trained checkpoint on a split, at the model's resolution and at each image's own.
 
-Inference refinements are options, each measured on its own: flip test-time augmentation, keeping the
-largest connected component, filling holes.
+Inference refinements are options, each measured on its own: flip test-time augmentation, rotation test-time
+augmentation, keeping the largest connected component, filling holes. They may be chosen on the run's own
+validation images (`split="val"`), never on the test split.
 """
 
 from __future__ import annotations
@@ -31,8 +32,17 @@ from lesionseg.training import load_checkpoint, model_from_checkpoint
 @dataclass(frozen=True)
 class Refinements:
     tta: bool = False  # average over identity, horizontal and vertical flips
+    rotations: bool = False  # also the 90/180/270 degree turns (a dermoscope has no "up"); with tta, all 8 symmetries
     largest_component: bool = False  # a dermoscopy image shows one lesion
     fill_holes: bool = False  # a lesion has no holes
+
+    @property
+    def views(self) -> list[tuple[int, bool]]:
+        """The test-time views as (quarter turns, mirrored first). Flips alone keep their historical three views
+        (vertical flip = half turn of the mirror image); with rotations, the four turns, plus their mirrors with tta."""
+        if self.rotations:
+            return [(k, mirror) for mirror in ((False, True) if self.tta else (False,)) for k in range(4)]
+        return [(0, False), (0, True), (2, True)] if self.tta else [(0, False)]
 
     @property
     def name(self) -> str:
@@ -55,14 +65,18 @@ def batched_probabilities(model: torch.nn.Module | Predictor, images: torch.Tens
 
 @torch.no_grad()
 def predict_probabilities(model: torch.nn.Module | Predictor, images: torch.Tensor, tta: bool = False,
-                          batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-    """uint8 (N,3,S,S) -> probabilities (N,1,S,S); with `tta`, the mean over flips (each flipped back)."""
-    probabilities = batched_probabilities(model, images, batch_size, progress)
-    if tta:
-        for dims in ([-1], [-2]):
-            probabilities += batched_probabilities(model, images.flip(dims).contiguous(), batch_size).flip(dims)
-        probabilities /= 3
-    return probabilities
+                          batch_size: int = 32, progress: bool = False, rotations: bool = False) -> torch.Tensor:
+    """uint8 (N,3,S,S) -> probabilities (N,1,S,S); with `tta` and/or `rotations`, the mean over the views of
+    `Refinements.views` (each turned back)."""
+    views = Refinements(tta=tta, rotations=rotations).views
+    total = torch.zeros(images.shape[0], 1, *images.shape[-2:])
+    for turns, mirrored in tqdm(views, disable=not progress or len(views) == 1, desc="views"):
+        view = images.flip(-1) if mirrored else images
+        view = torch.rot90(view, turns, dims=(-2, -1)).contiguous()
+        probability = torch.rot90(batched_probabilities(model, view, batch_size, progress and len(views) == 1),
+                                  -turns, dims=(-2, -1))
+        total += probability.flip(-1) if mirrored else probability
+    return total / len(views)
 
 
 def binarize(probability: np.ndarray, threshold: float, refine: Refinements) -> np.ndarray:
@@ -114,6 +128,21 @@ def load_for_evaluation(source: str | os.PathLike, data) -> tuple[Any, TrainConf
                            "train_loss": last.get("train_loss"), "val_loss": last.get("val_loss")}
 
 
+def load_validation(checkpoint: str | os.PathLike, data, config: TrainConfig) -> CachedSplit:
+    """The run's own validation images (its split.json), from the training split: where a refinement may be chosen."""
+    run = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    if not (run / "split.json").is_file():
+        raise LesionsegError(f"{run / 'split.json'}: not found; validation images are known only beside a run's checkpoint")
+    wanted = json.loads((run / "split.json").read_text())["val"]
+    train = load_split(data, "train", config.image_size, config.cache_dir, quiet=True)
+    index = {image_id: n for n, image_id in enumerate(train.ids)}
+    missing = [image_id for image_id in wanted if image_id not in index]
+    if missing:
+        raise LesionsegError(f"{run / 'split.json'}: validation image {missing[0]} is not in {data}'s training split"
+                             + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return train.subset([index[image_id] for image_id in wanted])
+
+
 def evaluate_checkpoint(
     checkpoint: str | os.PathLike,
     data: str | os.PathLike | None = None,
@@ -128,8 +157,9 @@ def evaluate_checkpoint(
     image's own resolution if asked; written to `out`."""
     model, config, about = load_for_evaluation(checkpoint, data)
     data = data if data is not None else config.data
-    cached = load_split(data, split, config.image_size, config.cache_dir)
-    probabilities = predict_probabilities(model, cached.images, refine.tta, batch_size, progress)
+    cached = load_validation(checkpoint, data, config) if split == "val" else load_split(data, split, config.image_size,
+                                                                                         config.cache_dir)
+    probabilities = predict_probabilities(model, cached.images, refine.tta, batch_size, progress, refine.rotations)
     model_res = score_model_resolution(probabilities, cached, config.threshold, refine)
     per_image = model_res.per_image()
     result: dict[str, Any] = {
@@ -137,7 +167,8 @@ def evaluate_checkpoint(
         "refinements": refine.name, "metrics": model_res.compute(), **about,
     }
     if source_resolution:
-        source = score_source_resolution(probabilities, data, split, config.threshold, refine, cached.ids)
+        source = score_source_resolution(probabilities, data, "train" if split == "val" else split, config.threshold,
+                                         refine, cached.ids)
         result["metrics_source_resolution"] = source.compute()
         per_image.update({f"{k}_source": v for k, v in source.per_image().items()})
     result["per_image"] = [{"id": i, **{k: v[n] for k, v in per_image.items()}} for n, i in enumerate(cached.ids)]
