@@ -27,19 +27,20 @@ CANDIDATES = (Refinements(), Refinements(tta=True), Refinements(tta=True, **POST
               Refinements(tta=True, rotations=True, **POST))
 
 
-def scores(run: Path, split: str, refine: Refinements) -> dict:
-    result = evaluate_checkpoint(run, split=split, refine=refine, source_resolution=True, progress=False)
+def scores(run: Path, split: str, refine: Refinements, data: str | None = None) -> dict:
+    result = evaluate_checkpoint(run, data, split=split, refine=refine, source_resolution=True, progress=False)
     metrics = result["metrics_source_resolution"]
     return {"iou_per_image": metrics["iou_per_image"], "iou_worst_decile": metrics["iou_worst_decile"],
             "per_image": {row["id"]: row["iou_source"] for row in result["per_image"]}}
 
 
-def choose(run: Path) -> dict:
+def choose(run: Path, data: str | None = None) -> dict:
     """Every candidate on validation and test; the choice is the best on validation (ties: the fewest views)."""
     rows = {}
     for refine in CANDIDATES:
         begin = time.perf_counter()
-        rows[refine.name] = {"views": len(refine.views), "val": scores(run, "val", refine), "test": scores(run, "test", refine),
+        rows[refine.name] = {"views": len(refine.views), "val": scores(run, "val", refine, data),
+                             "test": scores(run, "test", refine, data),
                              "seconds": time.perf_counter() - begin}
     for row in rows.values():
         for split in ("val", "test"):
@@ -66,12 +67,14 @@ def table(run: str, result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="run folders with best.pt and split.json")
+    parser.add_argument("runs", nargs="+", type=Path,
+                        help="run folders with best.pt and split.json, or .onnx files with the run's split.json beside")
+    parser.add_argument("--data", help="the dataset (needed for .onnx files; default: the run's own)")
     parser.add_argument("--out", type=Path, help="write the JSON here")
     args = parser.parse_args()
     results = {}
     for run in args.runs:
-        results[str(run)] = choose(run)
+        results[str(run)] = choose(run, args.data)
         print(table(str(run), results[str(run)]), "\n", flush=True)
     if args.out:
         args.out.write_text(json.dumps({"device": device_name(), "runs": results}, indent=1))
