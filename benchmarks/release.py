@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import bootstrap
 from unet_vs_smp import device_name, epoch_seconds
+from variants import best_validation
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "src" / "lesionseg" / "release" / "lesionseg-unet.onnx"
@@ -110,9 +111,7 @@ def ship(args: argparse.Namespace, run: Path, start: float) -> None:
         "training_data": ["isic2016-256 training split (less validation)", *EXTRA],
         "licence": "CC BY-NC 4.0 (ISIC 2018 Task 1 data): non-commercial, attribution",
         "data_fingerprint": info["data_fingerprint"], "encoder_weights": info.get("weights"),
-        "best_epoch": json.loads((run / "eval" / "metrics.json").read_text())["epoch"]
-        if (run / "eval" / "metrics.json").is_file() else None,
-        "train_seconds": epoch_seconds(run), "device": device_name(), "scores": scores,
+        **best_validation(run), "train_seconds": epoch_seconds(run), "device": device_name(), "scores": scores,
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
     metadata = {"release": VERSION, "training_data": ", ".join(release["training_data"]),
@@ -126,7 +125,7 @@ def ship(args: argparse.Namespace, run: Path, start: float) -> None:
                                   "version": f"v{VERSION}"})
     SHIPPED.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(final, SHIPPED)
-    release["wall_seconds"] = time.perf_counter() - start
+    release["invocation_seconds"] = time.perf_counter() - start  # this call only: training counts only if it trained
     (SHIPPED.parent / "release.json").write_text(json.dumps(release, indent=1))
     worst_figure(scores[chosen]["plain"]["worst"], final, data, ROOT / "docs" / "release_worst.png")
     print(json.dumps({k: {m: v for m, v in s["plain"].items() if m != "worst"} for k, s in scores.items()}, indent=1))
