@@ -131,3 +131,24 @@ def test_predict_and_serve_default_to_the_released_model(photos, tmp_path):
     assert predictor.metadata["release"] and float(predictor.metadata["test_jaccard"]) > 0.8
     health = TestClient(create_app(predictor)).get("/health").json()
     assert health["model"].startswith("lesionseg U-Net") and health["version"] == predictor.version
+
+
+def test_flip_tta_for_users_is_the_average_evaluation_scores(tiny_checkpoint, photos, tmp_path):
+    """`load(tta=True)`, `predict --tta` and `evaluate --tta` share one averaging: the mean of the flipped-back views."""
+    import lesionseg
+    from lesionseg.evaluation import predict_probabilities
+    from lesionseg.prediction import model_input
+
+    plain, tta = lesionseg.load(tiny_checkpoint), lesionseg.load(tiny_checkpoint, tta=True)
+    assert tta.name == plain.name and tta.version == plain.version
+    predictor = plain.predictor
+    batch = np.stack([model_input(Image.open(photos / name).convert("RGB"), predictor.image_size) for name in ("a.jpg", "c.jpeg")])
+    by_hand = (predictor(batch) + predictor(batch[..., ::-1].copy())[..., ::-1] + predictor(batch[..., ::-1, :].copy())[..., ::-1, :]) / 3
+    assert np.allclose(tta.predictor(batch), by_hand, atol=1e-6)
+    assert not np.allclose(predictor(batch), by_hand, atol=1e-4)  # an untrained model is far from flip-invariant
+    evaluated = predict_probabilities(predictor.model, torch.from_numpy(batch), tta=True).numpy()
+    assert np.allclose(evaluated, by_hand, atol=1e-5)
+    assert main(["predict", str(photos / "a.jpg"), "--out", str(tmp_path / "out"), "--checkpoint", str(tiny_checkpoint),
+                 "--tta", "--no-progress"]) == 0
+    written = json.loads((tmp_path / "out" / "predictions.json").read_text())[0]
+    assert written == {**tta.segment(photos / "a.jpg").stats, "mask": written["mask"], "overlay": written["overlay"]}

@@ -3,9 +3,9 @@
 __version__ = "0.2.0"
 
 
-def load(model=None):
+def load(model=None, tta=False):
     """The released model, or an `.onnx` file, checkpoint or run folder: `lesionseg.load().segment("lesion.jpg")`.
-    See `lesionseg.prediction.Segmenter`."""
+    `tta=True` averages each answer over flips. See `lesionseg.prediction.Segmenter`."""
     from lesionseg.prediction import load as load_model
 
-    return load_model(model)
+    return load_model(model, tta)

@@ -114,9 +114,10 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from lesionseg.prediction import Segmenter, load_predictor, run_predict
+    from lesionseg.prediction import Segmenter, load_predictor, run_predict, with_views
 
-    report = run_predict(Segmenter(load_predictor(args.checkpoint, args.onnx)), args.inputs, args.out, args.batch_size,
+    predictor = with_views(load_predictor(args.checkpoint, args.onnx), flips=args.tta)
+    report = run_predict(Segmenter(predictor), args.inputs, args.out, args.batch_size,
                          progress=not args.no_progress)
     print(f"segmented {len(report.rows)} image(s) into {args.out}; {len(report.problems)} skipped")
     return 1 if report.problems or not report.rows else 0
@@ -133,12 +134,13 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from lesionseg.prediction import load_predictor
+    from lesionseg.prediction import load_predictor, with_views
     from lesionseg.serve import run_serve
 
     start = time.perf_counter()  # a checkpoint is exported for onnxruntime first: about 20 s
-    predictor = load_predictor(args.checkpoint, args.onnx, backend=args.backend)
-    print(f"lesionseg: serving {predictor.name} with {type(predictor).__name__} "
+    predictor = with_views(load_predictor(args.checkpoint, args.onnx, backend=args.backend), flips=args.tta)
+    backend = type(getattr(predictor, "predictor", predictor)).__name__ + (" and flip TTA" if args.tta else "")
+    print(f"lesionseg: serving {predictor.name} with {backend} "
           f"(ready in {time.perf_counter() - start:.0f} s)", file=sys.stderr)
     run_serve(predictor, args.host, args.port, args.max_batch, args.batch_window_ms)
 
@@ -154,6 +156,8 @@ def add_model_source(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="a lesionseg checkpoint (.pt) or run folder (default: the released model)")
     source.add_argument("--onnx", help="a model exported with `lesionseg export` (default: the released model)")
+    parser.add_argument("--tta", action="store_true",
+                        help="average each answer over horizontal and vertical flips (3 model calls per image)")
 
 
 def build_parser() -> argparse.ArgumentParser:

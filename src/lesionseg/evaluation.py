@@ -25,7 +25,7 @@ from lesionseg.data import CachedSplit, find_pairs, load_split, normalize
 from lesionseg.errors import LesionsegError
 from lesionseg.images import inspect_mask
 from lesionseg.metrics import MetricAccumulator
-from lesionseg.prediction import OnnxPredictor, Predictor
+from lesionseg.prediction import OnnxPredictor, Predictor, average_over_views, test_time_views
 from lesionseg.training import load_checkpoint, model_from_checkpoint
 
 
@@ -38,11 +38,7 @@ class Refinements:
 
     @property
     def views(self) -> list[tuple[int, bool]]:
-        """The test-time views as (quarter turns, mirrored first). Flips alone keep their historical three views
-        (vertical flip = half turn of the mirror image); with rotations, the four turns, plus their mirrors with tta."""
-        if self.rotations:
-            return [(k, mirror) for mirror in ((False, True) if self.tta else (False,)) for k in range(4)]
-        return [(0, False), (0, True), (2, True)] if self.tta else [(0, False)]
+        return test_time_views(self.tta, self.rotations)
 
     @property
     def name(self) -> str:
@@ -66,17 +62,15 @@ def batched_probabilities(model: torch.nn.Module | Predictor, images: torch.Tens
 @torch.no_grad()
 def predict_probabilities(model: torch.nn.Module | Predictor, images: torch.Tensor, tta: bool = False,
                           batch_size: int = 32, progress: bool = False, rotations: bool = False) -> torch.Tensor:
-    """uint8 (N,3,S,S) -> probabilities (N,1,S,S); with `tta` and/or `rotations`, the mean over the views of
-    `Refinements.views` (each turned back)."""
-    views = Refinements(tta=tta, rotations=rotations).views
-    total = torch.zeros(images.shape[0], 1, *images.shape[-2:])
-    for turns, mirrored in tqdm(views, disable=not progress or len(views) == 1, desc="views"):
-        view = images.flip(-1) if mirrored else images
-        view = torch.rot90(view, turns, dims=(-2, -1)).contiguous()
-        probability = torch.rot90(batched_probabilities(model, view, batch_size, progress and len(views) == 1),
-                                  -turns, dims=(-2, -1))
-        total += probability.flip(-1) if mirrored else probability
-    return total / len(views)
+    """uint8 (N,3,S,S) -> probabilities (N,1,S,S); with `tta` and/or `rotations`, the mean over the test-time
+    views (`prediction.test_time_views`), each turned back: the same averaging predict and serve use."""
+    views = test_time_views(tta, rotations)
+    if len(views) == 1:
+        return batched_probabilities(model, images, batch_size, progress)
+    run = lambda x: batched_probabilities(model, torch.from_numpy(x), batch_size).numpy()  # noqa: E731
+    chunks = range(0, len(images), batch_size)
+    return torch.cat([torch.from_numpy(average_over_views(run, images[i : i + batch_size].numpy(), views))
+                      for i in tqdm(chunks, disable=not progress, desc="predict")])
 
 
 def binarize(probability: np.ndarray, threshold: float, refine: Refinements) -> np.ndarray:

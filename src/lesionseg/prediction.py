@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib import resources
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Protocol, Union
+from typing import Any, Callable, Protocol, Union
 
 import numpy as np
 from PIL import Image
@@ -99,6 +99,46 @@ class OnnxPredictor:
     def __call__(self, images: np.ndarray) -> np.ndarray:
         x = np.asarray(images, dtype=np.float32) / 255
         return self.session.run(None, {"image": x})[0]
+
+
+def test_time_views(flips: bool = False, rotations: bool = False) -> list[tuple[int, bool]]:
+    """The test-time views as (quarter turns, mirrored first). Flips alone are the original three views
+    (identity, mirror, and vertical flip = half turn of the mirror); rotations give the four quarter turns
+    (a dermoscope has no "up"), and with flips also their mirrors: all eight symmetries of the square."""
+    if rotations:
+        return [(turns, mirrored) for mirrored in ((False, True) if flips else (False,)) for turns in range(4)]
+    return [(0, False), (0, True), (2, True)] if flips else [(0, False)]
+
+
+def average_over_views(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
+                       views: list[tuple[int, bool]]) -> np.ndarray:
+    """uint8 (B,3,S,S) -> the mean of `run`'s (B,1,S,S) probabilities over the views, each turned back."""
+    total = None
+    for turns, mirrored in views:
+        view = np.rot90(images[..., ::-1] if mirrored else images, turns, axes=(-2, -1))
+        probability = np.rot90(run(np.ascontiguousarray(view)), -turns, axes=(-2, -1))
+        probability = probability[..., ::-1] if mirrored else probability
+        total = probability.astype(np.float32) if total is None else total + probability
+    return np.ascontiguousarray(total / len(views))
+
+
+class ViewAveraged:
+    """A predictor whose answer is the mean over test-time views: flip TTA costs 3 model calls per image, all
+    eight symmetries 8. It is a predictor itself, so predict, serve and the API take it as is."""
+
+    def __init__(self, predictor: Predictor, views: list[tuple[int, bool]]) -> None:
+        self.predictor, self.views = predictor, views
+        self.image_size, self.threshold = predictor.image_size, predictor.threshold
+        self.name, self.version = predictor.name, predictor.version
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return average_over_views(self.predictor, images, self.views)
+
+
+def with_views(predictor: Predictor, flips: bool = False, rotations: bool = False) -> Predictor:
+    """The predictor itself when no view is asked for, else averaged over the views."""
+    views = test_time_views(flips, rotations)
+    return predictor if len(views) == 1 else ViewAveraged(predictor, views)
 
 
 def released_model() -> Path:
@@ -212,11 +252,12 @@ class Segmenter:
         return results[0] if single else results
 
 
-def load(model: str | os.PathLike | None = None) -> Segmenter:
-    """The released model (no argument), an exported `.onnx` file, or a checkpoint / run folder."""
+def load(model: str | os.PathLike | None = None, tta: bool = False) -> Segmenter:
+    """The released model (no argument), an exported `.onnx` file, or a checkpoint / run folder; with `tta`,
+    each answer is the mean over flips (3 model calls per image)."""
     if model is not None and Path(model).suffix.lower() == ".onnx":
-        return Segmenter(OnnxPredictor(model))
-    return Segmenter(load_predictor(checkpoint=model))
+        return Segmenter(with_views(OnnxPredictor(model), flips=tta))
+    return Segmenter(with_views(load_predictor(checkpoint=model), flips=tta))
 
 
 def describe(name: str, result: Segmentation) -> dict[str, Any]:
