@@ -25,7 +25,7 @@ from lesionseg.data import CachedSplit, find_pairs, load_split, normalize
 from lesionseg.errors import LesionsegError
 from lesionseg.images import inspect_mask
 from lesionseg.metrics import MetricAccumulator
-from lesionseg.prediction import OnnxPredictor, Predictor, average_over_views, test_time_views
+from lesionseg.prediction import OnnxPredictor, Predictor, average_over_views, inference_views
 from lesionseg.training import load_checkpoint, model_from_checkpoint
 
 
@@ -38,7 +38,7 @@ class Refinements:
 
     @property
     def views(self) -> list[tuple[int, bool]]:
-        return test_time_views(self.tta, self.rotations)
+        return inference_views(self.tta, self.rotations)
 
     @property
     def name(self) -> str:
@@ -63,8 +63,8 @@ def batched_probabilities(model: torch.nn.Module | Predictor, images: torch.Tens
 def predict_probabilities(model: torch.nn.Module | Predictor, images: torch.Tensor, tta: bool = False,
                           batch_size: int = 32, progress: bool = False, rotations: bool = False) -> torch.Tensor:
     """uint8 (N,3,S,S) -> probabilities (N,1,S,S); with `tta` and/or `rotations`, the mean over the test-time
-    views (`prediction.test_time_views`), each turned back: the same averaging predict and serve use."""
-    views = test_time_views(tta, rotations)
+    views (`prediction.inference_views`), each turned back: the same averaging predict and serve use."""
+    views = inference_views(tta, rotations)
     if len(views) == 1:
         return batched_probabilities(model, images, batch_size, progress)
     run = lambda x: batched_probabilities(model, torch.from_numpy(x), batch_size).numpy()  # noqa: E731

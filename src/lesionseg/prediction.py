@@ -101,7 +101,7 @@ class OnnxPredictor:
         return self.session.run(None, {"image": x})[0]
 
 
-def test_time_views(flips: bool = False, rotations: bool = False) -> list[tuple[int, bool]]:
+def inference_views(flips: bool = False, rotations: bool = False) -> list[tuple[int, bool]]:
     """The test-time views as (quarter turns, mirrored first). Flips alone are the original three views
     (identity, mirror, and vertical flip = half turn of the mirror); rotations give the four quarter turns
     (a dermoscope has no "up"), and with flips also their mirrors: all eight symmetries of the square."""
@@ -137,7 +137,7 @@ class ViewAveraged:
 
 def with_views(predictor: Predictor, flips: bool = False, rotations: bool = False) -> Predictor:
     """The predictor itself when no view is asked for, else averaged over the views."""
-    views = test_time_views(flips, rotations)
+    views = inference_views(flips, rotations)
     return predictor if len(views) == 1 else ViewAveraged(predictor, views)
 
 
