@@ -38,12 +38,20 @@ SCORES = ("iou_per_image", "dice_per_image", "accuracy_per_image", "sensitivity_
 
 
 def device_name() -> str:
+    """The GPU, or the CPU as /proc/cpuinfo names it, with its family/model and widest vector instructions:
+    "AMD EPYC" alone covers machines that differ 2x in speed here."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
+    info = {}
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return f"CPU: {line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
-    return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    if "model name" not in info:
+        return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    flags = set(info.get("flags", "").split())
+    vector = [name for name in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "avx2") if name in flags]
+    return (f"CPU: {info['model name']} (family {info.get('cpu family', '?')} model {info.get('model', '?')}, "
+            f"{'/'.join(vector) or 'no AVX2'}), {os.cpu_count()} cores")
 
 
 def train_command(args: argparse.Namespace, arch: str, out: Path) -> list[str]:

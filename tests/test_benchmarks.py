@@ -131,3 +131,10 @@ def test_refinements_are_chosen_on_validation_and_reported_on_test(tmp_path, mon
     assert rows["plain"]["val_gain_over_plain"]["mean"] == 0 and rows["plain"]["test_gain_over_plain"]["mean"] == 0
     assert [row["views"] for row in rows.values()] == [1, 3, 3, 8, 8]
     assert "| tta+rotations+largest_component+fill_holes | 8 |" in refinements.table("run", result)
+
+
+def test_device_name_says_which_cpu_generation_ran_the_benchmark():
+    name = load("unet_vs_smp").device_name()
+    assert name.startswith("CPU: ") and name.endswith(" cores")
+    if Path("/proc/cpuinfo").is_file():
+        assert " family " in name and " model " in name  # "AMD EPYC" alone covers machines 2x apart in speed
