@@ -230,3 +230,18 @@ def test_a_person_segments_images_in_the_page(page_server, tmp_path):
         assert [url for url in asked if url.endswith("predict?overlay=true")]
         assert page.locator(".result").nth(2).locator("canvas").evaluate(GREEN_PIXELS) > 0
         browser.close()
+
+
+def test_serve_tta_serves_the_flip_averaged_model(tiny_checkpoint, monkeypatch, capsys):
+    """`serve --tta` hands the server the same view-averaged predictor `predict --tta` uses."""
+    import lesionseg.serve
+    from lesionseg.cli import main
+    from lesionseg.prediction import ViewAveraged
+
+    served = {}
+    monkeypatch.setattr(lesionseg.serve, "run_serve", lambda predictor, *args: served.update(predictor=predictor))
+    main(["serve", "--checkpoint", str(tiny_checkpoint), "--backend", "torch", "--tta"])
+    predictor = served["predictor"]
+    assert isinstance(predictor, ViewAveraged) and len(predictor.views) == 3
+    assert isinstance(predictor.predictor, TorchPredictor) and predictor.name == predictor.predictor.name
+    assert "with TorchPredictor and flip TTA" in capsys.readouterr().err
