@@ -98,3 +98,15 @@ def test_validation_split_scores_the_runs_own_validation_images(full_size_run, t
     shutil.copy(full_size_run / "best.pt", elsewhere)
     with pytest.raises(LesionsegError, match="split.json: not found"):
         evaluate_checkpoint(elsewhere, split="val", progress=False)
+    (tmp_path / "split.json").write_text(json.dumps({"val": [*val_ids, "ISIC_9999999"]}))
+    with pytest.raises(LesionsegError, match=r"split.json: validation image ISIC_9999999 is not in .*'s training split"):
+        evaluate_checkpoint(elsewhere, split="val", progress=False)
+
+
+def test_evaluate_val_without_a_split_file_is_one_line_naming_it(full_size_run, tmp_path, capsys):
+    from lesionseg.cli import main
+
+    shutil.copy(full_size_run / "best.pt", tmp_path / "best.pt")
+    assert main(["evaluate", str(tmp_path / "best.pt"), "--split", "val", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and str(tmp_path / "split.json") in err and "not found" in err
