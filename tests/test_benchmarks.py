@@ -138,3 +138,17 @@ def test_device_name_says_which_cpu_generation_ran_the_benchmark():
     assert name.startswith("CPU: ") and name.endswith(" cores")
     if Path("/proc/cpuinfo").is_file():
         assert "(family " in name and " model " in name  # "AMD EPYC" alone covers machines 2x apart in speed
+
+
+def test_paired_differences_of_evaluation_folders_against_the_first(tmp_path):
+    paired = load("paired")
+    for name, values in (("a", [0.5, 0.6, 0.7]), ("b", [0.6, 0.7, 0.8]), ("c", [0.5, 0.6, 0.7])):
+        (tmp_path / name).mkdir()
+        rows = "\n".join(f"ISIC_{n},{v},{v - 0.1}" for n, v in enumerate(values))
+        (tmp_path / name / "per_image.csv").write_text(f"id,iou_source,iou\n{rows}\n")
+    folders = [paired.labelled(f"base={tmp_path / 'a'}"), paired.labelled(str(tmp_path / "b")),
+               paired.labelled(f"same={tmp_path / 'c'}")]
+    result = paired.differences(folders)
+    assert list(result) == [f"{tmp_path / 'b'} - base", "same - base"]
+    assert result[f"{tmp_path / 'b'} - base"]["mean"] == pytest.approx(0.1)
+    assert result[f"{tmp_path / 'b'} - base"]["ours_better"] == 3 and result["same - base"]["mean"] == 0
