@@ -152,3 +152,21 @@ def test_paired_differences_of_evaluation_folders_against_the_first(tmp_path):
     assert list(result) == [f"{tmp_path / 'b'} - base", "same - base"]
     assert result[f"{tmp_path / 'b'} - base"]["mean"] == pytest.approx(0.1)
     assert result[f"{tmp_path / 'b'} - base"]["ours_better"] == 3 and result["same - base"]["mean"] == 0
+    assert result[f"{tmp_path / 'b'} - base"]["ratio"] == pytest.approx(0.7 / 0.6)
+
+
+def test_paired_averages_an_entry_over_its_seeds_before_pairing(tmp_path):
+    paired = load("paired")
+    for name, values in (("base", [0.5, 0.5]), ("seed0", [0.6, 0.4]), ("seed1", [0.8, 0.6]), ("short", [0.5])):
+        (tmp_path / name).mkdir()
+        rows = "\n".join(f"ISIC_{n},{v}" for n, v in enumerate(values))
+        (tmp_path / name / "per_image.csv").write_text(f"id,iou_source\n{rows}\n")
+    folders = [paired.labelled(f"base={tmp_path / 'base'}"), paired.labelled(f"ours={tmp_path / 'seed0'},{tmp_path / 'seed1'}")]
+    assert folders[1] == ("ours", [tmp_path / "seed0", tmp_path / "seed1"])
+    means = paired.seed_means(folders)
+    assert means["ours"]["per_folder"] == pytest.approx([0.5, 0.7]) and means["ours"]["mean"] == pytest.approx(0.6)
+    assert means["ours"]["sd"] == pytest.approx(0.1414, abs=1e-4) and means["base"]["sd"] == 0
+    gap = paired.differences(folders)["ours - base"]
+    assert gap["mean"] == pytest.approx(0.1) and gap["ours_better"] == 1 and gap["ratio"] == pytest.approx(1.2)
+    with pytest.raises(SystemExit, match="short: scored other images"):
+        paired.differences([*folders, paired.labelled(f"bad={tmp_path / 'base'},{tmp_path / 'short'}")])
