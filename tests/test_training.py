@@ -7,6 +7,7 @@ import torch
 
 from conftest import write_plain_pairs
 from lesionseg import training
+from lesionseg.cli import build_parser, training_overrides
 from lesionseg.config import ConfigError, build_config
 from lesionseg.distributed import Process
 from lesionseg.errors import CheckpointError, DataError
@@ -237,3 +238,16 @@ def test_amp_on_the_cpu_trains_in_bfloat16_channels_last_and_warns_where_that_is
     assert 0 < float(row["train_loss"]) < 10 and 0 <= float(row["val_iou"]) <= 1
     model, config = model_from_checkpoint(load_checkpoint(run))
     assert config.amp and config.channels_last and next(model.parameters()).dtype == torch.float32
+
+
+def test_split_seed_fixes_the_validation_images_while_the_seed_changes(tiny_data, tmp_path):
+    def validation(name: str, **overrides) -> list[str]:
+        (tmp_path / name).mkdir()
+        make_loaders(tiny_config(tiny_data, tmp_path / name, val_fraction=0.5, **overrides), tmp_path / name, Process())
+        return json.loads((tmp_path / name / "split.json").read_text())["val"]
+
+    fixed = [validation(f"fixed{seed}", seed=seed, split_seed=7) for seed in range(3)]
+    assert fixed[0] == fixed[1] == fixed[2] == validation("seed7", seed=7) and len(fixed[0]) == 5
+    assert len({tuple(validation(f"free{seed}", seed=seed)) for seed in range(3)}) > 1  # by default the seed draws it
+    overrides = training_overrides(build_parser().parse_args(["train", "--split-seed", "3"]))
+    assert build_config("unet-finetune", **overrides).split_seed == 3 and build_config("unet-finetune").split_seed is None

@@ -22,6 +22,8 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--image-size", type=int, help="multiple of 32 (default 128)")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--split-seed", type=int, help="draws the validation images (default: --seed); fix it to compare "
+                        "seeds on the same validation images")
     parser.add_argument("--loss", help="e.g. 'bce', 'bce+0.1*dice', 'dice', 'focal', 'lovasz', 'tversky'")
     parser.add_argument("--arch", choices=ARCHS, help="seed: the paper's decoder; unet: ours with skips; smp-unet: smp's Unet")
     parser.add_argument("--optimizer", choices=("adam", "adamw"))
@@ -56,7 +58,8 @@ def training_overrides(args: argparse.Namespace) -> dict:
 
     return {
         "data": args.data, "extra_data": args.extra_data, "epochs": args.epochs, "batch_size": args.batch_size,
-        "lr": args.lr, "image_size": args.image_size, "seed": args.seed, "cache_dir": args.cache_dir,
+        "lr": args.lr, "image_size": args.image_size, "seed": args.seed, "split_seed": args.split_seed,
+        "cache_dir": args.cache_dir,
         "loss": parse_loss(args.loss) if args.loss else None,
         "weights": "none" if args.no_pretrained else args.weights,
         "arch": args.arch, "optimizer": args.optimizer, "weight_decay": args.weight_decay, "schedule": args.schedule,

@@ -51,6 +51,8 @@ class TrainConfig:
     decoder_attention: str = "none"  # "scse": squeeze-and-excitation in each decoder block (arch unet; others ignore it)
     val_fraction: float = 0.1
     seed: int = 0
+    split_seed: int | None = None  # draws the validation images; None: `seed`. Fixed, seeds differ in training
+    # only and their validation scores compare
     weights: str = "imagenet"  # "imagenet" ($LESIONSEG_WEIGHTS, else torchvision's API), "auto" (the same, else
     # from scratch with a warning), "none", or a state_dict file
     freeze_bn: bool = False  # encoder BatchNorm statistics fixed (eval mode) while the encoder fine-tunes

@@ -207,11 +207,12 @@ def make_loaders(config: TrainConfig, run_dir: Path, process: Process) -> tuple[
     only, as loaders; and all the data, for run.json."""
     load = {"size": config.image_size, "cache_dir": config.cache_dir, "strict": config.strict, "quiet": not process.is_main}
     data = load_split(config.data, "train", **load)
-    train_idx, val_idx = train_val_indices(len(data), config.val_fraction, config.seed)
+    split_seed = config.seed if config.split_seed is None else config.split_seed
+    train_idx, val_idx = train_val_indices(len(data), config.val_fraction, split_seed)
     extras = [load_split(folder, "train", **load) for folder in config.extra_data]
     everything = join_splits(data, extras, config.extra_data)  # refuses an extra image that is already in data
     if process.is_main:
-        write_split(run_dir / "split.json", data.ids, train_idx, val_idx, config.seed, everything.ids[len(data):])
+        write_split(run_dir / "split.json", data.ids, train_idx, val_idx, split_seed, everything.ids[len(data):])
     train_data = join_splits(data.subset(train_idx), extras, config.extra_data)
     train_set = SegmentationDataset(train_data, TrainPreset(config.hflip, config.rotation), seed=config.seed)
     val_set = SegmentationDataset(data.subset(val_idx), EvalPreset())
