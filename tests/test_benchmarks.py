@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -170,3 +171,27 @@ def test_paired_averages_an_entry_over_its_seeds_before_pairing(tmp_path):
     assert gap["mean"] == pytest.approx(0.1) and gap["ours_better"] == 1 and gap["ratio"] == pytest.approx(1.2)
     with pytest.raises(SystemExit, match="short: scored other images"):
         paired.differences([*folders, paired.labelled(f"bad={tmp_path / 'base'},{tmp_path / 'short'}")])
+
+
+def test_ensemble_of_one_model_twice_is_that_model_and_members_must_share_validation(tiny_checkpoint, tmp_path,
+                                                                                      monkeypatch):
+    ensemble = load("ensemble")
+    from lesionseg.evaluation import Refinements, evaluate_checkpoint
+
+    data = str(tiny_checkpoint.parents[1] / "data")
+    twice, cached, threshold = ensemble.ensemble_probabilities([str(tiny_checkpoint)] * 2, data, "test", Refinements())
+    once, _, _ = ensemble.ensemble_probabilities([str(tiny_checkpoint)], data, "test", Refinements())
+    assert torch.allclose(twice, once) and threshold == 0.5 and twice.shape == (len(cached), 1, 32, 32)
+    alone = evaluate_checkpoint(tiny_checkpoint, data, "test", source_resolution=True, progress=False)
+    monkeypatch.setattr("sys.argv", ["ensemble.py", str(tiny_checkpoint), str(tiny_checkpoint), "--data", data,
+                                     "--split", "test", "--out", str(tmp_path / "both")])
+    ensemble.main()
+    rows = load("paired").read_per_image(tmp_path / "both")
+    assert [row["id"] for row in rows] == cached.ids == [row["id"] for row in alone["per_image"]]
+    assert [row["iou_source"] for row in rows] == pytest.approx([row["iou_source"] for row in alone["per_image"]])
+    for name, val in (("a", ["ISIC_1", "ISIC_2"]), ("b", ["ISIC_1", "ISIC_3"])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "split.json").write_text(json.dumps({"val": val}))
+    with pytest.raises(SystemExit, match="held out other validation images"):
+        ensemble.validation_ids([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert ensemble.validation_ids([str(tmp_path / "a"), str(tmp_path / "a")]) == ["ISIC_1", "ISIC_2"]

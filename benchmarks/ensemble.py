@@ -1,0 +1,85 @@
+"""Score the mean of several models' probabilities as one model, on a run's validation images or the test split.
+
+Members are run folders, .pt checkpoints or .onnx files (an ONNX file needs `--data`, and for `--split val` a
+split.json beside it); they must share the input size, the threshold and, on validation, the same validation
+images, since only images no member trained on tell whether an ensemble helps. Writes an evaluation folder
+(metrics.json, per_image.csv) like `lesionseg evaluate --source-resolution --out`, so `benchmarks/paired.py`
+pairs it with its members' folders.
+
+    .venv/bin/python benchmarks/ensemble.py runs/release-v1/model.onnx runs/epochs12-seed0/12ep-seed0 \
+        --data ../shared/data/isic2016-256 --split val --tta --out runs/ensembles/seed0-val-tta
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from lesionseg.data import load_split
+from lesionseg.evaluation import (Refinements, load_for_evaluation, load_validation, predict_probabilities,
+                                  score_model_resolution, score_source_resolution, write_evaluation)
+
+
+def run_folder(member: str) -> Path:
+    return Path(member) if Path(member).is_dir() else Path(member).parent
+
+
+def validation_ids(members: list[str]) -> list[str]:
+    """The validation images every member held out; refuses members that held out different ones."""
+    splits = [json.loads((run_folder(m) / "split.json").read_text())["val"] for m in members]
+    for member, split in zip(members[1:], splits[1:]):
+        if split != splits[0]:
+            sys.exit(f"{member}: held out other validation images than {members[0]}; an ensemble is scored on "
+                     "images no member trained on (train the members with the same --split-seed)")
+    return splits[0]
+
+
+def ensemble_probabilities(members: list[str], data: str, split: str, refine: Refinements):
+    """Each member's probabilities on the split, averaged; with the split's images and the shared settings."""
+    if split == "val":
+        validation_ids(members)
+    total, cached, shared = None, None, None
+    for member in members:
+        model, config, _ = load_for_evaluation(member, data)
+        settings = (config.image_size, config.threshold)
+        if shared not in (None, settings):
+            sys.exit(f"{member}: input size and threshold {settings} differ from the first member's {shared}")
+        shared = settings
+        if cached is None:
+            cached = (load_validation(member, data, config) if split == "val"
+                      else load_split(data, split, config.image_size, config.cache_dir))
+        probabilities = predict_probabilities(model, cached.images, refine.tta, rotations=refine.rotations)
+        total = probabilities if total is None else total + probabilities
+    return total / len(members), cached, shared[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("members", nargs="+", help="run folders, .pt or .onnx files")
+    parser.add_argument("--data", required=True, help="the dataset folder (isic2016-256)")
+    parser.add_argument("--split", choices=("val", "test"), default="val")
+    parser.add_argument("--tta", action="store_true", help="each member averages over flips first")
+    parser.add_argument("--post", action="store_true", help="largest component and hole filling after averaging")
+    parser.add_argument("--out", type=Path, required=True, help="evaluation folder to write")
+    args = parser.parse_args()
+    refine = Refinements(tta=args.tta, largest_component=args.post, fill_holes=args.post)
+    with torch.no_grad():
+        probabilities, cached, threshold = ensemble_probabilities(args.members, args.data, args.split, refine)
+    model_res = score_model_resolution(probabilities, cached, threshold, refine)
+    stored = score_source_resolution(probabilities, args.data, "train" if args.split == "val" else args.split,
+                                     threshold, refine, cached.ids)
+    per_image = {**model_res.per_image(), **{f"{k}_source": v for k, v in stored.per_image().items()}}
+    result = {"members": args.members, "split": args.split, "images": len(cached), "refinements": refine.name,
+              "metrics": model_res.compute(), "metrics_source_resolution": stored.compute(),
+              "per_image": [{"id": i, **{k: v[n] for k, v in per_image.items()}} for n, i in enumerate(cached.ids)]}
+    write_evaluation(result, args.out)
+    print(f"{len(args.members)} members, {args.split}, {refine.name}: mean per-image Jaccard at the stored resolution "
+          f"{result['metrics_source_resolution']['iou_per_image']:.4f} ({len(cached)} images) -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
