@@ -17,11 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from lesionseg.data import load_split
-from lesionseg.evaluation import (Refinements, load_for_evaluation, load_validation, predict_probabilities,
-                                  score_model_resolution, score_source_resolution, write_evaluation)
+from lesionseg.evaluation import (Refinements, images_to_score, load_for_evaluation, predict_probabilities,
+                                  score_probabilities, write_evaluation)
 
 
 def run_folder(member: str) -> Path:
@@ -50,8 +47,7 @@ def ensemble_probabilities(members: list[str], data: str, split: str, refine: Re
             sys.exit(f"{member}: input size and threshold {settings} differ from the first member's {shared}")
         shared = settings
         if cached is None:
-            cached = (load_validation(member, data, config) if split == "val"
-                      else load_split(data, split, config.image_size, config.cache_dir))
+            cached = images_to_score(member, data, split, config)
         probabilities = predict_probabilities(model, cached.images, refine.tta, rotations=refine.rotations)
         total = probabilities if total is None else total + probabilities
     return total / len(members), cached, shared[1]
@@ -67,15 +63,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="evaluation folder to write")
     args = parser.parse_args()
     refine = Refinements(tta=args.tta, largest_component=args.post, fill_holes=args.post)
-    with torch.no_grad():
-        probabilities, cached, threshold = ensemble_probabilities(args.members, args.data, args.split, refine)
-    model_res = score_model_resolution(probabilities, cached, threshold, refine)
-    stored = score_source_resolution(probabilities, args.data, "train" if args.split == "val" else args.split,
-                                     threshold, refine, cached.ids)
-    per_image = {**model_res.per_image(), **{f"{k}_source": v for k, v in stored.per_image().items()}}
+    probabilities, cached, threshold = ensemble_probabilities(args.members, args.data, args.split, refine)
     result = {"members": args.members, "split": args.split, "images": len(cached), "refinements": refine.name,
-              "metrics": model_res.compute(), "metrics_source_resolution": stored.compute(),
-              "per_image": [{"id": i, **{k: v[n] for k, v in per_image.items()}} for n, i in enumerate(cached.ids)]}
+              **score_probabilities(probabilities, cached, args.data, args.split, threshold, refine)}
     write_evaluation(result, args.out)
     print(f"{len(args.members)} members, {args.split}, {refine.name}: mean per-image Jaccard at the stored resolution "
           f"{result['metrics_source_resolution']['iou_per_image']:.4f} ({len(cached)} images) -> {args.out}")

@@ -29,11 +29,20 @@ def labelled(text: str) -> tuple[str, list[Path]]:
     return label or folders, [Path(folder) for folder in folders.split(",")]
 
 
+def per_seed_scores(group: list[Path], column: str) -> list[dict[str, float]]:
+    """Each folder's per-image `column`; refuses folders of one entry that scored other images."""
+    runs = [{row["id"]: row[column] for row in read_per_image(folder)} for folder in group]
+    for folder, run in zip(group[1:], runs[1:]):
+        if set(run) != set(runs[0]):
+            sys.exit(f"{folder}: scored other images than {group[0]}; seeds are averaged over the same images")
+    return runs
+
+
 def seed_means(folders: list[tuple[str, list[Path]]], column: str = "iou_source") -> dict[str, dict]:
     """Each entry's mean of `column` per folder (seed), with the mean and sample spread over its folders."""
     result = {}
     for label, group in folders:
-        means = [float(np.mean([row[column] for row in read_per_image(folder)])) for folder in group]
+        means = [float(np.mean(list(run.values()))) for run in per_seed_scores(group, column)]
         result[label] = {"per_folder": means, "mean": float(np.mean(means)),
                          "sd": float(np.std(means, ddof=1)) if len(means) > 1 else 0.0}
     return result
@@ -43,10 +52,7 @@ def differences(folders: list[tuple[str, list[Path]]], column: str = "iou_source
     """Each entry's per-image `column` (averaged over its folders) minus the first entry's, over the same images."""
     scores = {}
     for label, group in folders:
-        runs = [{row["id"]: row[column] for row in read_per_image(folder)} for folder in group]
-        for folder, run in zip(group[1:], runs[1:]):
-            if set(run) != set(runs[0]):
-                sys.exit(f"{folder}: scored other images than {group[0]}; seeds are averaged over the same images")
+        runs = per_seed_scores(group, column)
         scores[label] = {image: float(np.mean([run[image] for run in runs])) for image in runs[0]}
     (base, first), *others = scores.items()
     return {f"{label} - {base}": {**paired_difference(values, first),

@@ -151,23 +151,38 @@ def evaluate_checkpoint(
     image's own resolution if asked; written to `out`."""
     model, config, about = load_for_evaluation(checkpoint, data)
     data = data if data is not None else config.data
-    cached = load_validation(checkpoint, data, config) if split == "val" else load_split(data, split, config.image_size,
-                                                                                         config.cache_dir)
+    cached = images_to_score(checkpoint, data, split, config)
     probabilities = predict_probabilities(model, cached.images, refine.tta, batch_size, progress, refine.rotations)
-    model_res = score_model_resolution(probabilities, cached, config.threshold, refine)
-    per_image = model_res.per_image()
     result: dict[str, Any] = {
         "checkpoint": str(checkpoint), "split": split, "images": len(cached), "image_size": config.image_size,
-        "refinements": refine.name, "metrics": model_res.compute(), **about,
+        "refinements": refine.name, **about,
+        **score_probabilities(probabilities, cached, data, split, config.threshold, refine, source_resolution),
     }
+    if out is not None:
+        write_evaluation(result, Path(out))
+    return result
+
+
+def images_to_score(checkpoint: str | os.PathLike, data, split: str, config: TrainConfig) -> CachedSplit:
+    """The split's images and masks at the model's size; "val": the run's own validation images."""
+    if split == "val":
+        return load_validation(checkpoint, data, config)
+    return load_split(data, split, config.image_size, config.cache_dir)
+
+
+def score_probabilities(probabilities: torch.Tensor, cached: CachedSplit, data, split: str, threshold: float,
+                        refine: Refinements, source_resolution: bool = True) -> dict[str, Any]:
+    """Metrics and per-image rows of `probabilities` for `cached`, at the model's resolution and, if asked, at
+    each image's stored size (validation images are read from the training split)."""
+    model_res = score_model_resolution(probabilities, cached, threshold, refine)
+    per_image = model_res.per_image()
+    result: dict[str, Any] = {"metrics": model_res.compute()}
     if source_resolution:
-        source = score_source_resolution(probabilities, data, "train" if split == "val" else split, config.threshold,
+        source = score_source_resolution(probabilities, data, "train" if split == "val" else split, threshold,
                                          refine, cached.ids)
         result["metrics_source_resolution"] = source.compute()
         per_image.update({f"{k}_source": v for k, v in source.per_image().items()})
     result["per_image"] = [{"id": i, **{k: v[n] for k, v in per_image.items()}} for n, i in enumerate(cached.ids)]
-    if out is not None:
-        write_evaluation(result, Path(out))
     return result
 
 
