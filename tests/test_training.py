@@ -251,3 +251,23 @@ def test_split_seed_fixes_the_validation_images_while_the_seed_changes(tiny_data
     assert len({tuple(validation(f"free{seed}", seed=seed)) for seed in range(3)}) > 1  # by default the seed draws it
     overrides = training_overrides(build_parser().parse_args(["train", "--split-seed", "3"]))
     assert build_config("unet-finetune", **overrides).split_seed == 3 and build_config("unet-finetune").split_seed is None
+
+
+def test_init_starts_from_a_trained_model_and_records_it(tiny_data, tmp_path, capsys):
+    source = fit(tiny_config(tiny_data, tmp_path / "source", arch="unet", epochs=1), progress=False)
+    # lr 0: the weights stay the source's, so what the new run started from is visible in its checkpoint
+    run = fit(tiny_config(tiny_data, tmp_path / "larger", arch="unet", epochs=1, image_size=64, lr=0.0,
+                          init=str(source)), progress=False)
+    started, trained = load_checkpoint(source)["model"], load_checkpoint(run / "last.pt")["model"]
+    convs = [k for k in started if k.endswith("weight") and started[k].dim() == 4]
+    assert convs and all(torch.equal(started[k], trained[k]) for k in convs)
+    init = json.loads((run / "run.json").read_text())["init"]
+    assert init["checkpoint"] == str((source / "best.pt").resolve()) and len(init["sha256"]) == 64
+    assert init["weights"] == {"pretrained": False, "source": "none", "sha256": None}
+    assert "WARNING" not in capsys.readouterr().err  # the same seed held out the same images
+    fit(tiny_config(tiny_data, tmp_path / "seed1", arch="unet", epochs=1, seed=1, init=str(source)), progress=False)
+    assert "validation images trained the --init model" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"best\.pt: cannot start from this model: its arch 'unet'"):
+        fit(tiny_config(tiny_data, tmp_path / "other", arch="seed", init=str(source)), progress=False)
+    args = build_parser().parse_args(["train", "--init", str(source)])
+    assert args.init == str(source)

@@ -78,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if args.resume:  # the run's own config; other options would make it another run
         config = resume_config(args.resume)
     else:
-        config = build_config(args.preset, **training_overrides(args), out=args.out or f"runs/{args.preset}")
+        config = build_config(args.preset, **training_overrides(args), init=args.init, out=args.out or f"runs/{args.preset}")
     run_dir = fit(config, progress=not args.no_progress, resume=bool(args.resume))
     if int(os.environ.get("RANK", 0)) == 0:
         print(f"trained: {run_dir / 'best.pt'}")
@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=PRESETS, default="model2-finetune")
     p.add_argument("--out", help="run folder (default runs/<preset>)")
     p.add_argument("--resume", metavar="RUN", help="continue a stopped run from its last.pt, with its own config")
+    p.add_argument("--init", metavar="CHECKPOINT", help="start from a trained model (.pt or run folder) of the same "
+                   "--arch instead of ImageNet weights: fine-tune it on new data, at another size, with another loss")
     add_training_options(p)
     p.set_defaults(func=cmd_train)
 

@@ -55,6 +55,8 @@ class TrainConfig:
     # only and their validation scores compare
     weights: str = "imagenet"  # "imagenet" ($LESIONSEG_WEIGHTS, else torchvision's API), "auto" (the same, else
     # from scratch with a warning), "none", or a state_dict file
+    init: str | None = None  # start from this trained model (a checkpoint or run folder) instead of `weights`, e.g.
+    # to fine-tune the released model on new data or at a larger size
     freeze_bn: bool = False  # encoder BatchNorm statistics fixed (eval mode) while the encoder fine-tunes
     encoder_lr_scale: float = 1.0  # the encoder's lr is lr * this (a pretrained encoder needs smaller steps)
     unfreeze_after: int = 0  # train the decoder alone for this many epochs before fine-tuning the encoder

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from lesionseg.config import TrainConfig, read_config, save_config
+from lesionseg.config import ConfigError, TrainConfig, read_config, save_config
 from lesionseg.data import (
     CachedSplit, EvalPreset, SegmentationDataset, TrainPreset, join_splits, load_split, train_val_indices, write_split,
 )
@@ -36,7 +36,8 @@ from lesionseg.distributed import Process, barrier, init_process, mean_across, r
 from lesionseg.errors import CheckpointError, LesionsegError
 from lesionseg.losses import WeightedSum
 from lesionseg.metrics import MetricAccumulator
-from lesionseg.models import build_model, resolve_weights
+from lesionseg.download import sha256_of
+from lesionseg.models import FROM_SCRATCH, build_model, resolve_weights
 
 LOG_FIELDS = ("epoch", "train_loss", "val_loss", "val_iou", "val_dice", "lr", "seconds", "train_images_per_s")
 
@@ -123,6 +124,35 @@ def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, TrainConfig
     model = build_model(config.arch, "none", config.freeze_encoder, config.dropout, config.decoder_attention)
     model.load_state_dict(state["model"])
     return model.eval(), config
+
+
+def load_init(config: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The trained model a run starts from (`--init`): its weights, and what run.json records of them (the file,
+    its sha256 and the weights it started from in turn). Refused in one line if its architecture differs."""
+    path = Path(config.init)
+    path = path / "best.pt" if path.is_dir() else path
+    state = load_checkpoint(path)
+    source = TrainConfig.from_dict(state["config"])
+    differ = [f"{key} {getattr(source, key)!r}" for key in ("arch", "decoder_attention") if getattr(source, key) != getattr(config, key)]
+    if differ:
+        raise ConfigError(f"{path}: cannot start from this model: its {', '.join(differ)} differ from this run's "
+                          f"(arch {config.arch!r}, decoder_attention {config.decoder_attention!r})")
+    about = {"checkpoint": str(path.resolve()), "sha256": sha256_of(path), "weights": state.get("info", {}).get("weights")}
+    return state["model"], about
+
+
+def warn_if_init_trained_on_validation(init: Path, run_dir: Path) -> None:
+    """Validation images the --init model trained on make this run's validation scores optimistic: say so."""
+    source_split = init.parent / "split.json"
+    if not source_split.is_file():
+        return  # a bare checkpoint: nothing says what it trained on
+    source = json.loads(source_split.read_text())
+    seen = set(source["train"]) | set(source.get("extra_train", []))
+    overlap = seen & set(json.loads((run_dir / "split.json").read_text())["val"])
+    if overlap:
+        print(f"lesionseg: WARNING: {len(overlap)} of this run's validation images trained the --init model "
+              f"({source_split}); validation scores will be optimistic. Hold out the same images (--split-seed "
+              f"{source['seed']}) to choose by them", file=sys.stderr)
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -259,10 +289,18 @@ class Trainer:
         seed_everything(config.seed + process.rank)
         self.train_loader, self.val_loader, data = make_loaders(config, run_dir, process)
         self.info = run_info(config, data, process)
-        weights = resolve_weights(config.weights)
-        self.info["weights"] = weights.describe()
+        start, weights = None, FROM_SCRATCH
+        if config.init:
+            start, self.info["init"] = load_init(config)
+            if process.is_main:
+                warn_if_init_trained_on_validation(Path(self.info["init"]["checkpoint"]), run_dir)
+        else:
+            weights = resolve_weights(config.weights)
+        self.info["weights"] = self.info["init"]["weights"] if start else weights.describe()
         model = build_model(config.arch, weights, self.encoder_frozen(1), config.dropout, config.decoder_attention,
                             config.freeze_bn)
+        if start is not None:
+            model.load_state_dict(start)
         if config.sync_bn and process.world > 1:
             if self.device.type == "cpu":
                 raise LesionsegError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
