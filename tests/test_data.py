@@ -53,6 +53,15 @@ def test_resized_masks_stay_binary_and_images_uint8(tiny_data):
     assert split.source_sizes[0] == (48, 48)
 
 
+def test_soft_masks_keep_the_border_fraction_and_threshold_to_the_binary_ones(tiny_data):
+    binary, soft = load_split(tiny_data, "train", 32), load_split(tiny_data, "train", 32, soft=True)
+    assert soft.masks.dtype == torch.float16 and soft.ids == binary.ids  # a cache entry of its own
+    border = (soft.masks > 0) & (soft.masks < 1)
+    assert border.any() and 0 <= soft.masks.min() and soft.masks.max() <= 1  # 48 -> 32 px cuts border pixels
+    assert torch.equal((soft.masks >= 0.5).to(torch.uint8), binary.masks)
+    assert set(load_split(tiny_data, "train", 32).masks.unique().tolist()) == {0, 1}
+
+
 def test_cache_is_reused_and_invalidated_by_a_changed_file(tiny_data, monkeypatch):
     pairs, _ = find_pairs(tiny_data, "train")
     first = load_pairs(pairs, 32)

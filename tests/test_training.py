@@ -271,3 +271,15 @@ def test_init_starts_from_a_trained_model_and_records_it(tiny_data, tmp_path, ca
         fit(tiny_config(tiny_data, tmp_path / "other", arch="seed", init=str(source)), progress=False)
     args = build_parser().parse_args(["train", "--init", str(source)])
     assert args.init == str(source)
+
+
+def test_soft_masks_train_on_coverage_and_validate_on_binary_masks(tiny_data, tmp_path):
+    config = tiny_config(tiny_data, tmp_path / "soft", soft_masks=True, epochs=1)
+    (tmp_path / "soft").mkdir()
+    train, val, _ = make_loaders(config, tmp_path / "soft", Process())
+    targets, checked = train.dataset.split.masks, val.dataset.split.masks
+    assert targets.dtype == torch.float16 and ((targets > 0) & (targets < 1)).any()
+    assert checked.dtype == torch.uint8 and set(checked.unique().tolist()) <= {0, 1}
+    fit(config, progress=False)
+    overrides = training_overrides(build_parser().parse_args(["train", "--soft-masks"]))
+    assert build_config("unet-finetune", **overrides).soft_masks and not build_config("unet-finetune").soft_masks

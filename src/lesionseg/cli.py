@@ -49,6 +49,9 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
                         help="keep the encoder's BatchNorm statistics fixed while it fine-tunes")
     parser.add_argument("--encoder-lr-scale", type=float, help="the encoder's learning rate is --lr times this")
     parser.add_argument("--unfreeze-after", type=int, metavar="N", help="train the decoder alone for N epochs first")
+    parser.add_argument("--soft-masks", action="store_const", const=True,
+                        help="train on each mask's coverage at --image-size (fractions at the lesion border) instead of "
+                        "thresholding it there; validation and scores use the binary masks")
     parser.add_argument("--strict", action="store_const", const=True, help="stop at the first bad image/mask pair (default: skip and list)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -66,7 +69,7 @@ def training_overrides(args: argparse.Namespace) -> dict:
         "warmup_epochs": args.warmup_epochs, "monitor": args.monitor, "patience": args.patience,
         "dropout": args.dropout, "decoder_attention": args.decoder_attention, "device": args.device, "amp": args.amp,
         "channels_last": args.channels_last,
-        "sync_bn": args.sync_bn, "strict": args.strict, "freeze_bn": args.freeze_bn,
+        "sync_bn": args.sync_bn, "strict": args.strict, "soft_masks": args.soft_masks, "freeze_bn": args.freeze_bn,
         "encoder_lr_scale": args.encoder_lr_scale, "unfreeze_after": args.unfreeze_after,
     }
 

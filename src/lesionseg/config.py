@@ -60,6 +60,8 @@ class TrainConfig:
     freeze_bn: bool = False  # encoder BatchNorm statistics fixed (eval mode) while the encoder fine-tunes
     encoder_lr_scale: float = 1.0  # the encoder's lr is lr * this (a pretrained encoder needs smaller steps)
     unfreeze_after: int = 0  # train the decoder alone for this many epochs before fine-tuning the encoder
+    soft_masks: bool = False  # train on each mask's coverage at the input size (fractions at the border) instead
+    # of thresholding it there; validation and scores use the binary masks
     hflip: bool = True
     rotation: float = 60.0  # degrees, the paper's +-60
     threshold: float = 0.5

@@ -49,7 +49,8 @@ class Pair:
 
 @dataclass
 class CachedSplit:
-    """A split decoded once: uint8 images (N,3,S,S), {0,1} uint8 masks (N,1,S,S), source sizes (W,H)."""
+    """A split decoded once: uint8 images (N,3,S,S), {0,1} uint8 masks (N,1,S,S) (or, loaded with `soft`,
+    float16 coverage in [0,1]), source sizes (W,H)."""
 
     ids: list[str]
     images: torch.Tensor
@@ -132,13 +133,14 @@ def resize_image(image: Image.Image, size: int) -> torch.Tensor:
     return TF.resize(TF.pil_to_tensor(image), [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
 
 
-def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
-    """{0,1} uint8 (1,S,S): bilinear on the 0/1 mask, then >= 0.5, so it stays binary."""
+def resize_mask(mask: np.ndarray, size: int, soft: bool = False) -> torch.Tensor:
+    """{0,1} uint8 (1,S,S): bilinear on the 0/1 mask, then >= 0.5, so it stays binary. `soft`: float16 without the
+    threshold, the fraction of each pixel the lesion covers, which keeps the border the resize would round off."""
     m = TF.resize(torch.from_numpy(mask).float()[None], [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-    return (m >= 0.5).to(torch.uint8)
+    return m.clamp_(0, 1).to(torch.float16) if soft else (m >= 0.5).to(torch.uint8)
 
 
-def _decode(pairs: list[Pair], size: int) -> CachedSplit:
+def _decode(pairs: list[Pair], size: int, soft: bool = False) -> CachedSplit:
     """Check and resize every pair; a bad pair is left out and named in `skipped`."""
     ids, images, masks, sizes, skipped, notes = [], [], [], [], [], []
     for pair in pairs:
@@ -153,11 +155,11 @@ def _decode(pairs: list[Pair], size: int) -> CachedSplit:
         notes += image_notes + mask_notes
         ids.append(pair.id)
         images.append(resize_image(image, size))
-        masks.append(resize_mask(mask, size))
+        masks.append(resize_mask(mask, size, soft))
         sizes.append((image.width, image.height))
     empty = torch.zeros(0, 1, size, size, dtype=torch.uint8)
     return CachedSplit(ids, torch.stack(images) if images else empty.expand(0, 3, size, size).clone(),
-                       torch.stack(masks) if masks else empty, sizes, skipped, notes)
+                       torch.stack(masks) if masks else empty.to(torch.float16 if soft else torch.uint8), sizes, skipped, notes)
 
 
 def folder_listing(folder: Path) -> dict[str, str]:
@@ -171,9 +173,9 @@ def folder_listing(folder: Path) -> dict[str, str]:
     return listing
 
 
-def cache_key(pairs: list[Pair], size: int) -> str:
-    """Changes whenever a source file (path, size, mtime) or the target size changes."""
-    h = hashlib.sha256(f"v{CACHE_VERSION}:{size}".encode())
+def cache_key(pairs: list[Pair], size: int, soft: bool = False) -> str:
+    """Changes whenever a source file (path, size, mtime), the target size or the kind of mask changes."""
+    h = hashlib.sha256(f"v{CACHE_VERSION}:{size}{':soft' if soft else ''}".encode())
     listings: dict[Path, dict[str, str]] = {}
     for pair in pairs:
         for path in (pair.image, pair.mask):
@@ -187,14 +189,14 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LESIONSEG_CACHE", Path.home() / ".cache" / "lesionseg"))
 
 
-def load_pairs(pairs: list[Pair], size: int, cache_dir: str | os.PathLike | None = None) -> CachedSplit:
-    """Decode and resize `pairs` once; later calls with the same files and size read the cache."""
+def load_pairs(pairs: list[Pair], size: int, cache_dir: str | os.PathLike | None = None, soft: bool = False) -> CachedSplit:
+    """Decode and resize `pairs` once; later calls with the same files, size and kind of mask read the cache."""
     directory = Path(cache_dir) if cache_dir else default_cache_dir()
-    key = cache_key(pairs, size)
-    path = directory / f"pairs-{size}-{key}.pt"
+    key = cache_key(pairs, size, soft)
+    path = directory / f"pairs-{size}{'-soft' if soft else ''}-{key}.pt"
     if path.is_file():
         return CachedSplit(**torch.load(path, weights_only=True))
-    split = _decode(pairs, size)
+    split = _decode(pairs, size, soft)
     split.fingerprint = key
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -207,10 +209,11 @@ def load_pairs(pairs: list[Pair], size: int, cache_dir: str | os.PathLike | None
 
 
 def load_split(data: str | os.PathLike | None, split: str, size: int, cache_dir=None, strict: bool = False,
-               quiet: bool = False) -> CachedSplit:
-    """A checked, cached split. Bad pairs are skipped and listed on stderr; with `strict` the first stops the run."""
+               quiet: bool = False, soft: bool = False) -> CachedSplit:
+    """A checked, cached split. Bad pairs are skipped and listed on stderr; with `strict` the first stops the run.
+    `soft`: masks as coverage (`resize_mask`), for training targets only; scores always use the binary masks."""
     pairs, problems = find_pairs(data, split)
-    cached = load_pairs(pairs, size, cache_dir)
+    cached = load_pairs(pairs, size, cache_dir, soft)
     cached.skipped = problems + cached.skipped
     if strict and cached.skipped:
         more = f" (and {len(cached.skipped) - 1} more problems)" if len(cached.skipped) > 1 else ""
@@ -295,7 +298,7 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 
 class SegmentationDataset(Dataset):
-    """Samples of a cached split: (image (3,S,S) float, mask (1,S,S) float in {0,1}).
+    """Samples of a cached split: (image (3,S,S) float, mask (1,S,S) float in {0,1}, or in [0,1] if soft).
 
     With a `seed`, each sample's augmentation is drawn from its own generator seeded by (seed, epoch,
     index): the same sample gets the same transform whichever process, worker or resumed run asks.

@@ -243,7 +243,13 @@ def make_loaders(config: TrainConfig, run_dir: Path, process: Process) -> tuple[
     everything = join_splits(data, extras, config.extra_data)  # refuses an extra image that is already in data
     if process.is_main:
         write_split(run_dir / "split.json", data.ids, train_idx, val_idx, split_seed, everything.ids[len(data):])
-    train_data = join_splits(data.subset(train_idx), extras, config.extra_data)
+    if config.soft_masks:  # the same pairs, their masks as coverage: training targets only
+        load |= {"soft": True, "quiet": True}
+        targets = load_split(config.data, "train", **load)
+        train_data = join_splits(targets.subset(train_idx), [load_split(f, "train", **load) for f in config.extra_data],
+                                 config.extra_data)
+    else:
+        train_data = join_splits(data.subset(train_idx), extras, config.extra_data)
     train_set = SegmentationDataset(train_data, TrainPreset(config.hflip, config.rotation), seed=config.seed)
     val_set = SegmentationDataset(data.subset(val_idx), EvalPreset())
     if config.batch_size % process.world:
