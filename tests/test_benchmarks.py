@@ -195,3 +195,11 @@ def test_ensemble_of_one_model_twice_is_that_model_and_members_must_share_valida
     with pytest.raises(SystemExit, match="held out other validation images"):
         ensemble.validation_ids([str(tmp_path / "a"), str(tmp_path / "b")])
     assert ensemble.validation_ids([str(tmp_path / "a"), str(tmp_path / "a")]) == ["ISIC_1", "ISIC_2"]
+
+
+def test_resolution_ceiling_is_perfect_at_the_stored_size_and_soft_masks_lift_it_below(tiny_data):
+    ceiling = load("resolution_ceiling").ceiling
+    stored, smaller = ceiling(str(tiny_data), "test", 48), ceiling(str(tiny_data), "test", 32)
+    assert stored["images"] == 4 and stored["binary_iou_per_image"] == pytest.approx(1.0)
+    assert smaller["binary_iou_per_image"] < 1.0 and smaller["binary_iou_worst_decile"] <= smaller["binary_iou_per_image"]
+    assert smaller["soft_iou_per_image"] >= smaller["binary_iou_per_image"]
