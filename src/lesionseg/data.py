@@ -158,8 +158,9 @@ def _decode(pairs: list[Pair], size: int, soft: bool = False) -> CachedSplit:
         masks.append(resize_mask(mask, size, soft))
         sizes.append((image.width, image.height))
     empty = torch.zeros(0, 1, size, size, dtype=torch.uint8)
+    no_masks = empty.to(torch.float16 if soft else torch.uint8)
     return CachedSplit(ids, torch.stack(images) if images else empty.expand(0, 3, size, size).clone(),
-                       torch.stack(masks) if masks else empty.to(torch.float16 if soft else torch.uint8), sizes, skipped, notes)
+                       torch.stack(masks) if masks else no_masks, sizes, skipped, notes)
 
 
 def folder_listing(folder: Path) -> dict[str, str]:

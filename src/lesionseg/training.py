@@ -133,11 +133,13 @@ def load_init(config: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, A
     path = path / "best.pt" if path.is_dir() else path
     state = load_checkpoint(path)
     source = TrainConfig.from_dict(state["config"])
-    differ = [f"{key} {getattr(source, key)!r}" for key in ("arch", "decoder_attention") if getattr(source, key) != getattr(config, key)]
+    differ = [f"{key} {getattr(source, key)!r}" for key in ("arch", "decoder_attention")
+              if getattr(source, key) != getattr(config, key)]
     if differ:
         raise ConfigError(f"{path}: cannot start from this model: its {', '.join(differ)} differ from this run's "
                           f"(arch {config.arch!r}, decoder_attention {config.decoder_attention!r})")
-    about = {"checkpoint": str(path.resolve()), "sha256": sha256_of(path), "weights": state.get("info", {}).get("weights")}
+    about = {"checkpoint": str(path.resolve()), "sha256": sha256_of(path),
+             "weights": state.get("info", {}).get("weights")}
     return state["model"], about
 
 
@@ -302,7 +304,7 @@ class Trainer:
                 warn_if_init_trained_on_validation(Path(self.info["init"]["checkpoint"]), run_dir)
         else:
             weights = resolve_weights(config.weights)
-        self.info["weights"] = self.info["init"]["weights"] if start else weights.describe()
+        self.info["weights"] = self.info["init"]["weights"] if start is not None else weights.describe()
         model = build_model(config.arch, weights, self.encoder_frozen(1), config.dropout, config.decoder_attention,
                             config.freeze_bn)
         if start is not None:
