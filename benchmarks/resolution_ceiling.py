@@ -4,7 +4,7 @@ Each test mask is resized to N px exactly as training resizes it (`data.resize_m
 then scored as a prediction by `lesionseg evaluate --source-resolution`'s own code (upsampled, thresholded,
 against the stored mask). The gap to 1.0 is what the input size alone costs the mean per-image Jaccard, before
 any model error. "soft" keeps the resized mask's fractions at the lesion border instead of thresholding them
-at N px: the most a model that predicts those fractions could recover.
+at N px (`--soft-masks`' targets): the most a model that predicts those fractions could recover.
 
     .venv/bin/python benchmarks/resolution_ceiling.py --data ../shared/data/isic2016-256 --sizes 96 128 192 256 \
         --out benchmarks/results/resolution-ceiling.json
@@ -16,27 +16,16 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-import torch.nn.functional as F
-
-from lesionseg.data import find_pairs, inspect_mask, load_split
+from lesionseg.data import load_split
 from lesionseg.evaluation import Refinements, score_source_resolution
-
-
-def soft_masks(data: str, split: str, size: int, ids: list[str]):
-    """Each stored mask resized to `size` like `resize_mask`, without the threshold."""
-    paths = {pair.id: pair.mask for pair in find_pairs(data, split)[0]}
-    masks = [inspect_mask(paths[image_id])[0] for image_id in ids]
-    return [F.interpolate(torch.from_numpy(m).float()[None, None], size=(size, size), mode="bilinear",
-                          antialias=True, align_corners=False)[0] for m in masks]
 
 
 def ceiling(data: str, split: str, size: int) -> dict[str, float]:
     """Mean and worst-decile per-image Jaccard of the split's own masks, resized to `size` and back."""
     cached = load_split(data, split, size)
     row: dict[str, float] = {"size": size, "images": len(cached)}
-    for kind, masks in (("binary", cached.masks.float()), ("soft", soft_masks(data, split, size, cached.ids))):
+    soft = load_split(data, split, size, soft=True, quiet=True)
+    for kind, masks in (("binary", cached.masks.float()), ("soft", soft.masks.float())):
         scores = score_source_resolution(masks, data, split, 0.5, Refinements(), cached.ids).compute()
         row |= {f"{kind}_iou_per_image": scores["iou_per_image"], f"{kind}_iou_worst_decile": scores["iou_worst_decile"]}
     return row

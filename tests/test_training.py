@@ -274,11 +274,13 @@ def test_init_starts_from_a_trained_model_and_records_it(tiny_data, tmp_path, ca
 
 
 def test_soft_masks_train_on_coverage_and_validate_on_binary_masks(tiny_data, tmp_path):
-    config = tiny_config(tiny_data, tmp_path / "soft", soft_masks=True, epochs=1)
+    extra = write_plain_pairs(tmp_path / "extra", 3)
+    config = tiny_config(tiny_data, tmp_path / "soft", soft_masks=True, epochs=1, extra_data=[str(extra)])
     (tmp_path / "soft").mkdir()
     train, val, _ = make_loaders(config, tmp_path / "soft", Process())
     targets, checked = train.dataset.split.masks, val.dataset.split.masks
-    assert targets.dtype == torch.float16 and ((targets > 0) & (targets < 1)).any()
+    assert len(targets) == 9 + 3 and targets.dtype == torch.float16
+    assert ((targets[:9] > 0) & (targets[:9] < 1)).any() and ((targets[9:] > 0) & (targets[9:] < 1)).any()
     assert checked.dtype == torch.uint8 and set(checked.unique().tolist()) <= {0, 1}
     fit(config, progress=False)
     overrides = training_overrides(build_parser().parse_args(["train", "--soft-masks"]))

@@ -241,17 +241,13 @@ def make_loaders(config: TrainConfig, run_dir: Path, process: Process) -> tuple[
     data = load_split(config.data, "train", **load)
     split_seed = config.seed if config.split_seed is None else config.split_seed
     train_idx, val_idx = train_val_indices(len(data), config.val_fraction, split_seed)
-    extras = [load_split(folder, "train", **load) for folder in config.extra_data]
+    extras = [load_split(folder, "train", **load, soft=config.soft_masks) for folder in config.extra_data]  # training only
     everything = join_splits(data, extras, config.extra_data)  # refuses an extra image that is already in data
     if process.is_main:
         write_split(run_dir / "split.json", data.ids, train_idx, val_idx, split_seed, everything.ids[len(data):])
-    if config.soft_masks:  # the same pairs, their masks as coverage: training targets only
-        load |= {"soft": True, "quiet": True}
-        targets = load_split(config.data, "train", **load)
-        train_data = join_splits(targets.subset(train_idx), [load_split(f, "train", **load) for f in config.extra_data],
-                                 config.extra_data)
-    else:
-        train_data = join_splits(data.subset(train_idx), extras, config.extra_data)
+    # --soft-masks: the same pairs with their masks as coverage, for training targets; validation keeps `data`
+    targets = load_split(config.data, "train", **load | {"soft": True, "quiet": True}) if config.soft_masks else data
+    train_data = join_splits(targets.subset(train_idx), extras, config.extra_data)
     train_set = SegmentationDataset(train_data, TrainPreset(config.hflip, config.rotation), seed=config.seed)
     val_set = SegmentationDataset(data.subset(val_idx), EvalPreset())
     if config.batch_size % process.world:
