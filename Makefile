@@ -10,7 +10,7 @@ LESIONSEG_WEIGHTS ?= $(SHARED_WEIGHTS)
 export LESIONSEG_WEIGHTS
 ARGS ?= --out runs/demo --weights auto
 
-.PHONY: install reproduce test
+.PHONY: install reproduce test lint release
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -22,6 +22,16 @@ $(VENV)/.installed: pyproject.toml
 reproduce: install
 	$(BIN)/lesionseg reproduce $(ARGS)
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest -q
 	.ci/wheel-check
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/ruff format --check src tests benchmarks tools
+
+# The released model, rebuilt from ImageNet weights on the shared data (hours on a CPU): train, export, score, ship
+# into src/lesionseg/release/. A rerun resumes training or skips what is done.
+RELEASE_ARGS ?= --out runs/release --weights $(SHARED_WEIGHTS) --shared ../shared/data
+release: install
+	$(BIN)/python tools/release.py $(RELEASE_ARGS)

@@ -13,25 +13,23 @@ pairs it with its members' folders.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from lesionseg.evaluation import (Refinements, images_to_score, load_for_evaluation, predict_probabilities,
-                                  score_probabilities, write_evaluation)
-
-
-def run_folder(member: str) -> Path:
-    return Path(member) if Path(member).is_dir() else Path(member).parent
+from lesionseg.evaluation import images_to_score, pipeline_for, probabilities_of, score_probabilities, write_evaluation
+from lesionseg.pipeline import Refinements
+from lesionseg.rundir import RunDir
 
 
 def validation_ids(members: list[str]) -> list[str]:
     """The validation images every member held out; refuses members that held out different ones."""
-    splits = [json.loads((run_folder(m) / "split.json").read_text())["val"] for m in members]
+    splits = [RunDir.of(m).read_split()["val"] for m in members]
     for member, split in zip(members[1:], splits[1:]):
         if split != splits[0]:
-            sys.exit(f"{member}: held out other validation images than {members[0]}; an ensemble is scored on "
-                     "images no member trained on (train the members with the same --split-seed)")
+            sys.exit(
+                f"{member}: held out other validation images than {members[0]}; an ensemble is scored on "
+                "images no member trained on (train the members with the same --split-seed)"
+            )
     return splits[0]
 
 
@@ -39,18 +37,18 @@ def ensemble_probabilities(members: list[str], data: str, split: str, refine: Re
     """Each member's probabilities on the split, averaged; with the split's images and the shared settings."""
     if split == "val":
         validation_ids(members)
-    total, cached, shared = None, None, None
+    total, cached, first = None, None, None
     for member in members:
-        model, config, _ = load_for_evaluation(member, data)
-        settings = (config.image_size, config.threshold)
-        if shared not in (None, settings):
-            sys.exit(f"{member}: input size and threshold {settings} differ from the first member's {shared}")
-        shared = settings
+        pipeline, scoring, _ = pipeline_for(member, data, refine)
+        settings = (scoring.image_size, scoring.threshold)
+        if first not in (None, settings):
+            sys.exit(f"{member}: input size and threshold {settings} differ from the first member's {first}")
+        first = first or settings
         if cached is None:
-            cached = images_to_score(member, data, split, config)
-        probabilities = predict_probabilities(model, cached.images, refine.tta, rotations=refine.rotations)
+            cached, scored_by = images_to_score(member, split, scoring), pipeline
+        probabilities = probabilities_of(pipeline, cached.images)
         total = probabilities if total is None else total + probabilities
-    return total / len(members), cached, shared[1]
+    return total / len(members), cached, scored_by
 
 
 def main() -> None:
@@ -63,12 +61,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="evaluation folder to write")
     args = parser.parse_args()
     refine = Refinements(tta=args.tta, largest_component=args.post, fill_holes=args.post)
-    probabilities, cached, threshold = ensemble_probabilities(args.members, args.data, args.split, refine)
-    result = {"members": args.members, "split": args.split, "images": len(cached), "refinements": refine.name,
-              **score_probabilities(probabilities, cached, args.data, args.split, threshold, refine)}
+    probabilities, cached, pipeline = ensemble_probabilities(args.members, args.data, args.split, refine)
+    result = {
+        "members": args.members,
+        "split": args.split,
+        "images": len(cached),
+        "refinements": refine.name,
+        **score_probabilities(pipeline, probabilities, cached, args.data, args.split),
+    }
     write_evaluation(result, args.out)
-    print(f"{len(args.members)} members, {args.split}, {refine.name}: mean per-image Jaccard at the stored resolution "
-          f"{result['metrics_source_resolution']['iou_per_image']:.4f} ({len(cached)} images) -> {args.out}")
+    print(
+        f"{len(args.members)} members, {args.split}, {refine.name}: mean per-image Jaccard at the stored resolution "
+        f"{result['metrics_source_resolution']['iou_per_image']:.4f} ({len(cached)} images) -> {args.out}"
+    )
 
 
 if __name__ == "__main__":

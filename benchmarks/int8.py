@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from reduced_decode import jaccard
-
+from common import jaccard, read_result, write_result
 from lesionseg.data import find_pairs
 from lesionseg.evaluation import evaluate_checkpoint
 from lesionseg.images import inspect_mask, read_image
 from lesionseg.metrics import paired_difference
-from lesionseg.prediction import OnnxPredictor, segment
+from lesionseg.pipeline import Pipeline
+from lesionseg.predictors import OnnxPredictor
 from lesionseg.quantize import Int8Recipe, quantize_int8, training_images
 
 RECIPES = {
@@ -62,9 +62,12 @@ def test_scores(model: Path, data: str) -> tuple[float, dict[str, float]]:
 
 def validation_scores(model: Path, data: str, val_ids: set[str]) -> dict[str, float]:
     """Per-image Jaccard on the run's own validation images (what a recipe may be chosen on)."""
-    predictor = OnnxPredictor(model)
+    pipeline = Pipeline(OnnxPredictor(model))
     pairs = [pair for pair in find_pairs(data, "train")[0] if pair.id in val_ids]
-    return {pair.id: jaccard(segment(predictor, [read_image(pair.image)])[0].mask, inspect_mask(pair.mask)[0]) for pair in pairs}
+    return {
+        pair.id: jaccard(pipeline.segment([read_image(pair.image)])[0].mask, inspect_mask(pair.mask)[0])
+        for pair in pairs
+    }
 
 
 def paired_rates(first: OnnxPredictor, second: OnnxPredictor, size: int, rounds: int = 5) -> tuple[float, float]:
@@ -90,21 +93,30 @@ def parse_model(text: str) -> tuple[str, Path, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="dataset: training split for calibration, test split for scores")
-    parser.add_argument("--model", action="append", type=parse_model, required=True,
-                        help="LABEL=float32.onnx:split.json (the split.json of the run it was trained in)")
+    parser.add_argument(
+        "--model",
+        action="append",
+        type=parse_model,
+        required=True,
+        help="LABEL=float32.onnx:split.json (the split.json of the run it was trained in)",
+    )
     parser.add_argument("--recipe", action="append", choices=RECIPES, help="default: all")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     summary = args.out / "int8.json"  # a later run adds its recipes to those already measured
-    results = json.loads(summary.read_text()) if summary.is_file() else {"cpu": cpu_name(), "data": args.data, "models": {}}
+    results = read_result(summary) if summary.is_file() else {"cpu": cpu_name(), "data": args.data, "models": {}}
     for label, fp32, split in args.model:
         reference = OnnxPredictor(fp32)
         val_ids = set(json.loads(split.read_text())["val"])
         fp32_val = validation_scores(fp32, args.data, val_ids)
         fp32_iou, fp32_per_image = test_scores(fp32, args.data)
         rows = results["models"].setdefault(label, {})
-        rows["float32"] = {"path": str(fp32), "iou_per_image": fp32_iou, "val_iou": float(np.mean(list(fp32_val.values())))}
+        rows["float32"] = {
+            "path": str(fp32),
+            "iou_per_image": fp32_iou,
+            "val_iou": float(np.mean(list(fp32_val.values()))),
+        }
         for name in args.recipe or list(RECIPES):
             recipe = RECIPES[name]
             calibration = training_images(args.data, recipe.images, reference.image_size, exclude=frozenset(val_ids))
@@ -112,13 +124,22 @@ def main() -> None:
             val = paired_difference(validation_scores(int8, args.data, val_ids), fp32_val)
             iou, per_image = test_scores(int8, args.data)
             fp32_rate, int8_rate = paired_rates(reference, OnnxPredictor(int8), reference.image_size, args.rounds)
-            rows[name] = {"recipe": asdict(recipe), "val_minus_float32": val, "iou_per_image": iou,
-                          "minus_float32": paired_difference(per_image, fp32_per_image),
-                          "float32_images_per_s": fp32_rate, "int8_images_per_s": int8_rate, "speedup": int8_rate / fp32_rate,
-                          "bytes": int8.stat().st_size}
-            print(f"{label} {name}: validation {val['mean']:+.4f}; test Jaccard {iou:.4f} ({iou - fp32_iou:+.4f} vs float32 "
-                  f"{fp32_iou:.4f}), {int8_rate:.0f} vs {fp32_rate:.0f} img/s = {int8_rate / fp32_rate:.2f}x", flush=True)
-            summary.write_text(json.dumps(results, indent=1))
+            rows[name] = {
+                "recipe": asdict(recipe),
+                "val_minus_float32": val,
+                "iou_per_image": iou,
+                "minus_float32": paired_difference(per_image, fp32_per_image),
+                "float32_images_per_s": fp32_rate,
+                "int8_images_per_s": int8_rate,
+                "speedup": int8_rate / fp32_rate,
+                "bytes": int8.stat().st_size,
+            }
+            print(
+                f"{label} {name}: validation {val['mean']:+.4f}; test Jaccard {iou:.4f} ({iou - fp32_iou:+.4f} vs float32 "
+                f"{fp32_iou:.4f}), {int8_rate:.0f} vs {fp32_rate:.0f} img/s = {int8_rate / fp32_rate:.2f}x",
+                flush=True,
+            )
+            write_result(summary, results)
 
 
 if __name__ == "__main__":

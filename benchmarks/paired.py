@@ -7,19 +7,19 @@ A comma-separated list of folders is one entry scored over several seeds: its pe
 the seeds before pairing, and the entry's mean is reported per seed, with their spread and the ratio to the first.
 
     .venv/bin/python benchmarks/paired.py release-v1=runs/release-v1/eval 192px-6ep=runs/size192/192px-6ep/eval \
-        --out benchmarks/results/cpu-budget-paired.json
+        --out benchmarks/results/paired/cpu-budget-paired.json
     .venv/bin/python benchmarks/paired.py ours=runs/a/seed0/eval,runs/a/seed1/eval smp=runs/b/seed0/eval,runs/b/seed1/eval
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from common import write_result
 from lesionseg.evaluation import read_per_image
 from lesionseg.metrics import paired_difference
 
@@ -43,8 +43,11 @@ def seed_means(folders: list[tuple[str, list[Path]]], column: str = "iou_source"
     result = {}
     for label, group in folders:
         means = [float(np.mean(list(run.values()))) for run in per_seed_scores(group, column)]
-        result[label] = {"per_folder": means, "mean": float(np.mean(means)),
-                         "sd": float(np.std(means, ddof=1)) if len(means) > 1 else 0.0}
+        result[label] = {
+            "per_folder": means,
+            "mean": float(np.mean(means)),
+            "sd": float(np.std(means, ddof=1)) if len(means) > 1 else 0.0,
+        }
     return result
 
 
@@ -55,28 +58,48 @@ def differences(folders: list[tuple[str, list[Path]]], column: str = "iou_source
         runs = per_seed_scores(group, column)
         scores[label] = {image: float(np.mean([run[image] for run in runs])) for image in runs[0]}
     (base, first), *others = scores.items()
-    return {f"{label} - {base}": {**paired_difference(values, first),
-                                  "ratio": float(np.mean(list(values.values())) / np.mean(list(first.values())))}
-            for label, values in others}
+    return {
+        f"{label} - {base}": {
+            **paired_difference(values, first),
+            "ratio": float(np.mean(list(values.values())) / np.mean(list(first.values()))),
+        }
+        for label, values in others
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folders", nargs="+", type=labelled, help="[LABEL=]EVAL_DIR[,EVAL_DIR...] with per_image.csv, one folder per seed; the first entry is the base")
+    parser.add_argument(
+        "folders",
+        nargs="+",
+        type=labelled,
+        help="[LABEL=]EVAL_DIR[,EVAL_DIR...] with per_image.csv, one folder per seed; the first entry is the base",
+    )
     parser.add_argument("--column", default="iou_source", help="per_image.csv column (iou: at the model's resolution)")
     parser.add_argument("--out", type=Path, help="write the JSON here")
     args = parser.parse_args()
     means = seed_means(args.folders, args.column)
     result = differences(args.folders, args.column)
     for label, m in means.items():
-        print(f"{label}: {m['mean']:.4f}" + (f" ± {m['sd']:.4f} over {len(m['per_folder'])}" if len(m["per_folder"]) > 1 else ""))
+        print(
+            f"{label}: {m['mean']:.4f}"
+            + (f" ± {m['sd']:.4f} over {len(m['per_folder'])}" if len(m["per_folder"]) > 1 else "")
+        )
     for name, d in result.items():
-        print(f"{name}: {d['mean']:+.4f} ({d['ci95_low']:+.4f} to {d['ci95_high']:+.4f}), "
-              f"{d['ours_better']} better, {d['theirs_better']} worse of {d['images']}, ratio {d['ratio']:.4f}")
+        print(
+            f"{name}: {d['mean']:+.4f} ({d['ci95_low']:+.4f} to {d['ci95_high']:+.4f}), "
+            f"{d['ours_better']} better, {d['theirs_better']} worse of {d['images']}, ratio {d['ratio']:.4f}"
+        )
     if args.out:
-        args.out.write_text(json.dumps({"column": args.column,
-                                        "folders": {l: ",".join(map(str, f)) for l, f in args.folders},
-                                        "means": means, "pairs": result}, indent=1))
+        write_result(
+            args.out,
+            {
+                "column": args.column,
+                "folders": {label: ",".join(map(str, f)) for label, f in args.folders},
+                "means": means,
+                "pairs": result,
+            },
+        )
 
 
 if __name__ == "__main__":

@@ -7,17 +7,27 @@ any model error. "soft" keeps the resized mask's fractions at the lesion border 
 at N px (`--soft-masks`' targets): the most a model that predicts those fractions could recover.
 
     .venv/bin/python benchmarks/resolution_ceiling.py --data ../shared/data/isic2016-256 --sizes 96 128 192 256 \
-        --out benchmarks/results/resolution-ceiling.json
+        --out benchmarks/results/resolution_ceiling/resolution-ceiling.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
+from common import write_result
 from lesionseg.data import load_split
-from lesionseg.evaluation import Refinements, score_source_resolution
+from lesionseg.evaluation import score_source_resolution
+from lesionseg.pipeline import Pipeline
+
+
+class StoredMasks:
+    """The masks themselves in the place of a model's probabilities, so they are scored as predictions are."""
+
+    threshold, name, version = 0.5, "stored masks", "-"
+
+    def __init__(self, size: int) -> None:
+        self.image_size = size
 
 
 def ceiling(data: str, split: str, size: int) -> dict[str, float]:
@@ -26,8 +36,12 @@ def ceiling(data: str, split: str, size: int) -> dict[str, float]:
     row: dict[str, float] = {"size": size, "images": len(cached)}
     soft = load_split(data, split, size, soft=True, quiet=True)
     for kind, masks in (("binary", cached.masks.float()), ("soft", soft.masks.float())):
-        scores = score_source_resolution(masks, data, split, 0.5, Refinements(), cached.ids).compute()
-        row |= {f"{kind}_iou_per_image": scores["iou_per_image"], f"{kind}_iou_worst_decile": scores["iou_worst_decile"]}
+        pipeline = Pipeline(StoredMasks(size))
+        scores = score_source_resolution(pipeline, masks.numpy(), data, split, cached.ids).compute()
+        row |= {
+            f"{kind}_iou_per_image": scores["iou_per_image"],
+            f"{kind}_iou_worst_decile": scores["iou_worst_decile"],
+        }
     return row
 
 
@@ -40,11 +54,13 @@ def main() -> None:
     args = parser.parse_args()
     rows = [ceiling(args.data, args.split, size) for size in args.sizes]
     for row in rows:
-        print(f"{row['size']:>4} px, {row['images']} images: mean per-image Jaccard {row['binary_iou_per_image']:.4f} "
-              f"(worst decile {row['binary_iou_worst_decile']:.4f}), soft {row['soft_iou_per_image']:.4f} "
-              f"({row['soft_iou_worst_decile']:.4f})")
+        print(
+            f"{row['size']:>4} px, {row['images']} images: mean per-image Jaccard {row['binary_iou_per_image']:.4f} "
+            f"(worst decile {row['binary_iou_worst_decile']:.4f}), soft {row['soft_iou_per_image']:.4f} "
+            f"({row['soft_iou_worst_decile']:.4f})"
+        )
     if args.out:
-        args.out.write_text(json.dumps({"data": args.data, "split": args.split, "rows": rows}, indent=1))
+        write_result(args.out, {"data": args.data, "split": args.split, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ p50/p95/max latency, errors and the server's peak RSS. Nothing leaves the machin
 
     .venv/bin/python benchmarks/serve_load.py --image photo.png --clients 8 --requests 80
     .venv/bin/python benchmarks/serve_load.py --synthetic 765x572.png --clients 1 8 --requests 40 \
-        --out benchmarks/results/serve-load.json   # extra args after -- go to `lesionseg serve`
+        --out benchmarks/results/serve_load/serve-load.json   # extra args after -- go to `lesionseg serve`
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import io
 import json
 import os
 import socket
-import threading
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +26,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+
+from common import write_result
 
 
 def free_port() -> int:
@@ -63,8 +65,12 @@ def peak_rss_mb(pid: int) -> float | None:
 def start_server(port: int, serve_args: list[str], src: Path | None = None) -> subprocess.Popen:
     """`lesionseg serve` from the installed package, or from another checkout's src/ (before/after runs)."""
     env = {**os.environ, "PYTHONPATH": str(src.resolve())} if src else None
-    server = subprocess.Popen([sys.executable, "-m", "lesionseg", "serve", "--port", str(port), *serve_args],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lesionseg", "serve", "--port", str(port), *serve_args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:
         if server.poll() is not None:
@@ -106,11 +112,16 @@ def load(url: str, payload: bytes, name: str, clients: int, requests: int, time_
                 latencies.append(latency)
     elapsed = time.perf_counter() - begin
     latencies.sort()
-    return {"clients": clients, "sent": len(latencies) + errors, "errors": errors, "seconds": elapsed,
-            "requests_per_s": len(latencies) / elapsed,
-            "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
-            "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None,
-            "max_ms": 1000 * latencies[-1] if latencies else None}
+    return {
+        "clients": clients,
+        "sent": len(latencies) + errors,
+        "errors": errors,
+        "seconds": elapsed,
+        "requests_per_s": len(latencies) / elapsed,
+        "p50_ms": 1000 * statistics.median(latencies) if latencies else None,
+        "p95_ms": 1000 * latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))] if latencies else None,
+        "max_ms": 1000 * latencies[-1] if latencies else None,
+    }
 
 
 def main() -> None:
@@ -122,7 +133,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40, help="requests per run")
     parser.add_argument("--time-limit", type=float, default=120, help="seconds per run at most")
     parser.add_argument("--out", type=Path, help="write the results as JSON")
-    parser.add_argument("--src", type=Path, help="run the server from this src/ folder (e.g. a worktree of an older commit)")
+    parser.add_argument(
+        "--src", type=Path, help="run the server from this src/ folder (e.g. a worktree of an older commit)"
+    )
     args, serve_args = parser.parse_known_args()
     serve_args = [a for a in serve_args if a != "--"]
     with tempfile.TemporaryDirectory() as folder:
@@ -140,11 +153,17 @@ def main() -> None:
             server.wait(10)
     with Image.open(io.BytesIO(payload)) as im:
         size = f"{im.width}x{im.height} {im.format}"
-    result = {"image": size, "bytes": len(payload), "serve_args": serve_args, "src": str(args.src or "installed"),
-              "server_peak_rss_mb": rss, "runs": runs}
+    result = {
+        "image": size,
+        "bytes": len(payload),
+        "serve_args": serve_args,
+        "src": str(args.src or "installed"),
+        "server_peak_rss_mb": rss,
+        "runs": runs,
+    }
     print(json.dumps(result, indent=1))
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,12 @@ PyTorch eager, with channels_last, and in onnxruntime; FLOPs per image; and the 
 measured fp32 matmul peak each reaches (FLOPs/image x images/s / peak). Masks from every backend
 are compared with eager's (share of pixels that differ).
 
-    .venv/bin/python benchmarks/speed.py [--size 128] [--out benchmarks/results/speed.json]
+    .venv/bin/python benchmarks/speed.py [--size 128] [--out benchmarks/results/speed/speed.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -19,15 +18,19 @@ from pathlib import Path
 
 import torch
 
+from common import write_result
+from lesionseg.checkpoint import save_checkpoint
 from lesionseg.config import TrainConfig
 from lesionseg.export import export_onnx
 from lesionseg.losses import WeightedSum
 from lesionseg.models import build_model
-from lesionseg.prediction import OnnxPredictor, TorchPredictor
-from lesionseg.training import save_checkpoint
+from lesionseg.predictors import OnnxPredictor, TorchPredictor
 
 MODELS = {  # label: (arch, decoder attention)
-    "seed": ("seed", "none"), "unet": ("unet", "none"), "unet+scse": ("unet", "scse"), "smp-unet": ("smp-unet", "none"),
+    "seed": ("seed", "none"),
+    "unet": ("unet", "none"),
+    "unet+scse": ("unet", "scse"),
+    "smp-unet": ("smp-unet", "none"),
 }
 
 
@@ -51,13 +54,15 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
 def onnxruntime_matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
     """fp32 GEMM in onnxruntime's own kernels (MLAS), all threads: what its convolutions are built on."""
     import numpy as np
-    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
-                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "gemm",
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in "ab"],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     feeds = {x: np.random.default_rng(0).standard_normal((n, n), dtype=np.float32) for x in "ab"}
@@ -71,16 +76,23 @@ def cpu_facts() -> dict:
     import subprocess
 
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    field = lambda key: next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith(key)), None)  # noqa: E731
+    field = lambda key: next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith(key)), None
+    )  # noqa: E731
     flags = set((field("flags") or "").split())
     mhz = field("cpu MHz")
     if mhz is None:  # virtual machines often hide it; the kernel's TSC calibration is the base clock
         log = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
         found = re.search(r"tsc: Detected ([\d.]+) MHz", log)
         mhz = found.group(1) if found else None
-    return {"name": field("model name"), "family": field("cpu family"), "model": field("model"),
-            "cores": os.cpu_count(), "base_mhz": float(mhz) if mhz else None,
-            "isa": "avx512f" if "avx512f" in flags else "avx2+fma" if {"avx2", "fma"} <= flags else "sse"}
+    return {
+        "name": field("model name"),
+        "family": field("cpu family"),
+        "model": field("model"),
+        "cores": os.cpu_count(),
+        "base_mhz": float(mhz) if mhz else None,
+        "isa": "avx512f" if "avx512f" in flags else "avx2+fma" if {"avx2", "fma"} <= flags else "sse",
+    }
 
 
 def theoretical_peak_gflops(cpu: dict) -> tuple[float | None, str]:
@@ -106,7 +118,7 @@ def flops_per_image(model: torch.nn.Module, size: int) -> float:
 def training_rate(label: str, size: int, batch: int = 16, steps: int = 4) -> float:
     torch.manual_seed(0)
     arch, attention = MODELS[label]
-    model = build_model(arch, weights="none", attention=attention).train()
+    model = build_model(arch, attention=attention).train()
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     loss_fn = WeightedSum({"bce": 1.0})
     x, y = torch.randn(batch, 3, size, size), (torch.rand(batch, 1, size, size) > 0.5).float()
@@ -124,11 +136,12 @@ def checkpoint_for(label: str, size: int, folder: Path) -> Path:
     """A checkpoint with random weights, so every backend is built the way users build it."""
     torch.manual_seed(0)
     arch, attention = MODELS[label]
-    model = build_model(arch, weights="none", attention=attention).eval()
+    model = build_model(arch, attention=attention).eval()
     config = TrainConfig(arch=arch, image_size=size, weights="none", decoder_attention=attention)
     path = folder / f"{label}.pt"
-    save_checkpoint({"model": model.state_dict(), "config": config.to_dict(), "epoch": 0, "best_metric": None,
-                     "history": []}, path)
+    save_checkpoint(
+        {"model": model.state_dict(), "config": config.to_dict(), "epoch": 0, "best_metric": None, "history": []}, path
+    )
     return path
 
 
@@ -143,8 +156,11 @@ def measure(label: str, size: int, folder: Path, repeats: int) -> dict:
     batch = torch.randint(0, 256, (32, 3, size, size), dtype=torch.uint8)
     reference = backends["eager"](batch) >= 0.5
     flops = flops_per_image(backends["eager"].model, size)
-    result = {"flops_per_image": flops, "train_images_per_s": training_rate(label, size),
-              "web_upload_seconds_1504x1129": upload_seconds(checkpoint)}
+    result = {
+        "flops_per_image": flops,
+        "train_images_per_s": training_rate(label, size),
+        "web_upload_seconds_1504x1129": upload_seconds(checkpoint),
+    }
     for name, predictor in backends.items():
         result[name] = {
             "batch1_latency_ms": 1000 / best_rate(lambda: predictor(one), 1, repeats * 4),
@@ -178,17 +194,22 @@ def upload_seconds(checkpoint: Path, width: int = 1504, height: int = 1129, repe
 
 def table(results: dict, peak: float, peaks: dict) -> str:
     uploads = ", ".join(f"{arch} {r['web_upload_seconds_1504x1129']:.2f} s" for arch, r in results.items())
-    lines = ["fp32 peaks, GFLOP/s: " + "; ".join(f"{k} {v:.1f}" for k, v in peaks.items() if isinstance(v, float)),
-             f"% of peak is against the highest measured one, {peak:.1f}; web POST /predict of a 1504x1129 JPEG: {uploads}", "",
-             "| model | GFLOP/img | train img/s | backend | batch-1 ms | batch-32 img/s | % of peak | masks differing |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "fp32 peaks, GFLOP/s: " + "; ".join(f"{k} {v:.1f}" for k, v in peaks.items() if isinstance(v, float)),
+        f"% of peak is against the highest measured one, {peak:.1f}; web POST /predict of a 1504x1129 JPEG: {uploads}",
+        "",
+        "| model | GFLOP/img | train img/s | backend | batch-1 ms | batch-32 img/s | % of peak | masks differing |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for arch, r in results.items():
         for backend in ("eager", "channels_last", "onnxruntime"):
             b = r[backend]
             share = 100 * r["flops_per_image"] * b["batch32_images_per_s"] / (peak * 1e9)
-            lines.append(f"| {arch} | {r['flops_per_image'] / 1e9:.2f} | {r['train_images_per_s']:.1f} | {backend} | "
-                         f"{b['batch1_latency_ms']:.1f} | {b['batch32_images_per_s']:.1f} | {share:.0f} % | "
-                         f"{b['mask_pixels_differing_from_eager']:.1e} |")
+            lines.append(
+                f"| {arch} | {r['flops_per_image'] / 1e9:.2f} | {r['train_images_per_s']:.1f} | {backend} | "
+                f"{b['batch1_latency_ms']:.1f} | {b['batch32_images_per_s']:.1f} | {share:.0f} % | "
+                f"{b['mask_pixels_differing_from_eager']:.1e} |"
+            )
     return "\n".join(lines)
 
 
@@ -197,22 +218,32 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--out", default="benchmarks/results/speed.json")
+    parser.add_argument("--out", default="benchmarks/results/speed/speed.json")
     args = parser.parse_args()
     cpu = cpu_facts()
     theoretical, how = theoretical_peak_gflops(cpu)
-    peaks = {"torch.mm 2048": matmul_peak_gflops(2048), "torch.mm 4096": matmul_peak_gflops(4096, 4),
-             "onnxruntime MatMul 2048": onnxruntime_matmul_gflops(2048), "onnxruntime MatMul 4096": onnxruntime_matmul_gflops(4096, 4)}
+    peaks = {
+        "torch.mm 2048": matmul_peak_gflops(2048),
+        "torch.mm 4096": matmul_peak_gflops(4096, 4),
+        "onnxruntime MatMul 2048": onnxruntime_matmul_gflops(2048),
+        "onnxruntime MatMul 4096": onnxruntime_matmul_gflops(4096, 4),
+    }
     peak = max(peaks.values())  # the fastest GEMM this machine ran: no backend can beat it on convolutions
     peaks |= {"theoretical": theoretical, "theoretical_from": how}
     with tempfile.TemporaryDirectory() as tmp:
         results = {label: measure(label, args.size, Path(tmp), args.repeats) for label in args.models}
     print(table(results, peak, peaks))
-    machine = {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "device": "cpu", "cpu": cpu}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"machine": machine, "size": args.size, "matmul_peak_gflops": peak,
-                                          "peaks_gflops": peaks, "models": results}, indent=2))
+    machine = {
+        "processor": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "device": "cpu",
+        "cpu": cpu,
+    }
+    write_result(
+        args.out,
+        {"machine": machine, "size": args.size, "matmul_peak_gflops": peak, "peaks_gflops": peaks, "models": results},
+    )
 
 
 if __name__ == "__main__":

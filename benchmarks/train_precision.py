@@ -3,18 +3,18 @@ and torch.compile, for the paper's model and our U-Net. The variants take turns 
 process, so their ratios hold on a busy or slower machine; with --profile, the top operators of one
 float32 and one bfloat16 step say where the time goes.
 
-    .venv/bin/python benchmarks/train_precision.py --out benchmarks/results/train-precision.json [--compile]
+    .venv/bin/python benchmarks/train_precision.py --out benchmarks/results/train_precision/train-precision.json [--compile]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
+from common import write_result
 from lesionseg.losses import WeightedSum
 from lesionseg.models import build_model
 
@@ -34,7 +34,7 @@ def make_step(label: str, size: int, batch: int, amp: bool, channels_last: bool,
     torch.manual_seed(0)
     arch, attention = MODELS[label]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = build_model(arch, weights="none", attention=attention).train().to(memory_format=memory_format)
+    model = build_model(arch, attention=attention).train().to(memory_format=memory_format)
     forward = torch.compile(model) if compile_model else model
     optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
     loss_fn = WeightedSum({"bce": 1.0, "dice": 1.0})
@@ -70,12 +70,23 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    variants = {"float32": (False, False, False), "channels_last": (False, True, False),
-                "bf16": (True, False, False), "bf16+channels_last": (True, True, False)}
+    variants = {
+        "float32": (False, False, False),
+        "channels_last": (False, True, False),
+        "bf16": (True, False, False),
+        "bf16+channels_last": (True, True, False),
+    }
     if args.compile:
         variants |= {"compile": (False, False, True), "compile+bf16+channels_last": (True, True, True)}
-    result = {"cpu_flags": cpu_flags(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "cpu_capability": torch.backends.cpu.get_cpu_capability(), "batch": args.batch, "size": args.size, "models": {}}
+    result = {
+        "cpu_flags": cpu_flags(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "batch": args.batch,
+        "size": args.size,
+        "models": {},
+    }
     for label in MODELS:
         steps = {name: make_step(label, args.size, args.batch, *flags) for name, flags in variants.items()}
         for step in steps.values():  # warm-up (and compilation)
@@ -91,9 +102,13 @@ def main() -> None:
             rows["float32"]["profile"] = top_operators(steps["float32"])
             rows["bf16"]["profile"] = top_operators(steps["bf16"])
         result["models"][label] = rows
-        print(label, {name: f"{r['images_per_s']:.1f} img/s ({r['vs_float32']:.2f}x)" for name, r in rows.items()}, flush=True)
+        print(
+            label,
+            {name: f"{r['images_per_s']:.1f} img/s ({r['vs_float32']:.2f}x)" for name, r in rows.items()},
+            flush=True,
+        )
     if args.out:
-        args.out.write_text(json.dumps(result, indent=1))
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -15,49 +15,59 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-
+from common import epoch_seconds, read_result, write_result
 from lesionseg.config import build_config
 from lesionseg.evaluation import Refinements, evaluate_checkpoint, read_per_image
+from lesionseg.machine import device_name
 from lesionseg.metrics import paired_difference
 from lesionseg.reproduce import run_compare
 
 ARCHS = ("unet", "smp-unet")
-REFINEMENTS = (Refinements(), Refinements(tta=True), Refinements(largest_component=True, fill_holes=True),
-               Refinements(tta=True, largest_component=True, fill_holes=True))
-SCORES = ("iou_per_image", "dice_per_image", "accuracy_per_image", "sensitivity_per_image", "specificity_per_image",
-          "thresholded_iou_per_image", "iou_worst_decile")
-
-
-def device_name() -> str:
-    """The GPU, or the CPU as /proc/cpuinfo names it, with its family/model and widest vector instructions:
-    "AMD EPYC" alone covers machines that differ 2x in speed here."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    info = {}
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    if "model name" not in info:
-        return f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    flags = set(info.get("flags", "").split())
-    vector = [name for name in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "avx2") if name in flags]
-    return (f"CPU: {info['model name']} (family {info.get('cpu family', '?')} model {info.get('model', '?')}, "
-            f"{'/'.join(vector) or 'no AVX2'}), {os.cpu_count()} cores")
+REFINEMENTS = (
+    Refinements(),
+    Refinements(tta=True),
+    Refinements(largest_component=True, fill_holes=True),
+    Refinements(tta=True, largest_component=True, fill_holes=True),
+)
+SCORES = (
+    "iou_per_image",
+    "dice_per_image",
+    "accuracy_per_image",
+    "sensitivity_per_image",
+    "specificity_per_image",
+    "thresholded_iou_per_image",
+    "iou_worst_decile",
+)
 
 
 def train_command(args: argparse.Namespace, arch: str, out: Path) -> list[str]:
-    command = [sys.executable, "-m", "lesionseg", "train", "--preset", "unet-finetune", "--arch", arch, "--data", args.data,
-               "--out", str(out), "--epochs", str(args.epochs), "--image-size", str(args.image_size),
-               "--seed", str(args.seed), "--no-progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "lesionseg",
+        "train",
+        "--preset",
+        "unet-finetune",
+        "--arch",
+        arch,
+        "--data",
+        args.data,
+        "--out",
+        str(out),
+        "--epochs",
+        str(args.epochs),
+        "--image-size",
+        str(args.image_size),
+        "--seed",
+        str(args.seed),
+        "--no-progress",
+    ]
     for folder in args.extra_data:
         command += ["--extra-data", folder]
     if arch == "unet" and args.decoder_attention:
@@ -83,7 +93,9 @@ def train_all(args: argparse.Namespace, out: Path) -> dict[str, float]:
             continue
         (out / arch).mkdir(parents=True, exist_ok=True)
         with open(out / f"{arch}.log", "w") as log:
-            running[arch] = subprocess.Popen(train_command(args, arch, out / arch), env=env, stdout=log, stderr=subprocess.STDOUT)
+            running[arch] = subprocess.Popen(
+                train_command(args, arch, out / arch), env=env, stdout=log, stderr=subprocess.STDOUT
+            )
         if not args.parallel:
             running[arch].wait()
     for arch, process in running.items():
@@ -115,14 +127,9 @@ def wall_seconds(out: Path, start: float, rescore_only: bool) -> dict[str, float
     (from the earlier summary) and reports its own time apart, so the summary never understates the cost."""
     elapsed = time.perf_counter() - start
     earlier = out / "unet_vs_smp.json"
-    if rescore_only and earlier.is_file() and "wall_seconds" in (previous := json.loads(earlier.read_text())):
+    if rescore_only and earlier.is_file() and "wall_seconds" in (previous := read_result(earlier)):
         return {"wall_seconds": previous["wall_seconds"], "rescore_seconds": elapsed}
     return {"wall_seconds": elapsed}
-
-
-def epoch_seconds(run: Path) -> float:
-    with open(run / "log.csv", newline="") as handle:
-        return sum(float(row["seconds"]) for row in csv.DictReader(handle))
 
 
 def score(run: Path) -> dict[str, dict[str, dict[str, float]]]:
@@ -130,10 +137,13 @@ def score(run: Path) -> dict[str, dict[str, dict[str, float]]]:
     scores = {}
     for refine in REFINEMENTS:
         where = run / ("eval" if refine == Refinements() else f"eval-{refine.name}")
-        result = evaluate_checkpoint(run / "best.pt", split="test", out=where, refine=refine, source_resolution=True,
-                                     progress=False)
-        scores[refine.name] = {resolution: {k: result[key][k] for k in SCORES} for resolution, key in
-                               (("model", "metrics"), ("stored", "metrics_source_resolution"))}
+        result = evaluate_checkpoint(
+            run / "best.pt", split="test", out=where, refine=refine, source_resolution=True, progress=False
+        )
+        scores[refine.name] = {
+            resolution: {k: result[key][k] for k in SCORES}
+            for resolution, key in (("model", "metrics"), ("stored", "metrics_source_resolution"))
+        }
     return scores
 
 
@@ -147,7 +157,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     start = parser.add_mutually_exclusive_group()
     start.add_argument("--no-pretrained", action="store_true", help="both encoders from scratch")
-    start.add_argument("--weights", metavar="FILE", help="both encoders from this ImageNet state_dict (default: lesionseg's lookup)")
+    start.add_argument(
+        "--weights", metavar="FILE", help="both encoders from this ImageNet state_dict (default: lesionseg's lookup)"
+    )
     parser.add_argument("--decoder-attention", choices=("none", "scse"), help="ours only (default: the preset's, scse)")
     parser.add_argument("--parallel", action="store_true", help="train both at once, each on half the cores")
     return parser.parse_args(argv)
@@ -159,29 +171,53 @@ def main() -> None:
     start = time.perf_counter()
     rescore_only = all(finished(out / arch, args.epochs) for arch in ARCHS)
     seconds = train_all(args, out)
-    results = {arch: {"train_seconds": seconds[arch], "epochs": args.epochs, "scores": score(out / arch)} for arch in ARCHS}
-    ratio = {resolution: results["unet"]["scores"]["plain"][resolution]["iou_per_image"]
-             / results["smp-unet"]["scores"]["plain"][resolution]["iou_per_image"] for resolution in ("model", "stored")}
-    config = build_config("unet-finetune", data=args.data, extra_data=args.extra_data, epochs=args.epochs,
-                          decoder_attention=args.decoder_attention,
-                          image_size=args.image_size, seed=args.seed,
-                          weights="none" if args.no_pretrained else args.weights or "imagenet")
-    summary = {"device": device_name(), "parallel": args.parallel, **wall_seconds(out, start, rescore_only),
-               "command": " ".join(sys.argv), "config": config.to_dict(), "results": results,
-               "iou_ratio_ours_over_smp": ratio,
-               "paired_difference_stored_plain": paired_difference(per_image_jaccard(out / "unet"),
-                                                                   per_image_jaccard(out / "smp-unet"))}
-    (out / "unet_vs_smp.json").write_text(json.dumps(summary, indent=2))
+    results = {
+        arch: {"train_seconds": seconds[arch], "epochs": args.epochs, "scores": score(out / arch)} for arch in ARCHS
+    }
+    ratio = {
+        resolution: results["unet"]["scores"]["plain"][resolution]["iou_per_image"]
+        / results["smp-unet"]["scores"]["plain"][resolution]["iou_per_image"]
+        for resolution in ("model", "stored")
+    }
+    config = build_config(
+        "unet-finetune",
+        data=args.data,
+        extra_data=args.extra_data,
+        epochs=args.epochs,
+        decoder_attention=args.decoder_attention,
+        image_size=args.image_size,
+        seed=args.seed,
+        weights="none" if args.no_pretrained else args.weights or "imagenet",
+    )
+    summary = {
+        "device": device_name(),
+        "parallel": args.parallel,
+        **wall_seconds(out, start, rescore_only),
+        "command": " ".join(sys.argv),
+        "config": config.to_dict(),
+        "results": results,
+        "iou_ratio_ours_over_smp": ratio,
+        "paired_difference_stored_plain": paired_difference(
+            per_image_jaccard(out / "unet"), per_image_jaccard(out / "smp-unet")
+        ),
+    }
+    write_result(out / "unet_vs_smp.json", summary)
     run_compare([out / arch for arch in ARCHS], out / "compare", progress=False)
     for arch, r in results.items():
         for name, s in r["scores"].items():
             for resolution, v in s.items():
-                print(f"{arch:9s} {name:45s} {resolution:6s} IoU {v['iou_per_image']:.4f}  Dice {v['dice_per_image']:.4f}  "
-                      f"thresholded {v['thresholded_iou_per_image']:.4f}  worst decile {v['iou_worst_decile']:.4f}")
-    print(f"ratio ours/smp (plain mean per-image Jaccard): model resolution {ratio['model']:.4f}, stored {ratio['stored']:.4f}")
+                print(
+                    f"{arch:9s} {name:45s} {resolution:6s} IoU {v['iou_per_image']:.4f}  Dice {v['dice_per_image']:.4f}  "
+                    f"thresholded {v['thresholded_iou_per_image']:.4f}  worst decile {v['iou_worst_decile']:.4f}"
+                )
+    print(
+        f"ratio ours/smp (plain mean per-image Jaccard): model resolution {ratio['model']:.4f}, stored {ratio['stored']:.4f}"
+    )
     d = summary["paired_difference_stored_plain"]
-    print(f"ours - smp, stored, plain: {d['mean']:+.4f} (paired bootstrap 95 % interval {d['ci95_low']:+.4f} to "
-          f"{d['ci95_high']:+.4f}); ours better on {d['ours_better']} images, smp on {d['theirs_better']}")
+    print(
+        f"ours - smp, stored, plain: {d['mean']:+.4f} (paired bootstrap 95 % interval {d['ci95_low']:+.4f} to "
+        f"{d['ci95_high']:+.4f}); ours better on {d['ours_better']} images, smp on {d['theirs_better']}"
+    )
 
 
 if __name__ == "__main__":

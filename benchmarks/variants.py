@@ -15,18 +15,17 @@ A rerun resumes unfinished variants and rescores finished ones.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from unet_vs_smp import device_name, epoch_seconds
-
+from common import best_validation, epoch_seconds, write_result
 from lesionseg.evaluation import Refinements, evaluate_checkpoint
+from lesionseg.machine import device_name
 from lesionseg.metrics import paired_difference
+from lesionseg.rundir import RunDir
 
 BEST = Refinements(tta=True, largest_component=True, fill_holes=True)
 
@@ -48,33 +47,35 @@ def train(out: Path, name: str, common: list[str], extra: list[str]) -> None:
             sys.exit(f"training {name} failed; see {out / (name + '.log')}")
 
 
-def best_validation(run: Path) -> dict[str, float]:
-    with open(run / "log.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    best = max(rows, key=lambda row: float(row["val_iou"]))
-    return {"epochs_run": len(rows), "best_epoch": int(best["epoch"]), "val_iou": float(best["val_iou"])}
-
-
 def score(run: Path) -> dict[str, object]:
     """Test Jaccard of the best checkpoint at the stored resolution, plain and refined, with per-image values."""
     result = {}
     for refine, where in ((Refinements(), "eval"), (BEST, f"eval-{BEST.name}")):
-        scored = evaluate_checkpoint(run / "best.pt", split="test", out=run / where, refine=refine,
-                                     source_resolution=True, progress=False)
+        scored = evaluate_checkpoint(
+            run / "best.pt", split="test", out=run / where, refine=refine, source_resolution=True, progress=False
+        )
         metrics = scored["metrics_source_resolution"]
-        result[refine.name] = {"iou_per_image": metrics["iou_per_image"], "iou_worst_decile": metrics["iou_worst_decile"],
-                               "per_image": {row["id"]: row["iou_source"] for row in scored["per_image"]}}
+        result[refine.name] = {
+            "iou_per_image": metrics["iou_per_image"],
+            "iou_worst_decile": metrics["iou_worst_decile"],
+            "per_image": {row["id"]: row["iou_source"] for row in scored["per_image"]},
+        }
     return result
 
 
 def table(summary: dict[str, dict]) -> str:
-    lines = ["| variant | best val IoU (epoch) | test Jaccard | + TTA, largest comp., fill holes | worst decile "
-             "| train s | − first variant, 95 % interval |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | best val IoU (epoch) | test Jaccard | + TTA, largest comp., fill holes | worst decile "
+        "| train s | − first variant, 95 % interval |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, v in summary.items():
         gap = v.get("vs_first")
         gap_text = f"{gap['mean']:+.4f} ({gap['ci95_low']:+.4f} to {gap['ci95_high']:+.4f})" if gap else "–"
-        lines.append(f"| {name} | {v['val_iou']:.4f} ({v['best_epoch']}/{v['epochs_run']}) | {v['plain']:.4f} | "
-                     f"{v['best']:.4f} | {v['worst_decile']:.4f} | {v['train_seconds']:.0f} | {gap_text} |")
+        lines.append(
+            f"| {name} | {v['val_iou']:.4f} ({v['best_epoch']}/{v['epochs_run']}) | {v['plain']:.4f} | "
+            f"{v['best']:.4f} | {v['worst_decile']:.4f} | {v['train_seconds']:.0f} | {gap_text} |"
+        )
     return "\n".join(lines)
 
 
@@ -92,18 +93,27 @@ def main() -> None:
         run = args.out / name
         scores = score(run)
         plain = scores["plain"]["per_image"]
-        summary[name] = {**best_validation(run), "args": extra, "train_seconds": epoch_seconds(run),
-                         "plain": scores["plain"]["iou_per_image"], "best": scores[BEST.name]["iou_per_image"],
-                         "worst_decile": scores["plain"]["iou_worst_decile"],
-                         "weights": json.loads((run / "run.json").read_text()).get("weights")}
+        summary[name] = {
+            **best_validation(run),
+            "args": extra,
+            "train_seconds": epoch_seconds(run),
+            "plain": scores["plain"]["iou_per_image"],
+            "best": scores[BEST.name]["iou_per_image"],
+            "worst_decile": scores["plain"]["iou_worst_decile"],
+            "weights": RunDir(run).read_info().get("weights"),
+        }
         if first is None:
             first = plain
         else:
             summary[name]["vs_first"] = paired_difference(plain, first)
         print(table(summary), flush=True)
-    result = {"device": device_name(), "common": args.common, "wall_seconds": time.perf_counter() - start,
-              "variants": summary}
-    (args.out / "variants.json").write_text(json.dumps(result, indent=1))
+    result = {
+        "device": device_name(),
+        "common": args.common,
+        "wall_seconds": time.perf_counter() - start,
+        "variants": summary,
+    }
+    write_result(args.out / "variants.json", result)
     (args.out / "variants.md").write_text(f"{device_name()}\n\n`{args.common}`\n\n{table(summary)}\n")
     print(f"written: {args.out / 'variants.md'}")
 

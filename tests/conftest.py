@@ -69,8 +69,16 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("trained")
     data = write_dataset(root / "data", {"train": 8, "test": 4}, seed=1)
-    config = build_config("model2-finetune", data=str(data), out=str(root / "run"), weights="none", image_size=32,
-                          epochs=1, batch_size=4, cache_dir=str(root / "cache"))
+    config = build_config(
+        "model2-finetune",
+        data=str(data),
+        out=str(root / "run"),
+        weights="none",
+        image_size=32,
+        epochs=1,
+        batch_size=4,
+        cache_dir=str(root / "cache"),
+    )
     return fit(config, progress=False) / "best.pt"
 
 

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load(name: str):
+    if str(BENCHMARKS) not in sys.path:  # the scripts import their shared helper (common.py) as a sibling
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -36,7 +39,11 @@ def test_rescoring_keeps_the_wall_time_of_the_run_that_trained(tmp_path):
 def test_smp_comparison_starts_both_encoders_from_the_named_weights_file():
     unet_vs_smp = load("unet_vs_smp")
     base = ["--data", "d", "--extra-data", "e"]
-    for extra, start in (([], []), (["--no-pretrained"], ["--no-pretrained"]), (["--weights", "w.pth"], ["--weights", "w.pth"])):
+    for extra, start in (
+        ([], []),
+        (["--no-pretrained"], ["--no-pretrained"]),
+        (["--weights", "w.pth"], ["--weights", "w.pth"]),
+    ):
         args = unet_vs_smp.parse_args([*base, *extra])
         for arch in unet_vs_smp.ARCHS:
             command = unet_vs_smp.train_command(args, arch, Path("out"))
@@ -52,7 +59,9 @@ def test_seed_combiner_refuses_runs_that_differ_in_more_than_the_seed(tmp_path, 
     folders = []
     for name, seed, epochs in (("a", 0, 16), ("b", 1, 12), ("c", 0, 16)):
         (tmp_path / name).mkdir()
-        (tmp_path / name / "unet_vs_smp.json").write_text(json.dumps({"config": {**config, "epochs": epochs, "seed": seed}}))
+        (tmp_path / name / "unet_vs_smp.json").write_text(
+            json.dumps({"config": {**config, "epochs": epochs, "seed": seed}})
+        )
         folders.append(tmp_path / name)
     a, b, c = folders
     assert [s["config"]["seed"] for s in seeds.load_runs([a])] == [0]
@@ -74,10 +83,23 @@ def test_variants_trains_scores_and_compares_each_variant(tmp_path):
     data = write_dataset(tmp_path / "data", {"train": 8, "test": 3}, size=40)
     out = tmp_path / "out"
     common = f"--preset model2-finetune --data {data} --no-pretrained --epochs 1 --image-size 32 --batch-size 4"
-    command = [sys.executable, str(BENCHMARKS / "variants.py"), "--out", str(out), "--common", common,
-               "--variant", "base=", "--variant", "freeze-bn=--freeze-bn"]
+    command = [
+        sys.executable,
+        str(BENCHMARKS / "variants.py"),
+        "--out",
+        str(out),
+        "--common",
+        common,
+        "--variant",
+        "base=",
+        "--variant",
+        "freeze-bn=--freeze-bn",
+    ]
     subprocess.run(command, check=True, capture_output=True, cwd=BENCHMARKS.parent)
-    summary = json.loads((out / "variants.json").read_text())["variants"]
+    written = json.loads((out / "variants.json").read_text())
+    assert written["script"] == "variants" and len(written["git_commit"] or "x" * 40) == 40
+    assert written["date"].startswith("20") and "cores" in written["machine"]["cpu"]
+    summary = written["results"]["variants"]
     assert list(summary) == ["base", "freeze-bn"] and summary["freeze-bn"]["args"] == ["--freeze-bn"]
     assert "vs_first" in summary["freeze-bn"] and summary["freeze-bn"]["vs_first"]["images"] == 3
     assert (out / "freeze-bn" / "config.yaml").read_text().count("freeze_bn: true") == 1
@@ -90,10 +112,32 @@ def test_serve_load_reports_throughput_latency_and_memory(tiny_checkpoint, tmp_p
     import sys
 
     out = tmp_path / "load.json"
-    subprocess.run([sys.executable, str(BENCHMARKS / "serve_load.py"), "--synthetic", "64x48.png", "--clients", "1", "2",
-                    "--requests", "4", "--time-limit", "60", "--out", str(out), "--", "--checkpoint", str(tiny_checkpoint), "--backend", "torch"],
-                   check=True, capture_output=True, timeout=300)
-    result = json.loads(out.read_text())
+    subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "serve_load.py"),
+            "--synthetic",
+            "64x48.png",
+            "--clients",
+            "1",
+            "2",
+            "--requests",
+            "4",
+            "--time-limit",
+            "60",
+            "--out",
+            str(out),
+            "--",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--backend",
+            "torch",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    result = load("common").read_result(out)
     assert result["image"] == "64x48 PNG" and result["server_peak_rss_mb"] > 50
     assert [run["clients"] for run in result["runs"]] == [1, 2]
     for run in result["runs"]:
@@ -120,8 +164,19 @@ def test_refinements_are_chosen_on_validation_and_reported_on_test(tmp_path, mon
     from lesionseg.training import fit
 
     data = write_dataset(tmp_path / "data", {"train": 9, "test": 3}, size=40)
-    run = fit(build_config("model2-finetune", data=str(data), out=str(tmp_path / "run"), weights="none", image_size=32,
-                           epochs=1, batch_size=3, val_fraction=0.34), progress=False)
+    run = fit(
+        build_config(
+            "model2-finetune",
+            data=str(data),
+            out=str(tmp_path / "run"),
+            weights="none",
+            image_size=32,
+            epochs=1,
+            batch_size=3,
+            val_fraction=0.34,
+        ),
+        progress=False,
+    )
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     refinements = load("refinements")
     result = refinements.choose(run)
@@ -147,8 +202,11 @@ def test_paired_differences_of_evaluation_folders_against_the_first(tmp_path):
         (tmp_path / name).mkdir()
         rows = "\n".join(f"ISIC_{n},{v},{v - 0.1}" for n, v in enumerate(values))
         (tmp_path / name / "per_image.csv").write_text(f"id,iou_source,iou\n{rows}\n")
-    folders = [paired.labelled(f"base={tmp_path / 'a'}"), paired.labelled(str(tmp_path / "b")),
-               paired.labelled(f"same={tmp_path / 'c'}")]
+    folders = [
+        paired.labelled(f"base={tmp_path / 'a'}"),
+        paired.labelled(str(tmp_path / "b")),
+        paired.labelled(f"same={tmp_path / 'c'}"),
+    ]
     result = paired.differences(folders)
     assert list(result) == [f"{tmp_path / 'b'} - base", "same - base"]
     assert result[f"{tmp_path / 'b'} - base"]["mean"] == pytest.approx(0.1)
@@ -162,7 +220,10 @@ def test_paired_averages_an_entry_over_its_seeds_before_pairing(tmp_path):
         (tmp_path / name).mkdir()
         rows = "\n".join(f"ISIC_{n},{v}" for n, v in enumerate(values))
         (tmp_path / name / "per_image.csv").write_text(f"id,iou_source\n{rows}\n")
-    folders = [paired.labelled(f"base={tmp_path / 'base'}"), paired.labelled(f"ours={tmp_path / 'seed0'},{tmp_path / 'seed1'}")]
+    folders = [
+        paired.labelled(f"base={tmp_path / 'base'}"),
+        paired.labelled(f"ours={tmp_path / 'seed0'},{tmp_path / 'seed1'}"),
+    ]
     assert folders[1] == ("ours", [tmp_path / "seed0", tmp_path / "seed1"])
     means = paired.seed_means(folders)
     assert means["ours"]["per_folder"] == pytest.approx([0.5, 0.7]) and means["ours"]["mean"] == pytest.approx(0.6)
@@ -173,18 +234,31 @@ def test_paired_averages_an_entry_over_its_seeds_before_pairing(tmp_path):
         paired.differences([*folders, paired.labelled(f"bad={tmp_path / 'base'},{tmp_path / 'short'}")])
 
 
-def test_ensemble_of_one_model_twice_is_that_model_and_members_must_share_validation(tiny_checkpoint, tmp_path,
-                                                                                      monkeypatch):
+def test_ensemble_of_one_model_twice_is_that_model_and_members_must_share_validation(
+    tiny_checkpoint, tmp_path, monkeypatch
+):
     ensemble = load("ensemble")
     from lesionseg.evaluation import Refinements, evaluate_checkpoint
 
     data = str(tiny_checkpoint.parents[1] / "data")
-    twice, cached, threshold = ensemble.ensemble_probabilities([str(tiny_checkpoint)] * 2, data, "test", Refinements())
+    twice, cached, pipeline = ensemble.ensemble_probabilities([str(tiny_checkpoint)] * 2, data, "test", Refinements())
     once, _, _ = ensemble.ensemble_probabilities([str(tiny_checkpoint)], data, "test", Refinements())
-    assert torch.allclose(twice, once) and threshold == 0.5 and twice.shape == (len(cached), 1, 32, 32)
+    assert np.allclose(twice, once) and pipeline.threshold == 0.5 and twice.shape == (len(cached), 1, 32, 32)
     alone = evaluate_checkpoint(tiny_checkpoint, data, "test", source_resolution=True, progress=False)
-    monkeypatch.setattr("sys.argv", ["ensemble.py", str(tiny_checkpoint), str(tiny_checkpoint), "--data", data,
-                                     "--split", "test", "--out", str(tmp_path / "both")])
+    monkeypatch.setattr(
+        "sys.argv",
+        [
+            "ensemble.py",
+            str(tiny_checkpoint),
+            str(tiny_checkpoint),
+            "--data",
+            data,
+            "--split",
+            "test",
+            "--out",
+            str(tmp_path / "both"),
+        ],
+    )
     ensemble.main()
     rows = load("paired").read_per_image(tmp_path / "both")
     assert [row["id"] for row in rows] == cached.ids == [row["id"] for row in alone["per_image"]]
@@ -201,5 +275,7 @@ def test_resolution_ceiling_is_perfect_at_the_stored_size_and_soft_masks_lift_it
     ceiling = load("resolution_ceiling").ceiling
     stored, smaller = ceiling(str(tiny_data), "test", 48), ceiling(str(tiny_data), "test", 32)
     assert stored["images"] == 4 and stored["binary_iou_per_image"] == pytest.approx(1.0)
-    assert smaller["binary_iou_per_image"] < 1.0 and smaller["binary_iou_worst_decile"] <= smaller["binary_iou_per_image"]
+    assert (
+        smaller["binary_iou_per_image"] < 1.0 and smaller["binary_iou_worst_decile"] <= smaller["binary_iou_per_image"]
+    )
     assert smaller["soft_iou_per_image"] >= smaller["binary_iou_per_image"]

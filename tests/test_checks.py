@@ -26,7 +26,11 @@ SKIPPED = {  # crafted damage -> what the report must say about which file
     "not an image": (lambda image, mask: image.write_bytes(b"hello"), "image", "not an image"),
     "truncated mask": (lambda image, mask: truncate(mask), "mask", "cannot read mask"),
     "missing mask": (lambda image, mask: mask.unlink(), "image", "no mask in"),
-    "size mismatch": (lambda image, mask: Image.new("L", (10, 12), 255).save(mask), "mask", "mask is 10x12 but its image is 48x48"),
+    "size mismatch": (
+        lambda image, mask: Image.new("L", (10, 12), 255).save(mask),
+        "mask",
+        "mask is 10x12 but its image is 48x48",
+    ),
     "empty mask": (lambda image, mask: Image.new("L", (48, 48), 0).save(mask), "mask", "empty mask"),
 }
 
@@ -68,7 +72,7 @@ def test_odd_formats_are_converted_and_noted(tiny_data):
     Image.open(image1).convert("RGBA").save(image1.with_suffix(".png"))
     image1.unlink()
     image2, mask2 = paths(tiny_data, 2)
-    sixteen = (np.asarray(Image.open(image2).convert("L")).astype(np.uint16) * 257)
+    sixteen = np.asarray(Image.open(image2).convert("L")).astype(np.uint16) * 257
     Image.fromarray(sixteen).save(image2.with_suffix(".png"))  # 16-bit grayscale
     image2.unlink()
     _, mask3 = paths(tiny_data, 3)
@@ -109,9 +113,21 @@ def test_exif_rotation_is_applied_so_the_mask_aligns(tmp_path):
 def test_training_lists_skipped_files_and_strict_stops_it(tiny_data, tmp_path, capsys):
     image, _ = paths(tiny_data, 4)
     truncate(image)
-    args = ["train", "--data", str(tiny_data), "--no-pretrained", "--image-size", "32", "--epochs", "1", "--no-progress"]
+    args = [
+        "train",
+        "--data",
+        str(tiny_data),
+        "--no-pretrained",
+        "--image-size",
+        "32",
+        "--epochs",
+        "1",
+        "--no-progress",
+    ]
     assert main([*args, "--out", str(tmp_path / "ok")]) == 0
     assert f"skipped {image}: cannot read image" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "strict"), "--strict"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"{image}: cannot read image" in err and not (tmp_path / "strict" / "last.pt").exists()
+    assert (
+        err.count("\n") == 1 and f"{image}: cannot read image" in err and not (tmp_path / "strict" / "last.pt").exists()
+    )

@@ -7,10 +7,26 @@ from lesionseg.cli import main
 
 def test_reproduce_end_to_end_on_tiny_data(tiny_data, tmp_path, capsys):
     out = tmp_path / "paper"
-    args = ["reproduce", "--data", str(tiny_data), "--out", str(out), "--no-pretrained",
-            "--epochs", "1", "--image-size", "32", "--batch-size", "4", "--no-progress"]
+    args = [
+        "reproduce",
+        "--data",
+        str(tiny_data),
+        "--out",
+        str(out),
+        "--no-pretrained",
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--no-progress",
+    ]
     assert main(args) == 0
-    assert "| metric | model1-frozen | model1-frozen (paper) | model2-finetune | model2-finetune (paper) |" in capsys.readouterr().out
+    assert (
+        "| metric | model1-frozen | model1-frozen (paper) | model2-finetune | model2-finetune (paper) |"
+        in capsys.readouterr().out
+    )
     report = json.loads((out / "metrics.json").read_text())
     assert set(report["measured"]) == {"model1-frozen", "model2-finetune"}
     for model in report["measured"].values():
@@ -20,10 +36,19 @@ def test_reproduce_end_to_end_on_tiny_data(tiny_data, tmp_path, capsys):
     assert evaluation["images"] == 4
     assert (out / "model2-finetune" / "eval" / "per_image.csv").read_text().count("\n") == 5
     figures = {p.name for p in (out / "figures").iterdir()}
-    assert figures >= {"samples.png", "model_summary.png", "radar.png", "bars_comparison.png",
-                       "predictions_model1-frozen.png", "loss_model2-finetune.png", "bars_model1-frozen.png"}
+    assert figures >= {
+        "samples.png",
+        "model_summary.png",
+        "radar.png",
+        "bars_comparison.png",
+        "predictions_model1-frozen.png",
+        "loss_model2-finetune.png",
+        "bars_model1-frozen.png",
+    }
     for preset in ("model1-frozen", "model2-finetune"):
-        assert {"config.yaml", "log.csv", "best.pt", "last.pt", "split.json"} <= {p.name for p in (out / preset).iterdir()}
+        assert {"config.yaml", "log.csv", "best.pt", "last.pt", "split.json"} <= {
+            p.name for p in (out / preset).iterdir()
+        }
     assert "| Jaccard (IoU), mean per image | " in (out / "results.md").read_text()
 
     mtime = (out / "model2-finetune" / "last.pt").stat().st_mtime_ns
@@ -33,8 +58,26 @@ def test_reproduce_end_to_end_on_tiny_data(tiny_data, tmp_path, capsys):
 
 def test_train_then_evaluate(tiny_data, tmp_path, capsys):
     run = tmp_path / "m1"
-    assert main(["train", "--preset", "model1-frozen", "--data", str(tiny_data), "--out", str(run), "--no-pretrained",
-                 "--epochs", "1", "--image-size", "32", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "model1-frozen",
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(run),
+                "--no-pretrained",
+                "--epochs",
+                "1",
+                "--image-size",
+                "32",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert main(["evaluate", str(run), "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
     printed = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert set(printed["metrics"]) >= {"iou_per_image", "iou_pooled", "dice_per_image", "dice_pooled"}
@@ -48,13 +91,19 @@ def test_summary_prints_the_layer_table(capsys):
     assert "[16, 1280, 4, 4]" in text and "Total mult-adds (Units.GIGABYTES): 5.50" in text
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--data", "/no/such/dir", "--no-pretrained"], "/no/such/dir: data folder not found"),
-    (["evaluate", "/no/such/run.pt"], "/no/such/run.pt: checkpoint not found"),
-    (["train", "--image-size", "100", "--no-pretrained"], "image_size must be a multiple of 32"),
-    (["train", "--loss", "hinge", "--no-pretrained"], "unknown loss hinge"),
-    (["train", "--extra-data", "/no/extra", "--no-pretrained", "--epochs", "1"], "/no/extra: data folder not found"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--data", "/no/such/dir", "--no-pretrained"], "/no/such/dir: data folder not found"),
+        (["evaluate", "/no/such/run.pt"], "/no/such/run.pt: checkpoint not found"),
+        (["train", "--image-size", "100", "--no-pretrained"], "image_size must be a multiple of 32"),
+        (["train", "--loss", "hinge", "--no-pretrained"], "unknown loss hinge"),
+        (
+            ["train", "--extra-data", "/no/extra", "--no-pretrained", "--epochs", "1"],
+            "/no/extra: data folder not found",
+        ),
+    ],
+)
 def test_bad_input_is_one_line_on_stderr(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -65,8 +114,28 @@ def test_compare_any_runs_with_worst_cases(tiny_data, tmp_path, capsys):
     runs = []
     for arch in ("seed", "unet"):
         run = tmp_path / arch
-        assert main(["train", "--data", str(tiny_data), "--out", str(run), "--no-pretrained", "--arch", arch,
-                     "--epochs", "1", "--image-size", "32", "--batch-size", "4", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--data",
+                    str(tiny_data),
+                    "--out",
+                    str(run),
+                    "--no-pretrained",
+                    "--arch",
+                    arch,
+                    "--epochs",
+                    "1",
+                    "--image-size",
+                    "32",
+                    "--batch-size",
+                    "4",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         runs.append(str(run))
     assert main(["compare", *runs, "--out", str(tmp_path / "cmp"), "--no-progress"]) == 0
     table = capsys.readouterr().out
@@ -96,5 +165,7 @@ def test_reproduce_names_its_weights_and_warns_when_from_scratch(tiny_data, tmp_
 
     monkeypatch.delenv("LESIONSEG_WEIGHTS")
     assert main(["reproduce", "--out", str(tmp_path / "scratch"), "--no-pretrained", *common]) == 0
-    assert "**WARNING: model1-frozen, model2-finetune trained the encoder FROM SCRATCH" in (
-        tmp_path / "scratch" / "results.md").read_text()
+    assert (
+        "**WARNING: model1-frozen, model2-finetune trained the encoder FROM SCRATCH"
+        in (tmp_path / "scratch" / "results.md").read_text()
+    )

@@ -4,9 +4,14 @@ import pytest
 import torch
 from PIL import Image
 
+from lesionseg import augmentation
 from lesionseg import data as data_module
+from lesionseg.augmentation import EvalPreset, SegmentationDataset, TrainPreset
 from lesionseg.data import (
-    EvalPreset, SegmentationDataset, TrainPreset, find_pairs, load_pairs, load_split, sample_data_dir,
+    find_pairs,
+    load_pairs,
+    load_split,
+    sample_data_dir,
     train_val_indices,
 )
 from lesionseg.errors import DataError
@@ -90,7 +95,10 @@ def test_augmentation_keeps_mask_aligned_with_its_image():
     mask[:, 10:30, 20:50] = 1  # an off-centre, asymmetric shape shows any misalignment
     image = (mask * 255).expand(3, -1, -1).clone()
     preset = TrainPreset(hflip=True, rotation=60)
-    mean, std = torch.tensor(data_module.IMAGENET_MEAN)[:, None, None], torch.tensor(data_module.IMAGENET_STD)[:, None, None]
+    mean, std = (
+        torch.tensor(augmentation.IMAGENET_MEAN)[:, None, None],
+        torch.tensor(augmentation.IMAGENET_STD)[:, None, None],
+    )
     changed = 0
     for seed in range(12):
         torch.manual_seed(seed)
@@ -106,7 +114,7 @@ def test_augmentation_keeps_mask_aligned_with_its_image():
 def test_eval_preset_normalizes_with_imagenet_statistics():
     image = torch.full((3, 4, 4), 255, dtype=torch.uint8)
     out, mask = EvalPreset()(image, torch.ones(1, 4, 4, dtype=torch.uint8))
-    expected = (1 - torch.tensor(data_module.IMAGENET_MEAN)) / torch.tensor(data_module.IMAGENET_STD)
+    expected = (1 - torch.tensor(augmentation.IMAGENET_MEAN)) / torch.tensor(augmentation.IMAGENET_STD)
     assert torch.allclose(out[:, 0, 0], expected)
     assert mask.dtype == torch.float32
 

@@ -11,8 +11,12 @@ import pytest
 from lesionseg.data import find_pairs
 from lesionseg.download import DATASETS, Archive, DownloadError, run_download
 
-FOLDERS = {"ISBI2016_ISIC_Part1_Training_Data": ("ISIC_{}.jpg", 3), "ISBI2016_ISIC_Part1_Training_GroundTruth": ("ISIC_{}_Segmentation.png", 3),
-           "ISBI2016_ISIC_Part1_Test_Data": ("ISIC_{}.jpg", 2), "ISBI2016_ISIC_Part1_Test_GroundTruth": ("ISIC_{}_Segmentation.png", 2)}
+FOLDERS = {
+    "ISBI2016_ISIC_Part1_Training_Data": ("ISIC_{}.jpg", 3),
+    "ISBI2016_ISIC_Part1_Training_GroundTruth": ("ISIC_{}_Segmentation.png", 3),
+    "ISBI2016_ISIC_Part1_Test_Data": ("ISIC_{}.jpg", 2),
+    "ISBI2016_ISIC_Part1_Test_GroundTruth": ("ISIC_{}_Segmentation.png", 2),
+}
 
 
 def stand_in_zip(folder: str) -> bytes:
@@ -67,10 +71,15 @@ class Server:
 
     def archives(self, record_checksums=True):
         return tuple(
-            Archive(self.url + f"{folder}.zip", folder, count,
-                    size=len(self.files[f"{folder}.zip"]) if record_checksums else None,
-                    sha256=hashlib.sha256(self.files[f"{folder}.zip"]).hexdigest() if record_checksums else None)
-            for folder, (_, count) in FOLDERS.items())
+            Archive(
+                self.url + f"{folder}.zip",
+                folder,
+                count,
+                size=len(self.files[f"{folder}.zip"]) if record_checksums else None,
+                sha256=hashlib.sha256(self.files[f"{folder}.zip"]).hexdigest() if record_checksums else None,
+            )
+            for folder, (_, count) in FOLDERS.items()
+        )
 
 
 @pytest.fixture

@@ -7,7 +7,9 @@ from lesionseg.cli import main
 from lesionseg.data import load_split
 from lesionseg.errors import LesionsegError
 from lesionseg.export import export_onnx
-from lesionseg.prediction import OnnxPredictor, Segmenter, TorchPredictor, run_predict
+from lesionseg.pipeline import Pipeline
+from lesionseg.prediction import run_predict
+from lesionseg.predictors import OnnxPredictor, TorchPredictor
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def test_onnx_batch_axis_is_dynamic(onnx_model):
 
 
 def test_predict_with_onnx_gives_the_pytorch_masks(tiny_checkpoint, onnx_model, photos, tmp_path):
-    by_torch = run_predict(Segmenter(TorchPredictor(tiny_checkpoint)), [photos], tmp_path / "t", progress=False)
+    by_torch = run_predict(Pipeline(TorchPredictor(tiny_checkpoint)), [photos], tmp_path / "t", progress=False)
     assert main(["predict", "--onnx", str(onnx_model), str(photos), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
     for row in by_torch.rows:
         a = np.asarray(Image.open(tmp_path / "t" / row["mask"]))
@@ -52,23 +54,27 @@ def test_export_cli_and_foreign_files(tiny_checkpoint, tmp_path, capsys):
 
 def test_unet_with_scse_attention_exports(tmp_path):
     """The issue-3 model (skips + scSE) goes through the same dynamo export as the paper's."""
+    from lesionseg.checkpoint import save_checkpoint
     from lesionseg.config import TrainConfig
     from lesionseg.models import build_model
-    from lesionseg.training import save_checkpoint
 
     torch.manual_seed(0)
-    model = build_model("unet", weights="none", attention="scse").eval()
+    model = build_model("unet", attention="scse").eval()
     config = TrainConfig(arch="unet", image_size=64, weights="none", decoder_attention="scse")
     checkpoint = tmp_path / "scse.pt"
-    save_checkpoint({"model": model.state_dict(), "config": config.to_dict(), "epoch": 0, "best_metric": None,
-                     "history": []}, checkpoint)
+    save_checkpoint(
+        {"model": model.state_dict(), "config": config.to_dict(), "epoch": 0, "best_metric": None, "history": []},
+        checkpoint,
+    )
     images = torch.randint(0, 256, (3, 3, 64, 64), dtype=torch.uint8)
     onnx_probs = OnnxPredictor(export_onnx(checkpoint, tmp_path / "scse.onnx"))(images)
     assert np.abs(onnx_probs - TorchPredictor(checkpoint)(images)).max() < 1e-4
 
 
 def test_fp16_weights_halve_the_file_and_keep_the_masks(tiny_checkpoint, onnx_model, tmp_path):
-    half = export_onnx(tiny_checkpoint, tmp_path / "half.onnx", fp16_weights=True, metadata={"release": "test", "name": "n"})
+    half = export_onnx(
+        tiny_checkpoint, tmp_path / "half.onnx", fp16_weights=True, metadata={"release": "test", "name": "n"}
+    )
     assert half.stat().st_size < 0.55 * onnx_model.stat().st_size
     predictor = OnnxPredictor(half)
     assert predictor.metadata["weights_storage"] == "float16" and predictor.metadata["release"] == "test"
@@ -96,18 +102,21 @@ def test_onnx_inference_never_imports_pytorch(onnx_model, photos, tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; sys.modules['torch'] = None; import lesionseg; from lesionseg.cli import main; "
-            f"seg = lesionseg.load({str(onnx_model)!r}).segment({str(photos / 'a.jpg')!r}); "
-            "assert seg.mask.shape == (70, 70), seg.mask.shape; "
-            f"sys.exit(main(['predict', '--onnx', {str(onnx_model)!r}, {str(photos)!r}, '--out', {str(tmp_path / 'o')!r}, "
-            "'--no-progress']))")
+    code = (
+        "import sys; sys.modules['torch'] = None; import lesionseg; from lesionseg.cli import main; "
+        f"seg = lesionseg.load({str(onnx_model)!r}).segment({str(photos / 'a.jpg')!r}); "
+        "assert seg.mask.shape == (70, 70), seg.mask.shape; "
+        f"sys.exit(main(['predict', '--onnx', {str(onnx_model)!r}, {str(photos)!r}, '--out', {str(tmp_path / 'o')!r}, "
+        "'--no-progress']))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(list((tmp_path / "o").glob("*_mask.png"))) == 3
 
 
-def test_int8_export_is_calibrated_on_training_images_and_close_to_float32(tiny_checkpoint, onnx_model, tmp_path, capsys,
-                                                                          monkeypatch):
+def test_int8_export_is_calibrated_on_training_images_and_close_to_float32(
+    tiny_checkpoint, onnx_model, tmp_path, capsys, monkeypatch
+):
     """`export --int8`: a quarter of the file, int8 recorded in its metadata, probabilities close to float32,
     and usable by predict and evaluate like any export. (The float32 export it starts from is the fixture's,
     already tested above, so this test does not pay for a second one.)"""
@@ -128,8 +137,21 @@ def test_int8_export_is_calibrated_on_training_images_and_close_to_float32(tiny_
     assert np.abs(predictor(test) - OnnxPredictor(onnx_model)(test)).mean() < 0.02
     assert evaluate_checkpoint(int8, data, progress=False)["images"] == 4
     (tmp_path / "empty").mkdir()
-    assert main(["export", "--checkpoint", str(tiny_checkpoint), "--onnx", str(tmp_path / "x.onnx"), "--int8",
-                 "--calibration-data", str(tmp_path / "empty")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--onnx",
+                str(tmp_path / "x.onnx"),
+                "--int8",
+                "--calibration-data",
+                str(tmp_path / "empty"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "empty: no training images to calibrate int8 on" in err
     assert not (tmp_path / "x.onnx").exists()
@@ -138,7 +160,7 @@ def test_int8_export_is_calibrated_on_training_images_and_close_to_float32(tiny_
 def test_serving_a_checkpoint_runs_it_in_onnxruntime(tiny_checkpoint, onnx_model):
     """`serve --checkpoint` (backend auto) exports in a child process and serves the ONNX model: same name,
     same probabilities as the checkpoint; `--backend torch` keeps PyTorch."""
-    from lesionseg.prediction import load_predictor
+    from lesionseg.predictors import load_predictor
 
     served = load_predictor(tiny_checkpoint, backend="auto")
     assert isinstance(served, OnnxPredictor) and served.name == TorchPredictor(tiny_checkpoint).name

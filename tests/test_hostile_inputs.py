@@ -18,12 +18,12 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from conftest import write_dataset
+from lesionseg.checkpoint import load_checkpoint
 from lesionseg.cli import main
 from lesionseg.data import find_pairs, load_split
 from lesionseg.images import MAX_PIXELS
-from lesionseg.prediction import TorchPredictor
+from lesionseg.predictors import TorchPredictor
 from lesionseg.serve import create_app
-from lesionseg.training import load_checkpoint
 
 
 class RunsCode:
@@ -53,7 +53,15 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_never_runs(evil_checkpo
     run, marker = evil_checkpoint
     checkpoint = str(run / "best.pt")
     argv = {
-        "predict": ["predict", "--checkpoint", checkpoint, str(photos), "--out", str(tmp_path / "out"), "--no-progress"],
+        "predict": [
+            "predict",
+            "--checkpoint",
+            checkpoint,
+            str(photos),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ],
         "evaluate": ["evaluate", checkpoint, "--no-progress"],
         "export": ["export", "--checkpoint", checkpoint, "--onnx", str(tmp_path / "m.onnx")],
         "serve": ["serve", "--checkpoint", checkpoint, "--port", "1"],
@@ -104,7 +112,9 @@ def test_bomb_helper_is_small_and_over_the_limit():
     assert len(HOSTILE["bomb.png"][0]) < 100_000 and 30_000**2 > MAX_PIXELS
 
 
-def test_predict_skips_each_hostile_image_with_one_line_and_segments_the_rest(tiny_checkpoint, photos, tmp_path, capsys):
+def test_predict_skips_each_hostile_image_with_one_line_and_segments_the_rest(
+    tiny_checkpoint, photos, tmp_path, capsys
+):
     for name, (content, _) in HOSTILE.items():
         (photos / name).write_bytes(content)
     out = tmp_path / "out"
@@ -134,7 +144,10 @@ def test_evaluate_scores_the_readable_test_images_and_names_the_bomb(tiny_checkp
     data = write_dataset(tmp_path / "data", {"train": 2, "test": 3})
     pairs, _ = find_pairs(data, "test")
     pairs[1].image.write_bytes(bomb_png(20_000, 20_000))
-    assert main(["evaluate", str(tiny_checkpoint), "--data", str(data), "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
+    assert (
+        main(["evaluate", str(tiny_checkpoint), "--data", str(data), "--out", str(tmp_path / "eval"), "--no-progress"])
+        == 0
+    )
     assert f"{pairs[1].image}: 400,000,000 pixels claimed" in capsys.readouterr().err
     assert len((tmp_path / "eval" / "per_image.csv").read_text().splitlines()) == 1 + 2
 
@@ -144,8 +157,26 @@ def test_training_skips_a_bomb_in_the_training_folder(tmp_path):
     pairs, _ = find_pairs(data, "train")
     pairs[2].image.write_bytes(bomb_png(30_000, 30_000))
     run = tmp_path / "run"
-    assert main(["train", "--data", str(data), "--out", str(run), "--no-pretrained", "--epochs", "1",
-                 "--image-size", "32", "--batch-size", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data),
+                "--out",
+                str(run),
+                "--no-pretrained",
+                "--epochs",
+                "1",
+                "--image-size",
+                "32",
+                "--batch-size",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     skipped = yaml.safe_load((run / "run.json").read_text())["data_skipped"]
     assert any(str(pairs[2].image) in line and "pixels claimed" in line for line in skipped)
 

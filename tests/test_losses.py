@@ -2,8 +2,9 @@ import pytest
 import torch
 from segmentation_models_pytorch import losses as smp_losses
 
+from lesionseg.config import parse_loss
 from lesionseg.errors import LesionsegError
-from lesionseg.losses import LOSSES, WeightedSum, parse_loss
+from lesionseg.losses import LOSSES, WeightedSum
 
 
 def test_parse_loss():
@@ -22,7 +23,9 @@ def test_paper_model1_loss_is_bce_plus_a_tenth_of_dice():
     bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, target)
     p = torch.sigmoid(logits)
     dice = 1 - 2 * (p * target).sum() / (p.sum() + target.sum())
-    assert WeightedSum({"bce": 1.0, "dice": 0.1})(logits, target).item() == pytest.approx((bce + 0.1 * dice).item(), rel=1e-5)
+    assert WeightedSum({"bce": 1.0, "dice": 0.1})(logits, target).item() == pytest.approx(
+        (bce + 0.1 * dice).item(), rel=1e-5
+    )
 
 
 @pytest.mark.parametrize("name", sorted(LOSSES))
@@ -36,3 +39,9 @@ def test_every_loss_runs_on_logits_and_falls_as_prediction_improves(name):
 
 def test_dice_is_smp_dice():
     assert isinstance(WeightedSum({"dice": 1.0}).terms["dice"], smp_losses.DiceLoss)
+
+
+def test_the_command_line_offers_exactly_the_losses_that_exist():
+    from lesionseg.config import LOSS_NAMES
+
+    assert set(LOSSES) == set(LOSS_NAMES)

@@ -49,11 +49,18 @@ def test_agrees_with_segmentation_models_pytorch_on_random_masks():
         accumulator.update(logits[start : start + 5], target[start : start + 5])
     ours = accumulator.compute()
     tp, fp, fn, tn = smp_metrics.get_stats(torch.sigmoid(logits), target, mode="binary", threshold=0.5)
-    for ours_key, fn_name in (("iou", "iou_score"), ("dice", "f1_score"), ("accuracy", "accuracy"),
-                              ("sensitivity", "sensitivity"), ("specificity", "specificity")):
+    for ours_key, fn_name in (
+        ("iou", "iou_score"),
+        ("dice", "f1_score"),
+        ("accuracy", "accuracy"),
+        ("sensitivity", "sensitivity"),
+        ("specificity", "specificity"),
+    ):
         metric = getattr(smp_metrics, fn_name)
         assert ours[f"{ours_key}_pooled"] == pytest.approx(metric(tp, fp, fn, tn, reduction="micro").item(), abs=1e-6)
-        assert ours[f"{ours_key}_per_image"] == pytest.approx(metric(tp, fp, fn, tn, reduction="micro-imagewise").item(), abs=1e-6)
+        assert ours[f"{ours_key}_per_image"] == pytest.approx(
+            metric(tp, fp, fn, tn, reduction="micro-imagewise").item(), abs=1e-6
+        )
     assert len(accumulator.per_image()["iou"]) == 12
 
 
@@ -101,7 +108,7 @@ def test_scores_agree_with_the_isic_challenges_own_scorer(tmp_path):
         height, width = rng.integers(20, 90, 2)
         yy, xx = np.mgrid[:height, :width]
         truth = ((yy - height / 2) ** 2 + (xx - width / 2) ** 2 < rng.uniform(0.05, 0.2) * height * width) * 255
-        predicted = rng.choice([0, 127, 128, 129, 200, 255], (height, width), p=[.5, .05, .1, .05, .05, .25])
+        predicted = rng.choice([0, 127, 128, 129, 200, 255], (height, width), p=[0.5, 0.05, 0.1, 0.05, 0.05, 0.25])
         predicted[: height // 2] = truth[: height // 2]  # mostly right, so Jaccard spans both sides of 0.65
         if n == 0:
             predicted[:] = 0  # nothing predicted
@@ -112,14 +119,21 @@ def test_scores_agree_with_the_isic_challenges_own_scorer(tmp_path):
         name = f"ISIC_{1000000 + n:07d}"
         Image.fromarray(truth.astype(np.uint8)).save(truth_dir / f"{name}_Segmentation.png")
         Image.fromarray(predicted.astype(np.uint8)).save(pred_dir / f"{name}.png")
-        ours = [torch.from_numpy(inspect_mask(d / f, allow_empty=True)[0])[None, None]
-                for d, f in ((pred_dir, f"{name}.png"), (truth_dir, f"{name}_Segmentation.png"))]
+        ours = [
+            torch.from_numpy(inspect_mask(d / f, allow_empty=True)[0])[None, None]
+            for d, f in ((pred_dir, f"{name}.png"), (truth_dir, f"{name}_Segmentation.png"))
+        ]
         accumulator.update_binary(*ours)
     official = SegmentationScore.from_dir(truth_dir, pred_dir).macro_average
     ours = accumulator.compute()
-    pairs = {"jaccard": "iou_per_image", "dice": "dice_per_image", "accuracy": "accuracy_per_image",
-             "sensitivity": "sensitivity_per_image", "specificity": "specificity_per_image",
-             "threshold_jaccard": "thresholded_iou_per_image"}
+    pairs = {
+        "jaccard": "iou_per_image",
+        "dice": "dice_per_image",
+        "accuracy": "accuracy_per_image",
+        "sensitivity": "sensitivity_per_image",
+        "specificity": "specificity_per_image",
+        "threshold_jaccard": "thresholded_iou_per_image",
+    }
     for theirs, mine in pairs.items():
         assert abs(official[theirs] - ours[mine]) < 1e-9, theirs
     assert 0 < official["threshold_jaccard"] < official["jaccard"] < 1  # the threshold was exercised

@@ -9,28 +9,35 @@ from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 from lesionseg.errors import WeightsError
 from lesionseg.losses import WeightedSum
 from lesionseg.models import MobileNetV2Encoder, build_model, count_parameters
+from lesionseg.weights import resolve_weights
 
 
 def test_parameter_counts_match_the_paper():
-    model = build_model("seed", weights="none")
+    model = build_model("seed")
     assert count_parameters(model) == 10_755_913
     assert count_parameters(model.decoder) == 7_251_041
     assert count_parameters(model.encoder) == 3_504_872
 
 
 def test_encoder_features_and_logits_shapes_at_128px():
-    model = build_model("seed", weights="none").eval()
+    model = build_model("seed").eval()
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         features = model.encoder(x)
         logits = model(x)
-    assert [tuple(f.shape[1:]) for f in features] == [(16, 64, 64), (24, 32, 32), (32, 16, 16), (96, 8, 8), (1280, 4, 4)]
+    assert [tuple(f.shape[1:]) for f in features] == [
+        (16, 64, 64),
+        (24, 32, 32),
+        (32, 16, 16),
+        (96, 8, 8),
+        (1280, 4, 4),
+    ]
     assert logits.shape == (2, 1, 128, 128)
 
 
 def test_frozen_encoder_is_untouched_by_a_training_step():
     torch.manual_seed(0)
-    model = build_model("seed", weights="none", freeze_encoder=True)
+    model = build_model("seed", freeze_encoder=True)
     encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
     decoder_before = {k: v.clone() for k, v in model.decoder.state_dict().items()}
     assert count_parameters(model, trainable_only=True) == 7_251_041
@@ -45,7 +52,7 @@ def test_frozen_encoder_is_untouched_by_a_training_step():
 
 
 def test_finetuned_encoder_learns():
-    model = build_model("seed", weights="none", freeze_encoder=False).train()
+    model = build_model("seed", freeze_encoder=False).train()
     before = model.encoder.backbone.features[0][0].weight.clone()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model(torch.randn(2, 3, 64, 64)).mean().backward()
@@ -65,7 +72,7 @@ def offline(monkeypatch):
 
 def test_missing_imagenet_weights_say_how_to_provide_them(offline):
     with pytest.raises(WeightsError) as info:
-        MobileNetV2Encoder("imagenet")
+        MobileNetV2Encoder(resolve_weights("imagenet"))
     message = str(info.value)
     assert "mobilenet_v2-b0353104.pth" in message and "--weights" in message and "--no-pretrained" in message
 
@@ -77,14 +84,14 @@ def test_imagenet_weights_load_through_torchvision_from_torch_home(offline):
     checkpoints = Path(os.environ["TORCH_HOME"]) / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     torch.save(reference, checkpoints / filename)
-    encoder = MobileNetV2Encoder("imagenet")
+    encoder = MobileNetV2Encoder(resolve_weights("imagenet"))
     assert torch.equal(encoder.backbone.features[0][0].weight, reference["features.0.0.weight"])
 
 
 def test_weights_from_a_state_dict_file(tmp_path):
     reference = mobilenet_v2().state_dict()
     torch.save(reference, tmp_path / "w.pth")
-    encoder = MobileNetV2Encoder(str(tmp_path / "w.pth"))
+    encoder = MobileNetV2Encoder(resolve_weights(str(tmp_path / "w.pth")))
     assert torch.equal(encoder.backbone.classifier[1].weight, reference["classifier.1.weight"])
 
 
@@ -94,17 +101,17 @@ def test_bad_weights_file_is_a_one_line_error(tmp_path, content):
     if content is not None:
         path.write_bytes(content)
     with pytest.raises(WeightsError, match=str(path)):
-        MobileNetV2Encoder(str(path))
+        MobileNetV2Encoder(resolve_weights(str(path)))
 
 
 def test_weights_of_another_model_are_refused(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(WeightsError, match="not a torchvision mobilenet_v2 state_dict"):
-        MobileNetV2Encoder(str(tmp_path / "other.pth"))
+        MobileNetV2Encoder(resolve_weights(str(tmp_path / "other.pth")))
 
 
 def test_unet_decoder_is_as_large_as_smps_and_takes_every_stride():
-    ours, theirs = build_model("unet", weights="none"), build_model("smp-unet", weights="none")
+    ours, theirs = build_model("unet"), build_model("smp-unet")
     assert abs(count_parameters(ours.decoder) - count_parameters(theirs.decoder)) < 200
     for size in (128, 192, 96):  # any multiple of 32
         assert ours(torch.randn(1, 3, size, size)).shape == (1, 1, size, size)
@@ -113,12 +120,12 @@ def test_unet_decoder_is_as_large_as_smps_and_takes_every_stride():
 def test_smp_unet_takes_torchvision_weights(tmp_path):
     reference = mobilenet_v2().state_dict()
     torch.save(reference, tmp_path / "w.pth")
-    model = build_model("smp-unet", weights=str(tmp_path / "w.pth"))
+    model = build_model("smp-unet", weights=resolve_weights(str(tmp_path / "w.pth")))
     assert torch.equal(model.encoder.features[0][0].weight, reference["features.0.0.weight"])
 
 
 def test_scse_attention_reweights_every_unet_decoder_block():
-    plain, attended = build_model("unet", weights="none"), build_model("unet", weights="none", attention="scse")
+    plain, attended = build_model("unet"), build_model("unet", attention="scse")
     # one cSE (two 1x1 convs, reduction 16) and one sSE (1x1 conv to one map) per input and per output
     extra = count_parameters(attended.decoder) - count_parameters(plain.decoder)
     assert 200_000 < extra < 300_000
@@ -126,18 +133,18 @@ def test_scse_attention_reweights_every_unet_decoder_block():
 
 
 def test_unet_checkpoints_from_before_attention_still_load():
-    model = build_model("unet", weights="none").eval()
+    model = build_model("unet").eval()
     old_keys = {k.replace(".convs.", "."): v for k, v in model.state_dict().items()}  # blocks.0.0.weight, ...
     assert "decoder.blocks.0.0.weight" in old_keys
-    reloaded = build_model("unet", weights="none").eval()
+    reloaded = build_model("unet").eval()
     reloaded.load_state_dict(old_keys)
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(model(x), reloaded(x))
 
 
 def test_weights_come_from_the_environment_before_torchvision(tmp_path, monkeypatch, offline):
-    from lesionseg.download import sha256_of
-    from lesionseg.models import resolve_weights
+    from lesionseg.files import sha256_of
+    from lesionseg.weights import resolve_weights
 
     reference = mobilenet_v2().state_dict()
     torch.save(reference, tmp_path / "imagenet.pth")
@@ -151,7 +158,7 @@ def test_weights_come_from_the_environment_before_torchvision(tmp_path, monkeypa
 
 
 def test_auto_falls_back_to_scratch_loudly_only_when_nothing_can_be_had(offline, capsys):
-    from lesionseg.models import resolve_weights
+    from lesionseg.weights import resolve_weights
 
     found = resolve_weights("auto")
     assert not found.pretrained and found.source == "none"
@@ -160,13 +167,17 @@ def test_auto_falls_back_to_scratch_loudly_only_when_nothing_can_be_had(offline,
 
 
 # read at collection, before the autouse fixture clears the variable; the Makefile sets it where the file exists
-SHARED_WEIGHTS = Path(os.environ.get("LESIONSEG_WEIGHTS") or
-                      Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_v2_imagenet_from_keras_int8.pth")
+SHARED_WEIGHTS = Path(
+    os.environ.get("LESIONSEG_WEIGHTS")
+    or Path(__file__).resolve().parents[2] / "shared" / "weights" / "mobilenet_v2_imagenet_from_keras_int8.pth"
+)
 
 
-@pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason="the shared ImageNet weights exist only on the project's machines")
+@pytest.mark.skipif(
+    not SHARED_WEIGHTS.is_file(), reason="the shared ImageNet weights exist only on the project's machines"
+)
 def test_the_shared_imagenet_weights_load_strictly_and_see_images():
-    encoder = MobileNetV2Encoder(str(SHARED_WEIGHTS)).eval()
+    encoder = MobileNetV2Encoder(resolve_weights(str(SHARED_WEIGHTS))).eval()
     with torch.no_grad():
         features = encoder(torch.randn(2, 3, 128, 128))[-1]
     assert features.shape == (2, 1280, 4, 4)

@@ -7,11 +7,15 @@ import torch
 from PIL import Image
 
 from lesionseg.cli import main
-from lesionseg.prediction import Segmentation, Segmenter, TorchPredictor, describe, outline, overlay, run_predict, segment
+from lesionseg.pipeline import Pipeline, Segmentation, describe
+from lesionseg.prediction import outline, overlay, run_predict
+from lesionseg.predictors import TorchPredictor
 
 
 def test_masks_come_back_at_each_images_own_resolution(tiny_checkpoint, photos, tmp_path):
-    report = run_predict(Segmenter(TorchPredictor(tiny_checkpoint)), [photos], tmp_path / "out", batch_size=2, progress=False)
+    report = run_predict(
+        Pipeline(TorchPredictor(tiny_checkpoint)), [photos], tmp_path / "out", batch_size=2, progress=False
+    )
     assert report.problems == [] and len(report.rows) == 3
     for row in report.rows:
         source = Image.open(row["file"])
@@ -21,7 +25,9 @@ def test_masks_come_back_at_each_images_own_resolution(tiny_checkpoint, photos, 
         assert set(np.unique(np.asarray(mask)).tolist()) <= {0, 255}
         assert row["lesion_pixels"] == int((np.asarray(mask) > 0).sum())
     rows = list(csv.DictReader(open(tmp_path / "out" / "predictions.csv")))
-    assert [r["file"] for r in rows] == [r["file"] for r in json.loads((tmp_path / "out" / "predictions.json").read_text())]
+    assert [r["file"] for r in rows] == [
+        r["file"] for r in json.loads((tmp_path / "out" / "predictions.json").read_text())
+    ]
 
 
 def test_describe_area_bbox_and_probability():
@@ -49,7 +55,7 @@ def test_overlay_draws_only_the_outline():
 def test_probabilities_are_upsampled_from_the_model_grid(tiny_checkpoint):
     predictor = TorchPredictor(tiny_checkpoint)
     image = Image.new("RGB", (64, 48), (200, 150, 120))
-    [result] = segment(predictor, [image])
+    [result] = Pipeline(predictor).segment([image])
     assert result.probability.shape == (48, 64) and 0 <= result.probability.min() <= result.probability.max() <= 1
     assert np.array_equal(result.mask, result.probability >= predictor.threshold)
 
@@ -57,8 +63,18 @@ def test_probabilities_are_upsampled_from_the_model_grid(tiny_checkpoint):
 def test_unreadable_files_are_named_skipped_and_set_the_exit_status(tiny_checkpoint, photos, tmp_path, capsys):
     (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
     out = tmp_path / "out"
-    status = main(["predict", "--checkpoint", str(tiny_checkpoint), str(photos), str(tmp_path / "missing.png"),
-                   "--out", str(out), "--no-progress"])
+    status = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            str(photos),
+            str(tmp_path / "missing.png"),
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert status == 1
     err = capsys.readouterr().err
     assert "broken.jpg: not an image or damaged" in err
@@ -66,8 +82,20 @@ def test_unreadable_files_are_named_skipped_and_set_the_exit_status(tiny_checkpo
 
 
 def test_clean_predict_exits_zero(tiny_checkpoint, photos, tmp_path):
-    assert main(["predict", "--checkpoint", str(tiny_checkpoint), str(photos / "a.jpg"), "--out", str(tmp_path / "o"),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(tiny_checkpoint),
+                str(photos / "a.jpg"),
+                "--out",
+                str(tmp_path / "o"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
 def test_channels_last_gives_the_same_probabilities(tiny_checkpoint):
@@ -90,7 +118,7 @@ def test_python_api_segments_paths_pil_images_and_arrays(tiny_checkpoint, photos
     assert [r.mask.shape for r in many] == [(70, 70), (40, 40), (96, 96)]
     assert np.allclose(many[0].probability, one.probability, atol=1e-5)  # batch size may change the last bits
     # the same statistics `predict` writes, from the same code
-    report = run_predict(model, [photos / "a.jpg"], tmp_path / "out", progress=False)
+    report = run_predict(model.pipeline, [photos / "a.jpg"], tmp_path / "out", progress=False)
     row = {k: v for k, v in report.rows[0].items() if k not in ("mask", "overlay")}
     assert one.stats == row
     assert many[2].stats["file"] == "image 2" and many[2].stats["width"] == 96
@@ -109,7 +137,7 @@ def test_the_readme_example_runs_with_the_released_model(tmp_path, monkeypatch):
     from lesionseg.data import sample_data_dir
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    example = re.search(r"## Segment a lesion now.*?```python\n(.*?)```", readme, re.S).group(1)
+    example = re.search(r"## Segment\n.*?```python\n(.*?)```", readme, re.S).group(1)
     shutil.copy(sorted((sample_data_dir() / "ISBI2016_ISIC_Part1_Test_Data").glob("*.jpg"))[0], tmp_path / "lesion.jpg")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
@@ -122,7 +150,7 @@ def test_the_readme_example_runs_with_the_released_model(tmp_path, monkeypatch):
 def test_predict_and_serve_default_to_the_released_model(photos, tmp_path):
     from fastapi.testclient import TestClient
 
-    from lesionseg.prediction import load_predictor
+    from lesionseg.predictors import load_predictor
     from lesionseg.serve import create_app
 
     assert main(["predict", str(photos), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
@@ -136,19 +164,38 @@ def test_predict_and_serve_default_to_the_released_model(photos, tmp_path):
 def test_flip_tta_for_users_is_the_average_evaluation_scores(tiny_checkpoint, photos, tmp_path):
     """`load(tta=True)`, `predict --tta` and `evaluate --tta` share one averaging: the mean of the flipped-back views."""
     import lesionseg
-    from lesionseg.evaluation import predict_probabilities
-    from lesionseg.prediction import model_input
+    from lesionseg.evaluation import pipeline_for, probabilities_of
+    from lesionseg.pipeline import Refinements, model_input
 
     plain, tta = lesionseg.load(tiny_checkpoint), lesionseg.load(tiny_checkpoint, tta=True)
     assert tta.name == plain.name and tta.version == plain.version
-    predictor = plain.predictor
-    batch = np.stack([model_input(Image.open(photos / name).convert("RGB"), predictor.image_size) for name in ("a.jpg", "c.jpeg")])
-    by_hand = (predictor(batch) + predictor(batch[..., ::-1].copy())[..., ::-1] + predictor(batch[..., ::-1, :].copy())[..., ::-1, :]) / 3
-    assert np.allclose(tta.predictor(batch), by_hand, atol=1e-6)
+    predictor = plain.pipeline.predictor
+    batch = np.stack(
+        [model_input(Image.open(photos / name).convert("RGB"), predictor.image_size) for name in ("a.jpg", "c.jpeg")]
+    )
+    by_hand = (
+        predictor(batch)
+        + predictor(batch[..., ::-1].copy())[..., ::-1]
+        + predictor(batch[..., ::-1, :].copy())[..., ::-1, :]
+    ) / 3
+    assert np.allclose(tta.pipeline.predictor(batch), by_hand, atol=1e-6)
     assert not np.allclose(predictor(batch), by_hand, atol=1e-4)  # an untrained model is far from flip-invariant
-    evaluated = predict_probabilities(predictor.model, torch.from_numpy(batch), tta=True).numpy()
+    evaluated = probabilities_of(pipeline_for(tiny_checkpoint, None, Refinements(tta=True))[0], torch.from_numpy(batch))
     assert np.allclose(evaluated, by_hand, atol=1e-5)
-    assert main(["predict", str(photos / "a.jpg"), "--out", str(tmp_path / "out"), "--checkpoint", str(tiny_checkpoint),
-                 "--tta", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(photos / "a.jpg"),
+                "--out",
+                str(tmp_path / "out"),
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--tta",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     written = json.loads((tmp_path / "out" / "predictions.json").read_text())[0]
     assert written == {**tta.segment(photos / "a.jpg").stats, "mask": written["mask"], "overlay": written["overlay"]}

@@ -12,11 +12,23 @@ import pytest
 import torch
 
 from conftest import write_dataset
+from lesionseg.checkpoint import load_checkpoint
 from lesionseg.cli import main
-from lesionseg.training import load_checkpoint
 
-TRAIN = ["--preset", "model2-finetune", "--no-pretrained", "--image-size", "32", "--batch-size", "4",
-         "--schedule", "cosine", "--warmup-epochs", "1", "--no-progress"]
+TRAIN = [
+    "--preset",
+    "model2-finetune",
+    "--no-pretrained",
+    "--image-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--schedule",
+    "cosine",
+    "--warmup-epochs",
+    "1",
+    "--no-progress",
+]
 
 
 def same_weights(a, b) -> bool:
@@ -77,9 +89,26 @@ def test_two_cpu_processes_follow_the_single_process_loss_curve(data40, tmp_path
     assert main(["train", *common, "--out", str(single)]) == 0
     double = tmp_path / "double"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                             "-m", "lesionseg", "train", *common, "--out", str(double)],
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "lesionseg",
+            "train",
+            *common,
+            "--out",
+            str(double),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("trained:") == 1  # rank 0 alone reports
     info = json.loads((double / "run.json").read_text())

@@ -12,7 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from lesionseg.prediction import TorchPredictor
+from lesionseg.predictors import TorchPredictor
 from lesionseg.serve import create_app
 
 
@@ -28,7 +28,9 @@ def client(app):
 
 def jpeg_bytes(size=(60, 45)) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(buffer, "JPEG")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+        buffer, "JPEG"
+    )
     return buffer.getvalue()
 
 
@@ -41,7 +43,9 @@ def test_predict_returns_mask_png_and_row(client):
     assert mask.size == (60, 45)
     assert body["lesion_pixels"] == int((np.asarray(mask) > 0).sum())
     assert "overlay_png" not in body  # the page draws the outline from the mask
-    with_overlay = client.post("/predict?overlay=true", files={"file": ("lesion.jpg", jpeg_bytes(), "image/jpeg")}).json()
+    with_overlay = client.post(
+        "/predict?overlay=true", files={"file": ("lesion.jpg", jpeg_bytes(), "image/jpeg")}
+    ).json()
     assert Image.open(io.BytesIO(base64.b64decode(with_overlay["overlay_png"]))).size == (60, 45)
     assert with_overlay["mask_png"] == body["mask_png"]
 
@@ -68,8 +72,11 @@ def test_concurrent_requests_share_model_batches(app):
     batcher = app.state.batcher
     calls_before = len(batcher.batch_sizes)
     with ThreadPoolExecutor(8) as pool:
-        replies = list(pool.map(lambda n: client.post("/predict", files={"file": (f"{n}.jpg", jpeg_bytes(), "image/jpeg")}),
-                                range(32)))
+        replies = list(
+            pool.map(
+                lambda n: client.post("/predict", files={"file": (f"{n}.jpg", jpeg_bytes(), "image/jpeg")}), range(32)
+            )
+        )
     assert [r.status_code for r in replies] == [200] * 32
     assert len({r.json()["mask_png"] for r in replies}) == 1  # same image, same mask, whatever the batch
     sizes = batcher.batch_sizes[calls_before:]
@@ -96,12 +103,15 @@ def test_batcher_passes_model_errors_to_each_request_and_refuses_when_full():
         stalled.submit(np.zeros((3, 8, 8), np.uint8))
 
 
-@pytest.mark.parametrize("name, content, status, message", [
-    ("notes.txt", b"hello, not an image", 415, "notes.txt: not an image"),
-    ("cut.jpg", jpeg_bytes()[:300], 400, "cut.jpg: cannot read image"),
-    ("empty.png", b"", 400, "empty.png: empty upload"),
-    ("huge.jpg", b"\xff" * 300_000, 413, "limit"),
-])
+@pytest.mark.parametrize(
+    "name, content, status, message",
+    [
+        ("notes.txt", b"hello, not an image", 415, "notes.txt: not an image"),
+        ("cut.jpg", jpeg_bytes()[:300], 400, "cut.jpg: cannot read image"),
+        ("empty.png", b"", 400, "empty.png: empty upload"),
+        ("huge.jpg", b"\xff" * 300_000, 413, "limit"),
+    ],
+)
 def test_bad_uploads_get_a_clear_4xx_and_the_server_keeps_serving(client, name, content, status, message):
     response = client.post("/predict", files={"file": (name, content, "application/octet-stream")})
     assert response.status_code == status
@@ -133,14 +143,18 @@ class DiscPredictor:
 
 
 def boxes_overlap(a, b) -> bool:
-    return not (a["x"] + a["width"] <= b["x"] or b["x"] + b["width"] <= a["x"]
-                or a["y"] + a["height"] <= b["y"] or b["y"] + b["height"] <= a["y"])
+    return not (
+        a["x"] + a["width"] <= b["x"]
+        or b["x"] + b["width"] <= a["x"]
+        or a["y"] + a["height"] <= b["y"]
+        or b["y"] + b["height"] <= a["y"]
+    )
 
 
 def assert_no_overlap(page, selectors):
     boxes = {s: page.locator(s).bounding_box() for s in selectors}
     for i, a in enumerate(selectors):
-        for b in selectors[i + 1:]:
+        for b in selectors[i + 1 :]:
             assert not boxes_overlap(boxes[a], boxes[b]), f"{a} overlaps {b}: {boxes[a]} {boxes[b]}"
 
 
@@ -155,7 +169,9 @@ def page_server():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(DiscPredictor()), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(DiscPredictor()), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -180,9 +196,17 @@ def test_a_person_segments_images_in_the_page(page_server, tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_text("not an image")
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium_path(), args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = p.chromium.launch(
+            executable_path=chromium_path(),
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1000, "height": 900})
         page.goto(page_server)
         page.wait_for_function("document.getElementById('model-name').textContent.includes('disc stub')")
@@ -236,12 +260,14 @@ def test_serve_tta_serves_the_flip_averaged_model(tiny_checkpoint, monkeypatch, 
     """`serve --tta` hands the server the same view-averaged predictor `predict --tta` uses."""
     import lesionseg.serve
     from lesionseg.cli import main
-    from lesionseg.prediction import ViewAveraged
+    from lesionseg.pipeline import ViewAveraged
 
     served = {}
     monkeypatch.setattr(lesionseg.serve, "run_serve", lambda predictor, *args: served.update(predictor=predictor))
     main(["serve", "--checkpoint", str(tiny_checkpoint), "--backend", "torch", "--tta"])
-    predictor = served["predictor"]
-    assert isinstance(predictor, ViewAveraged) and len(predictor.views) == 3
-    assert isinstance(predictor.predictor, TorchPredictor) and predictor.name == predictor.predictor.name
-    assert "with TorchPredictor and flip TTA" in capsys.readouterr().err
+    pipeline = served["predictor"]
+    assert isinstance(pipeline.predictor, ViewAveraged) and len(pipeline.predictor.views) == 3
+    assert isinstance(pipeline.predictor.predictor, TorchPredictor) and pipeline.name == pipeline.predictor.name
+    assert "with TorchPredictor, tta" in capsys.readouterr().err
+    main(["serve", "--checkpoint", str(tiny_checkpoint), "--backend", "torch", "--largest-component", "--fill-holes"])
+    assert served["predictor"].refine.name == "largest_component+fill_holes"

@@ -7,11 +7,13 @@ import torch
 
 from conftest import write_plain_pairs
 from lesionseg import training
-from lesionseg.cli import build_parser, training_overrides
-from lesionseg.config import ConfigError, build_config
+from lesionseg.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from lesionseg.cli import build_parser
+from lesionseg.config import ConfigError, build_config, config_overrides
 from lesionseg.distributed import Process
-from lesionseg.errors import CheckpointError, DataError
-from lesionseg.training import Interrupted, fit, load_checkpoint, make_loaders, model_from_checkpoint, save_checkpoint
+from lesionseg.errors import CheckpointError, DataError, Interrupted
+from lesionseg.runsetup import make_loaders
+from lesionseg.training import fit
 
 
 def tiny_config(data, out, **overrides):
@@ -166,7 +168,9 @@ def test_extra_data_repeating_a_training_image_is_refused(tiny_data, tmp_path):
 
 
 def test_unet_with_scse_attention_trains_and_reloads(tiny_data, tmp_path):
-    run = fit(tiny_config(tiny_data, tmp_path / "scse", epochs=1, arch="unet", decoder_attention="scse"), progress=False)
+    run = fit(
+        tiny_config(tiny_data, tmp_path / "scse", epochs=1, arch="unet", decoder_attention="scse"), progress=False
+    )
     model, config = model_from_checkpoint(load_checkpoint(run))
     assert config.decoder_attention == "scse" and model(torch.randn(1, 3, 64, 64)).shape == (1, 1, 64, 64)
     assert build_config("unet-finetune").decoder_attention == "scse"
@@ -193,20 +197,28 @@ def test_encoder_learns_at_a_scaled_learning_rate(tiny_data, tmp_path):
     from lesionseg.models import build_model
 
     config = tiny_config(tiny_data, tmp_path / "run", lr=0.01, encoder_lr_scale=0.1)
-    model = build_model("seed", "none")
+    model = build_model("seed")
     decoder, encoder = training.build_optimizer(config, model).param_groups
     assert decoder["lr"] == pytest.approx(0.01) and encoder["lr"] == pytest.approx(0.001)
     assert len(encoder["params"]) == len(list(model.encoder.parameters()))
     frozen = tiny_config(tiny_data, tmp_path / "run", freeze_encoder=True)
-    assert len(training.build_optimizer(frozen, build_model("seed", "none", freeze_encoder=True)).param_groups) == 1
+    assert len(training.build_optimizer(frozen, build_model("seed", freeze_encoder=True)).param_groups) == 1
 
 
 def test_unfreeze_after_trains_the_decoder_alone_first(tiny_data, tmp_path, monkeypatch):
     snapshots = []  # (first encoder conv, first encoder BN mean, decoder head) before training and after each epoch
 
     def snapshot(model):
-        snapshots.append([t.detach().clone() for t in (model.encoder.backbone.features[0][0].weight,
-                                                        encoder_bn(model).running_mean, model.decoder.head.weight)])
+        snapshots.append(
+            [
+                t.detach().clone()
+                for t in (
+                    model.encoder.backbone.features[0][0].weight,
+                    encoder_bn(model).running_mean,
+                    model.decoder.head.weight,
+                )
+            ]
+        )
 
     original = training.train_one_epoch
 
@@ -227,7 +239,9 @@ def test_unfreeze_after_trains_the_decoder_alone_first(tiny_data, tmp_path, monk
         tiny_config(tiny_data, tmp_path / "bad", epochs=2, unfreeze_after=2)
 
 
-def test_amp_on_the_cpu_trains_in_bfloat16_channels_last_and_warns_where_that_is_slow(tiny_data, tmp_path, monkeypatch, capsys):
+def test_amp_on_the_cpu_trains_in_bfloat16_channels_last_and_warns_where_that_is_slow(
+    tiny_data, tmp_path, monkeypatch, capsys
+):
     conv = torch.nn.Conv2d(3, 4, 3)
     with training.autocast(torch.device("cpu"), True):
         assert conv(torch.randn(1, 3, 8, 8)).dtype == torch.bfloat16
@@ -249,15 +263,19 @@ def test_split_seed_fixes_the_validation_images_while_the_seed_changes(tiny_data
     fixed = [validation(f"fixed{seed}", seed=seed, split_seed=7) for seed in range(3)]
     assert fixed[0] == fixed[1] == fixed[2] == validation("seed7", seed=7) and len(fixed[0]) == 5
     assert len({tuple(validation(f"free{seed}", seed=seed)) for seed in range(3)}) > 1  # by default the seed draws it
-    overrides = training_overrides(build_parser().parse_args(["train", "--split-seed", "3"]))
-    assert build_config("unet-finetune", **overrides).split_seed == 3 and build_config("unet-finetune").split_seed is None
+    overrides = config_overrides(build_parser().parse_args(["train", "--split-seed", "3"]))
+    assert (
+        build_config("unet-finetune", **overrides).split_seed == 3 and build_config("unet-finetune").split_seed is None
+    )
 
 
 def test_init_starts_from_a_trained_model_and_records_it(tiny_data, tmp_path, capsys):
     source = fit(tiny_config(tiny_data, tmp_path / "source", arch="unet", epochs=1), progress=False)
     # lr 0: the weights stay the source's, so what the new run started from is visible in its checkpoint
-    run = fit(tiny_config(tiny_data, tmp_path / "larger", arch="unet", epochs=1, image_size=64, lr=0.0,
-                          init=str(source)), progress=False)
+    run = fit(
+        tiny_config(tiny_data, tmp_path / "larger", arch="unet", epochs=1, image_size=64, lr=0.0, init=str(source)),
+        progress=False,
+    )
     started, trained = load_checkpoint(source)["model"], load_checkpoint(run / "last.pt")["model"]
     convs = [k for k in started if k.endswith("weight") and started[k].dim() == 4]
     assert convs and all(torch.equal(started[k], trained[k]) for k in convs)
@@ -283,5 +301,5 @@ def test_soft_masks_train_on_coverage_and_validate_on_binary_masks(tiny_data, tm
     assert ((targets[:9] > 0) & (targets[:9] < 1)).any() and ((targets[9:] > 0) & (targets[9:] < 1)).any()
     assert checked.dtype == torch.uint8 and set(checked.unique().tolist()) <= {0, 1}
     fit(config, progress=False)
-    overrides = training_overrides(build_parser().parse_args(["train", "--soft-masks"]))
+    overrides = config_overrides(build_parser().parse_args(["train", "--soft-masks"]))
     assert build_config("unet-finetune", **overrides).soft_masks and not build_config("unet-finetune").soft_masks

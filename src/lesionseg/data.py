@@ -2,7 +2,7 @@
 
 Data flows one way: `find_pairs` lists image/mask files, `load_pairs` checks, decodes and resizes
 them once into a cache keyed by the source files and the size (the check's findings are cached with
-them), `SegmentationDataset` applies the joint augmentation presets to the cached uint8 tensors.
+them); `augmentation.py` turns the cached uint8 tensors into augmented samples.
 """
 
 from __future__ import annotations
@@ -20,21 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from lesionseg.errors import DataError
-from lesionseg.images import IMAGE_SUFFIXES, inspect_image, inspect_mask
+from lesionseg.images import IMAGE_SUFFIXES, inspect_mask
+from lesionseg.pipeline import model_input, read_for_model
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 OFFICIAL_DIRS = {  # ISIC 2016 Task 1 archive names
     "train": ("ISBI2016_ISIC_Part1_Training_Data", "ISBI2016_ISIC_Part1_Training_GroundTruth"),
     "test": ("ISBI2016_ISIC_Part1_Test_Data", "ISBI2016_ISIC_Part1_Test_GroundTruth"),
 }
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: images resized by the pipeline (Pillow), as predict resizes them
 
 
 @dataclass(frozen=True)
@@ -129,14 +126,17 @@ def find_pairs(data: str | os.PathLike | None, split: str) -> tuple[list[Pair], 
 
 
 def resize_image(image: Image.Image, size: int) -> torch.Tensor:
-    """uint8 (3,S,S), bilinear with antialiasing (the aspect ratio is not kept, as in the paper)."""
-    return TF.resize(TF.pil_to_tensor(image), [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    """uint8 (3,S,S): the pipeline's one resize (the aspect ratio is not kept, as in the paper), so the model trains
+    and is scored on exactly the inputs `predict` gives it."""
+    return torch.from_numpy(model_input(image, size).copy())
 
 
 def resize_mask(mask: np.ndarray, size: int, soft: bool = False) -> torch.Tensor:
     """{0,1} uint8 (1,S,S): bilinear on the 0/1 mask, then >= 0.5, so it stays binary. `soft`: float16 without the
     threshold, the fraction of each pixel the lesion covers, which keeps the border the resize would round off."""
-    m = TF.resize(torch.from_numpy(mask).float()[None], [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    m = TF.resize(
+        torch.from_numpy(mask).float()[None], [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True
+    )
     return m.clamp_(0, 1).to(torch.float16) if soft else (m >= 0.5).to(torch.uint8)
 
 
@@ -145,10 +145,12 @@ def _decode(pairs: list[Pair], size: int, soft: bool = False) -> CachedSplit:
     ids, images, masks, sizes, skipped, notes = [], [], [], [], [], []
     for pair in pairs:
         try:
-            image, image_notes = inspect_image(pair.image)
+            image, (width, height), image_notes = read_for_model(pair.image, str(pair.image), size)
             mask, mask_notes = inspect_mask(pair.mask)
-            if mask.shape != (image.height, image.width):
-                raise DataError(f"{pair.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.width}x{image.height}")
+            if mask.shape != (height, width):
+                raise DataError(
+                    f"{pair.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {width}x{height}"
+                )
         except DataError as exc:
             skipped.append(str(exc))
             continue
@@ -156,15 +158,21 @@ def _decode(pairs: list[Pair], size: int, soft: bool = False) -> CachedSplit:
         ids.append(pair.id)
         images.append(resize_image(image, size))
         masks.append(resize_mask(mask, size, soft))
-        sizes.append((image.width, image.height))
+        sizes.append((width, height))
     empty = torch.zeros(0, 1, size, size, dtype=torch.uint8)
     no_masks = empty.to(torch.float16 if soft else torch.uint8)
-    return CachedSplit(ids, torch.stack(images) if images else empty.expand(0, 3, size, size).clone(),
-                       torch.stack(masks) if masks else no_masks, sizes, skipped, notes)
+    return CachedSplit(
+        ids,
+        torch.stack(images) if images else empty.expand(0, 3, size, size).clone(),
+        torch.stack(masks) if masks else no_masks,
+        sizes,
+        skipped,
+        notes,
+    )
 
 
 def folder_listing(folder: Path) -> dict[str, str]:
-    """"resolved path:size:mtime" of every file in a folder, from one scandir: resolving and stat-ing
+    """ "resolved path:size:mtime" of every file in a folder, from one scandir: resolving and stat-ing
     10,000 files one by one took seconds on every run, before the cache could even be found."""
     resolved = folder.resolve()
     listing = {}
@@ -190,7 +198,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("LESIONSEG_CACHE", Path.home() / ".cache" / "lesionseg"))
 
 
-def load_pairs(pairs: list[Pair], size: int, cache_dir: str | os.PathLike | None = None, soft: bool = False) -> CachedSplit:
+def load_pairs(
+    pairs: list[Pair], size: int, cache_dir: str | os.PathLike | None = None, soft: bool = False
+) -> CachedSplit:
     """Decode and resize `pairs` once; later calls with the same files, size and kind of mask read the cache."""
     directory = Path(cache_dir) if cache_dir else default_cache_dir()
     key = cache_key(pairs, size, soft)
@@ -209,8 +219,15 @@ def load_pairs(pairs: list[Pair], size: int, cache_dir: str | os.PathLike | None
     return split
 
 
-def load_split(data: str | os.PathLike | None, split: str, size: int, cache_dir=None, strict: bool = False,
-               quiet: bool = False, soft: bool = False) -> CachedSplit:
+def load_split(
+    data: str | os.PathLike | None,
+    split: str,
+    size: int,
+    cache_dir=None,
+    strict: bool = False,
+    quiet: bool = False,
+    soft: bool = False,
+) -> CachedSplit:
     """A checked, cached split. Bad pairs are skipped and listed on stderr; with `strict` the first stops the run.
     `soft`: masks as coverage (`resize_mask`), for training targets only; scores always use the binary masks."""
     pairs, problems = find_pairs(data, split)
@@ -236,8 +253,9 @@ def join_splits(base: CachedSplit, extras: list[CachedSplit], names: list[str]) 
         repeated = sorted(seen.intersection(extra.ids))
         if repeated:
             more = f" (and {len(repeated) - 1} more)" if len(repeated) > 1 else ""
-            raise DataError(f"{name}: image {repeated[0]}{more} is already in the training data; "
-                            "extra data must hold other images")
+            raise DataError(
+                f"{name}: image {repeated[0]}{more} is already in the training data; extra data must hold other images"
+            )
         seen.update(extra.ids)
     parts = [base, *extras]
     return CachedSplit(
@@ -261,63 +279,8 @@ def train_val_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int]
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
-def write_split(path: Path, ids: list[str], train: list[int], val: list[int], seed: int,
-                extra: list[str] | None = None) -> None:
+def write_split(
+    path: Path, ids: list[str], train: list[int], val: list[int], seed: int, extra: list[str] | None = None
+) -> None:
     split = {"seed": seed, "train": [ids[i] for i in train], "val": [ids[i] for i in val], "extra_train": extra or []}
     path.write_text(json.dumps(split, indent=1))
-
-
-class TrainPreset:
-    """Training augmentation, applied identically to image and mask: flip, rotation, then normalize."""
-
-    def __init__(self, hflip: bool = True, rotation: float = 60.0) -> None:
-        steps: list[v2.Transform] = []
-        if hflip:
-            steps.append(v2.RandomHorizontalFlip(0.5))
-        if rotation:
-            # masks are rotated with nearest interpolation by v2 (tv_tensors.Mask), so they stay binary
-            steps.append(v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR))
-        self.geometric = v2.Compose(steps)
-        self.normalize = EvalPreset()
-
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = self.geometric(tv_tensors.Image(image), tv_tensors.Mask(mask))
-        return self.normalize(image, mask)
-
-
-class EvalPreset:
-    """uint8 image -> ImageNet-normalized float; {0,1} mask -> float."""
-
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return normalize(image), mask.as_subclass(torch.Tensor).float()
-
-
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (...,3,H,W) -> float ImageNet-normalized."""
-    x = images.as_subclass(torch.Tensor).float().div_(255)
-    return TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD)
-
-
-class SegmentationDataset(Dataset):
-    """Samples of a cached split: (image (3,S,S) float, mask (1,S,S) float in {0,1}, or in [0,1] if soft).
-
-    With a `seed`, each sample's augmentation is drawn from its own generator seeded by (seed, epoch,
-    index): the same sample gets the same transform whichever process, worker or resumed run asks.
-    """
-
-    def __init__(self, split: CachedSplit, transform, seed: int | None = None) -> None:
-        self.split = split
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = self.split.images[index], self.split.masks[index]
-        if self.seed is None:
-            return self.transform(image, mask)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.seed, self.epoch, index)) & 0x7FFFFFFF)
-            return self.transform(image, mask)

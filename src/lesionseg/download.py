@@ -43,8 +43,12 @@ ISIC_2016_BASE = "https://isic-challenge-data.s3.amazonaws.com/2016/"
 DATASETS: dict[str, tuple[Archive, ...]] = {
     "isic2016": tuple(
         Archive(ISIC_2016_BASE + f"{folder}.zip", folder, count)
-        for folder, count in (("ISBI2016_ISIC_Part1_Training_Data", 900), ("ISBI2016_ISIC_Part1_Training_GroundTruth", 900),
-                              ("ISBI2016_ISIC_Part1_Test_Data", 379), ("ISBI2016_ISIC_Part1_Test_GroundTruth", 379))
+        for folder, count in (
+            ("ISBI2016_ISIC_Part1_Training_Data", 900),
+            ("ISBI2016_ISIC_Part1_Training_GroundTruth", 900),
+            ("ISBI2016_ISIC_Part1_Test_Data", 379),
+            ("ISBI2016_ISIC_Part1_Test_GroundTruth", 379),
+        )
     ),
 }
 
@@ -72,9 +76,17 @@ def fetch(url: str, part: Path, progress: bool, timeout: float = 60) -> None:
         if have and response.status != 206:  # the server ignored Range: start over
             have = 0
         total = response.length + have if response.length is not None else None
-        with open(part, "ab" if have else "wb") as handle, tqdm(
-            total=total, initial=have, unit="B", unit_scale=True, desc=part.name.removesuffix(".part"), disable=not progress
-        ) as bar:
+        with (
+            open(part, "ab" if have else "wb") as handle,
+            tqdm(
+                total=total,
+                initial=have,
+                unit="B",
+                unit_scale=True,
+                desc=part.name.removesuffix(".part"),
+                disable=not progress,
+            ) as bar,
+        ):
             while block := response.read(CHUNK):
                 handle.write(block)
                 bar.update(len(block))
@@ -95,9 +107,10 @@ def download_archive(archive: Archive, dest: Path, progress: bool = True, attemp
             break
         except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, OSError) as exc:
             if attempt == attempts:
-                raise DownloadError(f"{archive.url}: download failed after {attempts} attempts ({exc}); "
-                                    f"run again to resume from {part}") from None
-            time.sleep(min(2 ** attempt * 0.1, 5))
+                raise DownloadError(
+                    f"{archive.url}: download failed after {attempts} attempts ({exc}); run again to resume from {part}"
+                ) from None
+            time.sleep(min(2**attempt * 0.1, 5))
     try:
         verify(archive, part)
     except DownloadError:
@@ -148,8 +161,9 @@ def count_files(folder: Path) -> int:
     return sum(1 for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def run_download(dataset: str, dest: str | os.PathLike, progress: bool = True,
-                 archives: tuple[Archive, ...] | None = None) -> Path:
+def run_download(
+    dataset: str, dest: str | os.PathLike, progress: bool = True, archives: tuple[Archive, ...] | None = None
+) -> Path:
     """Download, verify and extract every archive of `dataset` into `dest` (ready for --data)."""
     if archives is None:
         if dataset not in DATASETS:

@@ -23,3 +23,7 @@ class WeightsError(LesionsegError):
 
 class CheckpointError(LesionsegError):
     """A checkpoint that cannot be read or written; the message names the file."""
+
+
+class Interrupted(LesionsegError):
+    """Training stopped by Ctrl-C after the last checkpoint was saved."""

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 import lesionseg
-from lesionseg.data import IMAGENET_MEAN, IMAGENET_STD
+from lesionseg.augmentation import IMAGENET_MEAN, IMAGENET_STD
+from lesionseg.checkpoint import load_model
 from lesionseg.errors import LesionsegError
-from lesionseg.training import load_checkpoint, model_from_checkpoint
+from lesionseg.files import write_atomically
 
 INPUT_DOC = "image: float32 (batch, 3, S, S), RGB scaled to [0, 1]; probability: float32 (batch, 1, S, S)"
 
@@ -48,42 +49,57 @@ def store_weights_fp16(proto) -> None:
     proto.graph.node.extend(nodes)
 
 
-def export_onnx(checkpoint: str | os.PathLike, path: str | os.PathLike, fp16_weights: bool = False,
-                metadata: dict[str, str] | None = None) -> Path:
+def export_onnx(
+    checkpoint: str | os.PathLike,
+    path: str | os.PathLike,
+    fp16_weights: bool = False,
+    metadata: dict[str, str] | None = None,
+) -> Path:
     """One self-contained .onnx file with a dynamic batch axis and lesionseg metadata (plus `metadata`)."""
     import onnx
 
-    state = load_checkpoint(checkpoint)
-    model, config = model_from_checkpoint(state)
+    model, config, state = load_model(checkpoint)
     path = Path(path)
     example = torch.rand(2, 3, config.image_size, config.image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(
-        ExportWrapper(model).eval(), (example,), dynamo=True, external_data=False, verbose=False,
-        input_names=["image"], output_names=["probability"], dynamic_shapes={"image": {0: batch}},
+        ExportWrapper(model).eval(),
+        (example,),
+        dynamo=True,
+        external_data=False,
+        verbose=False,
+        input_names=["image"],
+        output_names=["probability"],
+        dynamic_shapes={"image": {0: batch}},
     )
     proto = program.model_proto
     props = {p.key: p.value for p in proto.metadata_props}
-    props.update(image_size=str(config.image_size), threshold=str(config.threshold), arch=config.arch, io=INPUT_DOC,
-                 name=config.model_name,
-                 version=f"{Path(checkpoint).name}, epoch {state['epoch']}, lesionseg {lesionseg.__version__}",
-                 weights_storage="float16" if fp16_weights else "float32")
+    props.update(
+        image_size=str(config.image_size),
+        threshold=str(config.threshold),
+        arch=config.arch,
+        io=INPUT_DOC,
+        name=config.model_name,
+        version=f"{Path(checkpoint).name}, epoch {state.get('epoch', '?')}, lesionseg {lesionseg.__version__}",
+        weights_storage="float16" if fp16_weights else "float32",
+    )
     props.update(metadata or {})  # the caller's values win, name and version included
     if fp16_weights:
         store_weights_fp16(proto)
     onnx.helper.set_model_props(proto, props)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".onnx.tmp")
-        onnx.save(proto, tmp)
-        os.replace(tmp, path)
     except OSError as exc:
-        raise LesionsegError(f"{path}: cannot write ({exc.strerror or exc})") from None
-    return path
+        raise LesionsegError(f"{path.parent}: cannot create the folder ({exc.strerror or exc})") from None
+    return write_atomically(path, lambda handle: handle.write(proto.SerializeToString()), "ONNX model")
 
 
-def export_int8(checkpoint: str | os.PathLike, path: str | os.PathLike, calibration_data: str | os.PathLike | None = None,
-                calibration_images: int | None = None) -> Path:
+def export_int8(
+    checkpoint: str | os.PathLike,
+    path: str | os.PathLike,
+    calibration_data: str | os.PathLike | None = None,
+    calibration_images: int | None = None,
+) -> Path:
     """The checkpoint as an int8 ONNX model (`quantize.DEFAULT_RECIPE`), its activation ranges calibrated on
     training images: from `calibration_data`, else from the folder the checkpoint was trained on."""
     import tempfile
@@ -92,10 +108,11 @@ def export_int8(checkpoint: str | os.PathLike, path: str | os.PathLike, calibrat
     from lesionseg.data import resolve_data_dir
     from lesionseg.quantize import DEFAULT_RECIPE, quantize_int8, training_images
 
-    config = model_from_checkpoint(load_checkpoint(checkpoint))[1]
+    config = load_model(checkpoint)[1]
     recipe = replace(DEFAULT_RECIPE, images=calibration_images or DEFAULT_RECIPE.images)
-    images = training_images(resolve_data_dir(calibration_data or config.data), recipe.images, config.image_size,
-                             cache_dir=config.cache_dir)
+    images = training_images(
+        resolve_data_dir(calibration_data or config.data), recipe.images, config.image_size, cache_dir=config.cache_dir
+    )
     with tempfile.TemporaryDirectory() as folder:
         fp32 = export_onnx(checkpoint, Path(folder) / "fp32.onnx")
         return quantize_int8(fp32, path, images, recipe)

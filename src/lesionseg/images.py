@@ -40,8 +40,10 @@ def open_checked(source: Path | BinaryIO, name: str, what: str = "image") -> Ima
     width, height = image.size
     if width * height > MAX_PIXELS:
         image.close()
-        raise ImageTooLargeError(f"{name}: {width}x{height} = {width * height:,} pixels claimed by its header, "
-                                 f"over the {MAX_PIXELS:,}-pixel limit")
+        raise ImageTooLargeError(
+            f"{name}: {width}x{height} = {width * height:,} pixels claimed by its header, "
+            f"over the {MAX_PIXELS:,}-pixel limit"
+        )
     return image
 
 
@@ -60,7 +62,9 @@ def decode_reduced(source: Path | BinaryIO, name: str, min_side: int) -> tuple[I
     return image, full_size
 
 
-def decode(source: Path | BinaryIO, name: str, min_side: int | None = None) -> tuple[Image.Image, list[str], tuple[int, int]]:
+def decode(
+    source: Path | BinaryIO, name: str, min_side: int | None = None
+) -> tuple[Image.Image, list[str], tuple[int, int]]:
     notes = []
     with open_checked(source, name) as im:
         try:
@@ -108,7 +112,11 @@ def inspect_mask(path: Path, allow_empty: bool = False) -> tuple[np.ndarray, lis
         raise DataError(f"{path}: cannot read mask (unsupported {values.dtype} pixels)")
     top = 1 if values.max() <= 1 else 255 if values.max() <= 255 else 65535
     levels = np.unique(values)
-    notes = [] if set(levels.tolist()) <= {0, top} else [f"{path}: non-binary mask ({len(levels)} levels), lesion where > {(top + 1) // 2}"]
+    notes = (
+        []
+        if set(levels.tolist()) <= {0, top}
+        else [f"{path}: non-binary mask ({len(levels)} levels), lesion where > {(top + 1) // 2}"]
+    )
     mask = values > (top + 1) // 2  # 0/1: > 0; 8-bit: > 128; 16-bit: > 32768
     if not (mask.any() or allow_empty):
         raise DataError(f"{path}: empty mask (no lesion pixel)")

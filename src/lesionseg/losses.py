@@ -8,7 +8,7 @@ import torch
 from segmentation_models_pytorch import losses as smp_losses
 from torch import nn
 
-from lesionseg.errors import LesionsegError
+from lesionseg.config import check_loss
 
 LOSSES: dict[str, Callable[[], nn.Module]] = {
     "bce": smp_losses.SoftBCEWithLogitsLoss,
@@ -25,24 +25,9 @@ class WeightedSum(nn.Module):
 
     def __init__(self, weights: dict[str, float]) -> None:
         super().__init__()
-        unknown = sorted(set(weights) - set(LOSSES))
-        if unknown or not weights:
-            raise LesionsegError(f"unknown loss {', '.join(unknown) or '(none)'}; choose from: {', '.join(LOSSES)}")
+        check_loss(weights)
         self.weights = dict(weights)
         self.terms = nn.ModuleDict({name: LOSSES[name]() for name in weights})
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return sum(w * self.terms[name](logits, target) for name, w in self.weights.items())
-
-
-def parse_loss(text: str) -> dict[str, float]:
-    """'bce+0.1*dice' -> {'bce': 1.0, 'dice': 0.1}."""
-    weights = {}
-    for term in text.replace(" ", "").split("+"):
-        weight, _, name = term.rpartition("*")
-        try:
-            weights[name] = float(weight) if weight else 1.0
-        except ValueError:
-            raise LesionsegError(f"bad loss term {term!r}; write e.g. 'bce+0.1*dice'") from None
-    WeightedSum(weights)  # validates the names
-    return weights

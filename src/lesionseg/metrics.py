@@ -86,8 +86,9 @@ class MetricAccumulator:
         return {name: values.tolist() for name, values in scores(self.counts).items()}
 
 
-def paired_difference(ours: Mapping[str, float], theirs: Mapping[str, float], draws: int = 10_000,
-                      seed: int = 0) -> dict[str, float]:
+def paired_difference(
+    ours: Mapping[str, float], theirs: Mapping[str, float], draws: int = 10_000, seed: int = 0
+) -> dict[str, float]:
     """Mean per-image difference ours - theirs over the same images, with a paired bootstrap 95 % interval.
 
     A gap between two models is only worth reporting if it is larger than the spread that comes from
@@ -99,7 +100,14 @@ def paired_difference(ours: Mapping[str, float], theirs: Mapping[str, float], dr
     if len(ours) < 2:
         raise ValueError("a paired difference needs at least two images")
     diff = np.array([ours[i] - theirs[i] for i in sorted(ours)])
-    interval = bootstrap((diff,), np.mean, n_resamples=draws, confidence_level=0.95, method="percentile",
-                         rng=np.random.default_rng(seed)).confidence_interval
-    return {"mean": float(diff.mean()), "ci95_low": float(interval.low), "ci95_high": float(interval.high),
-            "ours_better": int((diff > 0).sum()), "theirs_better": int((diff < 0).sum()), "images": len(diff)}
+    interval = bootstrap(
+        (diff,), np.mean, n_resamples=draws, confidence_level=0.95, method="percentile", rng=np.random.default_rng(seed)
+    ).confidence_interval
+    return {
+        "mean": float(diff.mean()),
+        "ci95_low": float(interval.low),
+        "ci95_high": float(interval.high),
+        "ours_better": int((diff > 0).sum()),
+        "theirs_better": int((diff < 0).sum()),
+        "images": len(diff),
+    }

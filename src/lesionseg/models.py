@@ -1,4 +1,5 @@
-"""MobileNetV2 encoder + the paper's decoder. No I/O here beyond loading pretrained weights.
+"""MobileNetV2 encoder + the paper's decoder, our U-Net decoder and smp's. No I/O: weights arrive as tensors
+(`lesionseg.weights` reads them).
 
 Encoder contract: `forward(x)` returns a list of feature maps from high to low resolution
 (strides 2, 4, 8, 16, 32), and `out_channels` gives their channel counts. Decoders consume that
@@ -7,113 +8,39 @@ list. The model returns logits; sigmoid and threshold live in metrics and predic
 
 from __future__ import annotations
 
-import os
-import sys
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-from urllib.error import URLError
+from typing import Protocol
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
+from torchvision.models import mobilenet_v2
 
-from lesionseg.download import sha256_of
+from lesionseg.config import ATTENTIONS, DECODERS
 from lesionseg.errors import WeightsError
 
 SEED_DECODER_CHANNELS = (512, 256, 64, 32, 16)  # the paper's five decoder blocks
 UNET_DECODER_CHANNELS = (256, 128, 64, 32, 16)  # the widths smp's Unet uses, so the comparison is fair
-ARCHS = ("seed", "unet", "smp-unet")
-ATTENTIONS = ("none", "scse")  # decoder attention choices for arch unet
 
 
-WEIGHTS_ENV = "LESIONSEG_WEIGHTS"  # a path to a mobilenet_v2 state_dict, used when no --weights FILE is given
+class Weights(Protocol):
+    """What the model needs of pretrained weights (`lesionseg.weights.EncoderWeights`, which reads them)."""
+
+    state_dict: dict[str, torch.Tensor] | None
+    source: str
 
 
-@dataclass
-class EncoderWeights:
-    """The encoder's starting point and where it came from, for run.json and the report."""
-
-    state_dict: dict[str, torch.Tensor] | None  # None: from scratch
-    source: str  # a file path, "torchvision IMAGENET1K_V1 (<file>)", or "none"
-    sha256: str | None = None
-
-    @property
-    def pretrained(self) -> bool:
-        return self.state_dict is not None
-
-    def describe(self) -> dict[str, Any]:
-        return {"pretrained": self.pretrained, "source": self.source, "sha256": self.sha256}
-
-
-FROM_SCRATCH = EncoderWeights(None, "none")
-
-
-def torchvision_weights() -> EncoderWeights:
-    """torchvision's ImageNet weights: read from $TORCH_HOME/hub/checkpoints or downloaded once."""
-    weights = MobileNet_V2_Weights.IMAGENET1K_V1
-    filename = weights.url.rsplit("/", 1)[-1]
-    try:
-        state = weights.get_state_dict(progress=True, check_hash=True)
-    except (URLError, OSError, RuntimeError) as exc:
-        raise WeightsError(
-            f"ImageNet weights for MobileNetV2 could not be loaded or downloaded ({exc.__class__.__name__}): "
-            f"pass --weights FILE or set ${WEIGHTS_ENV} to a mobilenet_v2 state_dict, "
-            f"or put {filename} in $TORCH_HOME/hub/checkpoints/ (default ~/.cache/torch), "
-            f"or pass --no-pretrained to train from scratch"
-        ) from None
-    path = Path(torch.hub.get_dir()) / "checkpoints" / filename
-    return EncoderWeights(state, f"torchvision IMAGENET1K_V1 ({path})", sha256_of(path) if path.is_file() else None)
-
-
-def file_weights(path: Path) -> EncoderWeights:
-    if not path.is_file():
-        raise WeightsError(f"{path}: weights file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a bad file; all mean the same to the user
-        raise WeightsError(f"{path}: not a readable state_dict ({exc.__class__.__name__})") from None
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path}: not a state_dict (a {type(state).__name__})")
-    return EncoderWeights(state, str(path.resolve()), sha256_of(path))
-
-
-def imagenet_weights() -> EncoderWeights:
-    """ImageNet weights, looked up offline first: ${LESIONSEG_WEIGHTS}, then torchvision's cache or download."""
-    env = os.environ.get(WEIGHTS_ENV, "").strip()
-    if env:
-        if not Path(env).is_file():
-            raise WeightsError(f"{env}: weights file not found (from ${WEIGHTS_ENV})")
-        return file_weights(Path(env))
-    return torchvision_weights()
-
-
-def resolve_weights(weights: str | None) -> EncoderWeights:
-    """"imagenet": the lookup above, or its one-line error; "auto": the same, but from scratch with a loud
-    warning when nothing can be had (the demo); "none": from scratch; anything else: a state_dict file."""
-    if weights in ("none", "", None):
-        return FROM_SCRATCH
-    if weights == "imagenet":
-        return imagenet_weights()
-    if weights == "auto":
-        try:
-            return imagenet_weights()
-        except WeightsError as exc:
-            print(f"lesionseg: WARNING: no ImageNet weights ({exc}); the encoder trains FROM SCRATCH and "
-                  "Model 1 (frozen encoder) will be meaningless", file=sys.stderr)
-            return FROM_SCRATCH
-    return file_weights(Path(weights))
-
-
-def load_backbone(module: nn.Module, state_dict: dict[str, torch.Tensor] | None, source: str, strict: bool = True) -> None:
-    if state_dict is None:
+def load_backbone(module: nn.Module, weights: Weights | None, drop_prefix: str | None = None) -> None:
+    """Pretrained weights into `module`, strictly; `drop_prefix` leaves out keys the module does not have."""
+    if weights is None or weights.state_dict is None:
         return
+    state = weights.state_dict
+    if drop_prefix:
+        state = {k: v for k, v in state.items() if not k.startswith(drop_prefix)}
     try:
-        module.load_state_dict(state_dict, strict=strict)
+        module.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
-        raise WeightsError(f"{source}: not a torchvision mobilenet_v2 state_dict ({first})") from None
+        raise WeightsError(f"{weights.source}: not a torchvision mobilenet_v2 state_dict ({first})") from None
 
 
 class MobileNetV2Encoder(nn.Module):
@@ -126,11 +53,10 @@ class MobileNetV2Encoder(nn.Module):
     stage_ends = (1, 3, 6, 13, 18)
     out_channels = (16, 24, 32, 96, 1280)
 
-    def __init__(self, weights: str | EncoderWeights = FROM_SCRATCH) -> None:
+    def __init__(self, weights: Weights | None = None) -> None:
         super().__init__()
         self.backbone = mobilenet_v2(weights=None)
-        weights = resolve_weights(weights) if isinstance(weights, str) else weights
-        load_backbone(self.backbone, weights.state_dict, weights.source)
+        load_backbone(self.backbone, weights)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B,3,H,W) -> five maps, (B,16,H/2,W/2) ... (B,1280,H/32,W/32)."""
@@ -158,8 +84,8 @@ class UpBlock(nn.Sequential):
 class SeedDecoder(nn.Module):
     """The paper's decoder: five UpBlocks on the stride-32 map only, then a 1x1 conv to one logit."""
 
-    def __init__(self, encoder_channels: tuple[int, ...], dropout: float = 0.2) -> None:
-        super().__init__()
+    def __init__(self, encoder_channels: tuple[int, ...], dropout: float = 0.2, attention: str = "none") -> None:
+        super().__init__()  # the paper's decoder has no attention: `attention` is ignored
         channels = (encoder_channels[-1], *SEED_DECODER_CHANNELS)
         self.blocks = nn.Sequential(*(UpBlock(c_in, c_out, dropout) for c_in, c_out in zip(channels, channels[1:])))
         self.head = nn.Conv2d(channels[-1], 1, 1)
@@ -174,8 +100,12 @@ class ConvBlock(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
         )
 
 
@@ -206,8 +136,8 @@ class UNetDecoderBlock(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """Checkpoints written before attention existed keep the convs directly under the block: rename."""
-        for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):][:1].isdigit()]:
-            state_dict[f"{prefix}convs.{key[len(prefix):]}"] = state_dict.pop(key)
+        for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix) :][:1].isdigit()]:
+            state_dict[f"{prefix}convs.{key[len(prefix) :]}"] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
@@ -219,8 +149,13 @@ class UNetDecoder(nn.Module):
     most processed map at that resolution, before the next stride-2 block throws half of it away.
     """
 
-    def __init__(self, encoder_channels: tuple[int, ...], channels: tuple[int, ...] = UNET_DECODER_CHANNELS,
-                 dropout: float = 0.0, attention: str = "none") -> None:
+    def __init__(
+        self,
+        encoder_channels: tuple[int, ...],
+        dropout: float = 0.0,
+        attention: str = "none",
+        channels: tuple[int, ...] = UNET_DECODER_CHANNELS,
+    ) -> None:
         super().__init__()
         skips = encoder_channels[-2::-1]
         inputs = [encoder_channels[-1], *channels[:-1]]
@@ -245,12 +180,21 @@ class UNetDecoder(nn.Module):
 
 
 class SmpUnetDecoder(nn.Module):
-    """segmentation_models_pytorch's Unet decoder and head: the library baseline we compare against."""
+    """segmentation_models_pytorch's Unet decoder and head: the library baseline we compare against. It brings
+    its own encoder (torchvision's MobileNetV2 less the classifier), so it builds the pair itself."""
 
     def __init__(self, smp_model: nn.Module) -> None:
         super().__init__()
         self.decoder = smp_model.decoder
         self.head = smp_model.segmentation_head
+
+    @staticmethod
+    def build(weights: Weights | None, dropout: float, attention: str) -> tuple[nn.Module, nn.Module]:
+        import segmentation_models_pytorch as smp
+
+        baseline = smp.Unet("mobilenet_v2", encoder_weights=None, classes=1)
+        load_backbone(baseline.encoder, weights, drop_prefix="classifier.")
+        return baseline.encoder, SmpUnetDecoder(baseline)
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         return self.head(self.decoder(features))
@@ -264,8 +208,9 @@ class SegmentationModel(nn.Module):
     pull the ImageNet statistics around).
     """
 
-    def __init__(self, encoder: nn.Module, decoder: nn.Module, freeze_encoder: bool = False,
-                 freeze_bn: bool = False) -> None:
+    def __init__(
+        self, encoder: nn.Module, decoder: nn.Module, freeze_encoder: bool = False, freeze_bn: bool = False
+    ) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
@@ -294,29 +239,24 @@ class SegmentationModel(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-def build_model(arch: str = "seed", weights: str | EncoderWeights = "imagenet", freeze_encoder: bool = False,
-                dropout: float = 0.2, attention: str = "none", freeze_bn: bool = False) -> SegmentationModel:
-    """seed: the paper's decoder; unet: ours with skips (`attention` in its blocks);
-    smp-unet: smp.Unet("mobilenet_v2") as it ships (no attention, nearest upsampling).
-    `weights` is resolved by `resolve_weights` when given by name."""
-    if isinstance(weights, str):
-        weights = resolve_weights(weights)
-    if arch == "smp-unet":
-        import segmentation_models_pytorch as smp
-
-        baseline = smp.Unet("mobilenet_v2", encoder_weights=None, classes=1)
-        state = weights.state_dict  # smp's encoder is torchvision's MobileNetV2 less the classifier
-        if state is not None:
-            state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-        load_backbone(baseline.encoder, state, weights.source)
-        return SegmentationModel(baseline.encoder, SmpUnetDecoder(baseline), freeze_encoder, freeze_bn)
-    encoder = MobileNetV2Encoder(weights)
-    if arch == "seed":
-        decoder: nn.Module = SeedDecoder(encoder.out_channels, dropout)
-    elif arch == "unet":
-        decoder = UNetDecoder(encoder.out_channels, dropout=dropout, attention=attention)
+def build_model(
+    arch: str = "seed",
+    weights: Weights | None = None,
+    freeze_encoder: bool = False,
+    dropout: float = 0.2,
+    attention: str = "none",
+    freeze_bn: bool = False,
+) -> SegmentationModel:
+    """The decoder `config.DECODERS` names for `arch` on a MobileNetV2 encoder (from `weights`, else random).
+    A decoder class with a `build(weights, dropout, attention)` makes its own encoder (smp's Unet)."""
+    if arch not in DECODERS:
+        raise ValueError(f"unknown arch {arch!r}; choose from: {', '.join(DECODERS)}")
+    decoder_class = globals()[DECODERS[arch]]
+    if hasattr(decoder_class, "build"):
+        encoder, decoder = decoder_class.build(weights, dropout, attention)
     else:
-        raise ValueError(f"unknown arch {arch!r}; choose from: {', '.join(ARCHS)}")
+        encoder = MobileNetV2Encoder(weights)
+        decoder = decoder_class(encoder.out_channels, dropout, attention)
     return SegmentationModel(encoder, decoder, freeze_encoder, freeze_bn)
 
 

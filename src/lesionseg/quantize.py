@@ -33,15 +33,23 @@ class Int8Recipe:
     def describe(self) -> str:
         kept = "+".join(self.keep_float) or "none"
         ops = "+".join(self.op_types) or "all"
-        return (f"{self.format}, {'per-channel' if self.per_channel else 'per-tensor'} weights, {self.calibration} "
-                f"ranges from {self.images} training images, int8 ops: {ops}, float32 kept: {kept}")
+        return (
+            f"{self.format}, {'per-channel' if self.per_channel else 'per-tensor'} weights, {self.calibration} "
+            f"ranges from {self.images} training images, int8 ops: {ops}, float32 kept: {kept}"
+        )
 
 
 DEFAULT_RECIPE = Int8Recipe(calibration="percentile")  # chosen on validation images: benchmarks/README.md, "int8"
 
 
-def training_images(folder: str | os.PathLike, count: int, size: int, seed: int = 0,
-                    exclude: frozenset[str] = frozenset(), cache_dir: str | None = None) -> np.ndarray:
+def training_images(
+    folder: str | os.PathLike,
+    count: int,
+    size: int,
+    seed: int = 0,
+    exclude: frozenset[str] = frozenset(),
+    cache_dir: str | None = None,
+) -> np.ndarray:
     """uint8 (N,3,S,S): `count` images drawn (seeded) from a dataset's training split, leaving out the ids in
     `exclude` (a run's validation images, kept for choosing between recipes). They come from the resize cache
     training filled, so they are the very pixels the model learnt from, and nothing is decoded twice."""
@@ -69,8 +77,9 @@ def float_node_names(model, roles: tuple[str, ...]) -> list[str]:
     return names
 
 
-def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, images: np.ndarray,
-                  recipe: Int8Recipe = DEFAULT_RECIPE) -> Path:
+def quantize_int8(
+    fp32_path: str | os.PathLike, out_path: str | os.PathLike, images: np.ndarray, recipe: Int8Recipe = DEFAULT_RECIPE
+) -> Path:
     """Write the int8 model of an exported float32 lesionseg model. `images`: uint8 (N,3,S,S) training
     images for the activation ranges. Metadata is carried over, with the recipe and `precision: int8`."""
     import onnx
@@ -94,18 +103,33 @@ def quantize_int8(fp32_path: str | os.PathLike, out_path: str | os.PathLike, ima
     with tempfile.TemporaryDirectory() as folder:
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))  # shape inference and graph clean-up, as the docs advise
-        method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
-                  "percentile": CalibrationMethod.Percentile}[recipe.calibration]
+        method = {
+            "minmax": CalibrationMethod.MinMax,
+            "entropy": CalibrationMethod.Entropy,
+            "percentile": CalibrationMethod.Percentile,
+        }[recipe.calibration]
         quantized = Path(folder) / "int8.onnx"
-        quantize_static(str(prepared), str(quantized), Batches(),
-                        quant_format=QuantFormat.QDQ if recipe.format == "qdq" else QuantFormat.QOperator,
-                        per_channel=recipe.per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=method, op_types_to_quantize=list(recipe.op_types) or None,
-                        nodes_to_exclude=float_node_names(onnx.load(str(prepared)), recipe.keep_float))
+        quantize_static(
+            str(prepared),
+            str(quantized),
+            Batches(),
+            quant_format=QuantFormat.QDQ if recipe.format == "qdq" else QuantFormat.QOperator,
+            per_channel=recipe.per_channel,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=method,
+            op_types_to_quantize=list(recipe.op_types) or None,
+            nodes_to_exclude=float_node_names(onnx.load(str(prepared)), recipe.keep_float),
+        )
         model = onnx.load(str(quantized))
     props = {p.key: p.value for p in original.metadata_props}
-    props.update(precision="int8", int8_recipe=recipe.describe(), weights_storage="int8",
-                 version=f"{props.get('version', fp32_path)}, int8", name=f"{props.get('name', 'model')} int8")
+    props.update(
+        precision="int8",
+        int8_recipe=recipe.describe(),
+        weights_storage="int8",
+        version=f"{props.get('version', fp32_path)}, int8",
+        name=f"{props.get('name', 'model')} int8",
+    )
     onnx.helper.set_model_props(model, props)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".onnx.tmp")

@@ -12,14 +12,13 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from lesionseg.data import CachedSplit, load_split  # noqa: E402
-from lesionseg.evaluation import predict_probabilities, read_per_image  # noqa: E402
+from lesionseg.evaluation import pipeline_for, probabilities_of, read_per_image  # noqa: E402
 from lesionseg.metrics import paired_difference  # noqa: E402
 from lesionseg.models import build_model  # noqa: E402
-from lesionseg.training import load_checkpoint, model_from_checkpoint, read_log  # noqa: E402
+from lesionseg.rundir import RunDir  # noqa: E402
 
 # SPEC.md "Results to reproduce" (test set, 128x128); the paper does not say per-image or pooled
 PAPER = {
@@ -34,10 +33,14 @@ def model_summary(arch: str = "seed", image_size: int = 128, batch_size: int = 1
     """torchinfo's layer table: output shapes, parameters (non-trainable when frozen), mult-adds."""
     import torchinfo
 
-    model = build_model(arch, weights="none", freeze_encoder=freeze_encoder)
+    model = build_model(arch, freeze_encoder=freeze_encoder)
     stats = torchinfo.summary(
-        model, input_size=(batch_size, 3, image_size, image_size), depth=4, verbose=0,
-        col_names=("output_size", "num_params", "mult_adds"), row_settings=("var_names",),
+        model,
+        input_size=(batch_size, 3, image_size, image_size),
+        depth=4,
+        verbose=0,
+        col_names=("output_size", "num_params", "mult_adds"),
+        row_settings=("var_names",),
     )
     return str(stats)
 
@@ -45,8 +48,12 @@ def model_summary(arch: str = "seed", image_size: int = 128, batch_size: int = 1
 def headline(evaluation: dict[str, Any]) -> dict[str, float]:
     """The paper's four numbers from an evaluation; IoU/Dice as mean per image (the ISIC convention)."""
     m = evaluation["metrics"]
-    return {"iou": m["iou_per_image"], "dice": m["dice_per_image"],
-            "train_loss": evaluation["train_loss"], "val_loss": evaluation["val_loss"]}
+    return {
+        "iou": m["iou_per_image"],
+        "dice": m["dice_per_image"],
+        "train_loss": evaluation["train_loss"],
+        "val_loss": evaluation["val_loss"],
+    }
 
 
 def fig_samples(split: CachedSplit, count: int = 4) -> Figure:
@@ -70,13 +77,12 @@ def fig_text(text: str, title: str) -> Figure:
     return fig
 
 
-def fig_triptychs(split: CachedSplit, probabilities: torch.Tensor, title: str, count: int = 4) -> Figure:
+def fig_triptychs(split: CachedSplit, masks: np.ndarray, title: str, count: int = 4) -> Figure:
     """Rows of input / ground truth / predicted mask."""
     count = min(count, len(split))
     fig, axes = plt.subplots(count, 3, figsize=(7.5, 2.5 * count), squeeze=False)
     for row in range(count):
-        panels = (split.images[row].permute(1, 2, 0).numpy(), split.masks[row, 0].numpy(),
-                  (probabilities[row, 0] >= 0.5).numpy())
+        panels = (split.images[row].permute(1, 2, 0).numpy(), split.masks[row, 0].numpy(), masks[row])
         for col, (panel, name) in enumerate(zip(panels, ("image", "ground truth", "prediction"))):
             axes[row, col].imshow(panel, cmap=None if col == 0 else "gray")
             axes[row, col].set_title(f"{name}" + (f" {split.ids[row]}" if col == 0 else ""), fontsize=8)
@@ -111,11 +117,20 @@ def fig_comparison_bars(models: dict[str, dict[str, float]]) -> Figure:
     """Left: IoU and Dice of every model; right: train and validation loss."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     width = 0.8 / len(models)
-    for ax, keys, title in ((axes[0], ("iou", "dice"), "IoU and Dice"), (axes[1], ("train_loss", "val_loss"), "Losses")):
+    for ax, keys, title in (
+        (axes[0], ("iou", "dice"), "IoU and Dice"),
+        (axes[1], ("train_loss", "val_loss"), "Losses"),
+    ):
         x = np.arange(len(keys))
         for n, (name, values) in enumerate(models.items()):
-            bars = ax.bar(x + n * width, [values[k] for k in keys], width, label=name,
-                          color=COLORS.get(name, f"C{n}"), edgecolor="gray")
+            bars = ax.bar(
+                x + n * width,
+                [values[k] for k in keys],
+                width,
+                label=name,
+                color=COLORS.get(name, f"C{n}"),
+                edgecolor="gray",
+            )
             ax.bar_label(bars, fmt="%.3f", fontsize=7)
         ax.set_xticks(x + width * (len(models) - 1) / 2, [LABELS[k] for k in keys])
         ax.set(title=title, ylim=(0, 1.05))
@@ -142,14 +157,17 @@ def fig_radar(models: dict[str, dict[str, float]]) -> Figure:
 
 
 TABLE_ROWS = (  # (label, key in evaluation metrics or in headline numbers, key in PAPER)
-    ("Jaccard (IoU), mean per image", "iou_per_image", "iou"), ("IoU, pooled", "iou_pooled", None),
-    ("Dice, mean per image", "dice_per_image", "dice"), ("Dice, pooled", "dice_pooled", None),
+    ("Jaccard (IoU), mean per image", "iou_per_image", "iou"),
+    ("IoU, pooled", "iou_pooled", None),
+    ("Dice, mean per image", "dice_per_image", "dice"),
+    ("Dice, pooled", "dice_pooled", None),
     ("pixel accuracy, mean per image", "accuracy_per_image", None),
     ("sensitivity, mean per image", "sensitivity_per_image", None),
     ("specificity, mean per image", "specificity_per_image", None),
     ("ISIC 2018 thresholded Jaccard", "thresholded_iou_per_image", None),
     ("Jaccard of the worst decile", "iou_worst_decile", None),
-    ("train loss", "train_loss", "train_loss"), ("validation loss", "val_loss", "val_loss"),
+    ("train loss", "train_loss", "train_loss"),
+    ("validation loss", "val_loss", "val_loss"),
 )
 
 
@@ -173,7 +191,9 @@ def markdown_table(evaluations: dict[str, dict[str, Any]]) -> str:
 def paired_differences(runs: dict[str, Path]) -> dict[str, dict[str, float] | str]:
     """Each run's per-image Jaccard against the first run's on the same test images, with a bootstrap
     interval, so a table of means is not read as a ranking when the gaps are within noise."""
-    per_image = {name: {row["id"]: row["iou"] for row in read_per_image(Path(run) / "eval")} for name, run in runs.items()}
+    per_image = {
+        name: {row["id"]: row["iou"] for row in read_per_image(RunDir(Path(run)).eval)} for name, run in runs.items()
+    }
     base, *others = runs
     differences: dict[str, dict[str, float] | str] = {}
     for name in others:
@@ -185,21 +205,24 @@ def paired_differences(runs: dict[str, Path]) -> dict[str, dict[str, float] | st
 
 
 def paired_table(base: str, differences: dict[str, dict[str, float] | str]) -> str:
-    lines = [f"| run | mean Jaccard − {base} | paired bootstrap 95 % interval | images better | images worse |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"| run | mean Jaccard − {base} | paired bootstrap 95 % interval | images better | images worse |",
+        "|---|---|---|---|---|",
+    ]
     for name, d in differences.items():
         if isinstance(d, str):
             lines.append(f"| {name} | – | {d} | – | – |")
         else:
-            lines.append(f"| {name} | {d['mean']:+.4f} | {d['ci95_low']:+.4f} to {d['ci95_high']:+.4f} | "
-                         f"{d['ours_better']} | {d['theirs_better']} |")
+            lines.append(
+                f"| {name} | {d['mean']:+.4f} | {d['ci95_low']:+.4f} to {d['ci95_high']:+.4f} | "
+                f"{d['ours_better']} | {d['theirs_better']} |"
+            )
     return "\n".join(lines)
 
 
 def encoder_weights(run_dir: Path) -> dict[str, Any]:
     """What the run's encoder started from, as its run.json recorded it (older runs did not)."""
-    info = run_dir / "run.json"
-    recorded = json.loads(info.read_text()).get("weights") if info.is_file() else None
+    recorded = RunDir(run_dir).read_info().get("weights")
     return recorded or {"pretrained": None, "source": "not recorded", "sha256": None}
 
 
@@ -211,9 +234,12 @@ def weights_section(weights: dict[str, dict[str, Any]]) -> str:
         lines.append(f"- {name}: `{w['source']}`{digest}")
     scratch = [name for name, w in weights.items() if w.get("pretrained") is False]
     if scratch:
-        lines += ["", f"**WARNING: {', '.join(scratch)} trained the encoder FROM SCRATCH: no ImageNet weights were "
-                  "found (--weights FILE, $LESIONSEG_WEIGHTS, or torchvision's download). A frozen random encoder "
-                  "(Model 1) makes its scores meaningless.**"]
+        lines += [
+            "",
+            f"**WARNING: {', '.join(scratch)} trained the encoder FROM SCRATCH: no ImageNet weights were "
+            "found (--weights FILE, $LESIONSEG_WEIGHTS, or torchvision's download). A frozen random encoder "
+            "(Model 1) makes its scores meaningless.**",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -223,22 +249,32 @@ def save(fig: Figure, path: Path) -> None:
 
 
 def worst_cases(run_dir: Path, count: int = 10) -> list[str]:
-    rows = sorted(read_per_image(run_dir / "eval"), key=lambda row: row["iou"])
+    rows = sorted(read_per_image(RunDir(run_dir).eval), key=lambda row: row["iou"])
     return [row["id"] for row in rows[:count]]
 
 
 def run_figures(name: str, run_dir: Path, measured: dict[str, float], figures: Path) -> Any:
     """Predictions on the first test images and on the ten worst, loss curves, the run's bars."""
-    model, config = model_from_checkpoint(load_checkpoint(run_dir / "best.pt"))
-    test = load_split(config.data, "test", config.image_size, config.cache_dir, quiet=True)
+    run = RunDir(run_dir)
+    pipeline, scoring, _ = pipeline_for(run.best, None)
+    test = load_split(scoring.data, "test", scoring.image_size, scoring.cache_dir, quiet=True)
+    size = (scoring.image_size, scoring.image_size)
     for label, ids in (("predictions", test.ids[:4]), ("worst", worst_cases(run_dir))):
         subset = test.subset([test.ids.index(i) for i in ids])
-        probabilities = predict_probabilities(model, subset.images)
-        title = f"{name}: input, ground truth, prediction" + (" — the ten worst test images" if label == "worst" else "")
-        save(fig_triptychs(subset, probabilities, title, count=len(ids)), figures / f"{label}_{name}.png")
-    save(fig_loss_curves(read_log(run_dir), f"{name}: loss"), figures / f"loss_{name}.png")
+        masks = np.stack([pipeline.mask(p[0], size)[0] for p in probabilities_of(pipeline, subset.images)])
+        title = f"{name}: input, ground truth, prediction" + (
+            " — the ten worst test images" if label == "worst" else ""
+        )
+        save(fig_triptychs(subset, masks, title, count=len(ids)), figures / f"{label}_{name}.png")
+    save(fig_loss_curves(run.read_log(), f"{name}: loss"), figures / f"loss_{name}.png")
     save(fig_model_bars(measured, name, COLORS.get(name, "C0")), figures / f"bars_{name}.png")
-    return config
+    return pipeline_config(run)
+
+
+def pipeline_config(run: RunDir):
+    from lesionseg.checkpoint import load_checkpoint, stored_config
+
+    return stored_config(load_checkpoint(run.best), run.best)
 
 
 def write_report(runs: dict[str, str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
@@ -249,10 +285,13 @@ def write_report(runs: dict[str, str | os.PathLike], out: str | os.PathLike) -> 
     evaluations, measured = {}, {}
     for name, run_dir in runs.items():
         run_dir = Path(run_dir)
-        evaluations[name] = json.loads((run_dir / "eval" / "metrics.json").read_text())
+        evaluations[name] = json.loads((RunDir(run_dir).eval / "metrics.json").read_text())
         measured[name] = headline(evaluations[name])
         config = run_figures(name, run_dir, measured[name], figures)
-    save(fig_samples(load_split(config.data, "train", config.image_size, config.cache_dir, quiet=True)), figures / "samples.png")
+    save(
+        fig_samples(load_split(config.data, "train", config.image_size, config.cache_dir, quiet=True)),
+        figures / "samples.png",
+    )
     summary = model_summary(config.arch, config.image_size, freeze_encoder=config.freeze_encoder)
     (out / "model_summary.txt").write_text(summary)
     save(fig_text(summary, f"Model summary, {config.name} (batch 16)"), figures / "model_summary.png")
@@ -261,16 +300,30 @@ def write_report(runs: dict[str, str | os.PathLike], out: str | os.PathLike) -> 
     table = markdown_table(evaluations)
     differences = paired_differences({name: Path(run) for name, run in runs.items()})
     weights = {name: encoder_weights(Path(run)) for name, run in runs.items()}
-    (out / "metrics.json").write_text(json.dumps({"measured": measured, "paper": PAPER, "evaluations": evaluations,
-                                                  "paired_differences": differences, "weights": weights}, indent=2))
+    (out / "metrics.json").write_text(
+        json.dumps(
+            {
+                "measured": measured,
+                "paper": PAPER,
+                "evaluations": evaluations,
+                "paired_differences": differences,
+                "weights": weights,
+            },
+            indent=2,
+        )
+    )
     path = out / "results.md"
-    text = ("# Results on the test split\n\nOn the binarized prediction (threshold 0.5) at the model's "
-            "resolution. Per image: the mean over images (how the ISIC challenges rank); pooled: from counts "
-            "summed over the split.\n\n" + table + "\n\n" + weights_section(weights))
+    text = (
+        "# Results on the test split\n\nOn the binarized prediction (threshold 0.5) at the model's "
+        "resolution. Per image: the mean over images (how the ISIC challenges rank); pooled: from counts "
+        "summed over the split.\n\n" + table + "\n\n" + weights_section(weights)
+    )
     if differences:
         first = next(iter(runs))
-        text += (f"\n## Against {first}, image by image\n\nThe difference of per-image Jaccard on the same test "
-                 "images; an interval that contains 0 means the gap is within what the choice of test images "
-                 "alone would produce.\n\n" + paired_table(first, differences) + "\n")
+        text += (
+            f"\n## Against {first}, image by image\n\nThe difference of per-image Jaccard on the same test "
+            "images; an interval that contains 0 means the gap is within what the choice of test images "
+            "alone would produce.\n\n" + paired_table(first, differences) + "\n"
+        )
     path.write_text(text)
     return {"markdown": table, "path": path, "measured": measured, "paired_differences": differences}

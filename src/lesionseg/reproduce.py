@@ -6,17 +6,19 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lesionseg.checkpoint import load_checkpoint
 from lesionseg.config import PAPER_PRESETS, TrainConfig, build_config
 from lesionseg.evaluation import evaluate_checkpoint
-from lesionseg.training import fit, load_checkpoint
+from lesionseg.rundir import RunDir
+from lesionseg.training import fit
 
 
 def is_finished(run_dir: Path, config: TrainConfig) -> bool:
     """A run already trained to its last epoch with exactly this config need not train again."""
-    last = run_dir / "last.pt"
-    if not (last.is_file() and (run_dir / "best.pt").is_file()):
+    run = RunDir(run_dir)
+    if not (run.last.is_file() and run.best.is_file()):
         return False
-    state = load_checkpoint(last)  # compared as configs, so fields added since then take their defaults
+    state = load_checkpoint(run.last)  # compared as configs, so fields added since then take their defaults
     return TrainConfig.from_dict(state["config"]) == config and state["epoch"] == config.epochs
 
 
@@ -31,7 +33,7 @@ def run_reproduce(out: str | os.PathLike, progress: bool = True, **overrides: An
         run_dir = Path(config.out)
         if not is_finished(run_dir, config):
             fit(config, progress=progress)
-        evaluate_checkpoint(run_dir / "best.pt", split="test", out=run_dir / "eval", progress=progress)
+        evaluate_checkpoint(RunDir(run_dir).best, split="test", out=RunDir(run_dir).eval, progress=progress)
         runs[preset] = run_dir
     return write_report(runs, out)
 
@@ -42,8 +44,9 @@ def run_compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike, progr
 
     runs = {}
     for run_dir in map(Path, run_dirs):
-        if not (run_dir / "eval" / "per_image.csv").is_file():
-            evaluate_checkpoint(run_dir / "best.pt", split="test", out=run_dir / "eval", progress=progress)
+        run = RunDir(run_dir)
+        if not (run.eval / "per_image.csv").is_file():
+            evaluate_checkpoint(run.best, split="test", out=run.eval, progress=progress)
         name = run_dir.name if run_dir.name not in runs else str(run_dir)
         runs[name] = run_dir
     return write_report(runs, out)

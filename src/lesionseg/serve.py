@@ -24,8 +24,9 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 
 from lesionseg.errors import DataError, ImageTooLargeError, NotAnImageError
-from lesionseg.images import decode_image, decode_reduced
-from lesionseg.prediction import Predictor, mask_png, png_bytes, segment
+from lesionseg.images import decode_image
+from lesionseg.pipeline import Pipeline, Predictor, read_for_model
+from lesionseg.prediction import mask_png, png_bytes
 from lesionseg.prediction import overlay as outlined
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
@@ -39,7 +40,9 @@ class MicroBatcher:
     """The Predictor protocol for many request threads: images submitted while the model is busy, or within
     `window_s` of the first, run together as one batch of at most `max_batch`, one model call at a time."""
 
-    def __init__(self, predictor: Predictor, max_batch: int = 16, window_s: float = 0.002, max_waiting: int = 256) -> None:
+    def __init__(
+        self, predictor: Predictor, max_batch: int = 16, window_s: float = 0.002, max_waiting: int = 256
+    ) -> None:
         self.predictor, self.max_batch, self.window_s = predictor, max_batch, window_s
         self.image_size, self.threshold = predictor.image_size, predictor.threshold
         self.name, self.version = predictor.name, predictor.version
@@ -94,15 +97,15 @@ class MicroBatcher:
         self.worker.join(10)
 
 
-def decode_upload(data: bytes, name: str, min_side: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
-    """RGB image from uploaded bytes under the policy every path shares (`images`), reduced where the format
-    allows to at least `min_side` pixels a side, and its full size; or an HTTP 4xx that says what is wrong
-    with the file: 413 too many pixels, 415 not an image, 400 corrupt."""
+def decode_upload(data: bytes, name: str, model_size: int | None = None) -> tuple[Image.Image, tuple[int, int]]:
+    """RGB image from uploaded bytes under the policy every path shares (`images`), reduced as the pipeline
+    reduces it for a model of `model_size` px (None: at full size, for an overlay), and its full size; or an
+    HTTP 4xx that says what is wrong with the file: 413 too many pixels, 415 not an image, 400 corrupt."""
     if not data:
         raise HTTPException(400, f"{name}: empty upload")
     try:
-        if min_side:
-            return decode_reduced(io.BytesIO(data), name, min_side)
+        if model_size:
+            return read_for_model(io.BytesIO(data), name, model_size)[:2]
         image = decode_image(io.BytesIO(data), name)[0]
         return image, image.size
     except ImageTooLargeError as exc:
@@ -117,9 +120,17 @@ def as_base64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def create_app(predictor: Predictor, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_batch: int = 16,
-               batch_window_s: float = 0.002) -> FastAPI:
-    batcher = MicroBatcher(predictor, max_batch, batch_window_s)
+def create_app(
+    pipeline: Pipeline | Predictor,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    max_batch: int = 16,
+    batch_window_s: float = 0.002,
+) -> FastAPI:
+    """The app for a pipeline (its views and refinements), or for a bare predictor with none."""
+    if not isinstance(pipeline, Pipeline):
+        pipeline = Pipeline(pipeline)
+    batcher = MicroBatcher(pipeline.predictor, max_batch, batch_window_s)  # views run inside one batched call
+    batched = Pipeline(batcher, pipeline.refine, views_inside=True)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -134,7 +145,9 @@ def create_app(predictor: Predictor, max_upload_bytes: int = MAX_UPLOAD_BYTES, m
     async def refuse_oversized(request: Request, call_next):
         """Refuse on the declared length, before the multipart body is spooled to disk."""
         if int(request.headers.get("content-length") or 0) > max_upload_bytes + 64 * 1024:
-            return JSONResponse({"detail": f"upload larger than the {max_upload_bytes // 2**20} MiB limit"}, status_code=413)
+            return JSONResponse(
+                {"detail": f"upload larger than the {max_upload_bytes // 2**20} MiB limit"}, status_code=413
+            )
         return await call_next(request)
 
     @app.get("/", response_class=HTMLResponse)
@@ -143,7 +156,7 @@ def create_app(predictor: Predictor, max_upload_bytes: int = MAX_UPLOAD_BYTES, m
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "image_size": predictor.image_size, "model": predictor.name, "version": predictor.version}
+        return {"status": "ok", "image_size": pipeline.image_size, "model": pipeline.name, "version": pipeline.version}
 
     @app.post("/predict")
     def predict(file: UploadFile, overlay: bool = False) -> dict:
@@ -155,22 +168,31 @@ def create_app(predictor: Predictor, max_upload_bytes: int = MAX_UPLOAD_BYTES, m
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"{name}: larger than the {max_upload_bytes // 2**20} MiB upload limit")
         start = time.perf_counter()
-        image, size = decode_upload(data, name, None if overlay else predictor.image_size)
+        image, size = decode_upload(data, name, pipeline.image_size)
         try:
-            result = segment(batcher, [image], [name], [size])[0]
+            result = batched.segment([image], [name], [size])[0]
         except ServerBusy as exc:
             raise HTTPException(503, f"{name}: server busy ({exc}); retry later") from None
-        reply = {**result.stats, "model": predictor.name, "version": predictor.version,
-                 "mask_png": as_base64(mask_png(result.mask))}
+        reply = {
+            **result.stats,
+            "model": pipeline.name,
+            "version": pipeline.version,
+            "mask_png": as_base64(mask_png(result.mask)),
+        }
         if overlay:
-            reply["overlay_png"] = as_base64(png_bytes(outlined(image, result.mask)))
+            reply["overlay_png"] = as_base64(png_bytes(outlined(decode_upload(data, name)[0], result.mask)))
         return {**reply, "seconds": time.perf_counter() - start}
 
     return app
 
 
-def run_serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16,
-              batch_window_ms: float = 2.0) -> None:
+def run_serve(
+    predictor: Pipeline | Predictor,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 16,
+    batch_window_ms: float = 2.0,
+) -> None:
     import uvicorn
 
     uvicorn.run(create_app(predictor, max_batch=max_batch, batch_window_s=batch_window_ms / 1000), host=host, port=port)

@@ -7,16 +7,11 @@ a run split over N processes, see exactly the batches an uninterrupted single pr
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
-import pickle
-import platform
 import random
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,136 +20,24 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from lesionseg.config import ConfigError, TrainConfig, read_config, save_config
-from lesionseg.data import (
-    CachedSplit, EvalPreset, SegmentationDataset, TrainPreset, join_splits, load_split, train_val_indices, write_split,
-)
+from lesionseg.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from lesionseg.config import TrainConfig, read_config, save_config
 from lesionseg.distributed import Process, barrier, init_process, mean_across, resolve_device
-from lesionseg.errors import CheckpointError, LesionsegError
+from lesionseg.errors import CheckpointError, Interrupted, LesionsegError
 from lesionseg.losses import WeightedSum
 from lesionseg.metrics import MetricAccumulator
-from lesionseg.download import sha256_of
-from lesionseg.models import FROM_SCRATCH, build_model, resolve_weights
-
-LOG_FIELDS = ("epoch", "train_loss", "val_loss", "val_iou", "val_dice", "lr", "seconds", "train_images_per_s")
-
-
-class Interrupted(LesionsegError):
-    """Training stopped by Ctrl-C after the last checkpoint was saved."""
+from lesionseg.models import build_model
+from lesionseg.rundir import RunDir
+from lesionseg.runsetup import load_init, make_loaders, run_info, warn_if_init_trained_on_validation
+from lesionseg.weights import FROM_SCRATCH, resolve_weights
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """Every RNG's state as tensors and plain types, so the checkpoint loads with weights_only=True."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
-
-
-def set_rng_state(saved: dict[str, Any]) -> None:
-    kind, keys, pos, has_gauss, gauss = saved["numpy"]
-    keys = keys.numpy() if isinstance(keys, torch.Tensor) else keys  # an ndarray in checkpoints before 0.2
-    np.random.set_state((kind, keys.astype(np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(saved["torch"])
-    random.setstate(saved["python"])
-
-
-def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write to a temp file in the same folder, then rename: a crash or full disk never leaves a half file."""
-    tmp = None
-    try:
-        with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-            tmp = Path(handle.name)
-            torch.save(state, handle)
-        os.replace(tmp, path)
-    except OSError as exc:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
-        raise CheckpointError(f"{path}: checkpoint not written ({exc.strerror or exc}); the previous one is intact") from None
-
-
-def legacy_safe_globals() -> list:
-    """What checkpoints of lesionseg <= 0.1 hold beyond tensors: numpy's RNG state, a plain uint32 array.
-    Rebuilding an array from its bytes runs no code, so these exact types may be unpickled."""
-    from numpy._core.multiarray import _reconstruct  # numpy >= 2, which wrote those checkpoints
-
-    return [_reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint read with `weights_only=True`: tensors and plain data only, so a file can never run code."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "best.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        with torch.serialization.safe_globals(legacy_safe_globals()):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise CheckpointError(f"{path}: refused: it holds Python objects other than tensors and plain data "
-                              f"({', '.join(unsafe_globals(path)) or 'unknown types'}), which could run code when "
-                              "loaded; load it only if you trust it, and save its state_dicts again") from None
-    except Exception as exc:  # a truncated or foreign file fails in many ways inside torch
-        raise CheckpointError(f"{path}: not a readable lesionseg checkpoint ({exc.__class__.__name__})") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise CheckpointError(f"{path}: not a lesionseg checkpoint (no model/config inside)")
-    return state
-
-
-def unsafe_globals(path: Path) -> list[str]:
-    """The types a pickle would import, read without running it (for the error message)."""
-    try:
-        return torch.serialization.get_unsafe_globals_in_checkpoint(path)[:3]
-    except Exception:  # the message still names the file without them
-        return []
-
-
-def model_from_checkpoint(state: dict[str, Any]) -> tuple[nn.Module, TrainConfig]:
-    """Rebuild the model from the config stored in the checkpoint: no architecture flags needed."""
-    config = TrainConfig.from_dict(state["config"])
-    model = build_model(config.arch, "none", config.freeze_encoder, config.dropout, config.decoder_attention)
-    model.load_state_dict(state["model"])
-    return model.eval(), config
-
-
-def load_init(config: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The trained model a run starts from (`--init`): its weights, and what run.json records of them (the file,
-    its sha256 and the weights it started from in turn). Refused in one line if its architecture differs."""
-    path = Path(config.init)
-    path = path / "best.pt" if path.is_dir() else path
-    state = load_checkpoint(path)
-    source = TrainConfig.from_dict(state["config"])
-    differ = [f"{key} {getattr(source, key)!r}" for key in ("arch", "decoder_attention")
-              if getattr(source, key) != getattr(config, key)]
-    if differ:
-        raise ConfigError(f"{path}: cannot start from this model: its {', '.join(differ)} differ from this run's "
-                          f"(arch {config.arch!r}, decoder_attention {config.decoder_attention!r})")
-    about = {"checkpoint": str(path.resolve()), "sha256": sha256_of(path),
-             "weights": state.get("info", {}).get("weights")}
-    return state["model"], about
-
-
-def warn_if_init_trained_on_validation(init: Path, run_dir: Path) -> None:
-    """Validation images the --init model trained on make this run's validation scores optimistic: say so."""
-    source_split = init.parent / "split.json"
-    if not source_split.is_file():
-        return  # a bare checkpoint: nothing says what it trained on
-    source = json.loads(source_split.read_text())
-    seen = set(source["train"]) | set(source.get("extra_train", []))
-    overlap = seen & set(json.loads((run_dir / "split.json").read_text())["val"])
-    if overlap:
-        print(f"lesionseg: WARNING: {len(overlap)} of this run's validation images trained the --init model "
-              f"({source_split}); validation scores will be optimistic. Hold out the same images (--split-seed "
-              f"{source['seed']}) to choose by them", file=sys.stderr)
 
 
 def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -186,8 +69,11 @@ def warn_if_slow_bf16(device: torch.device, amp: bool) -> None:
     """bfloat16 convolutions are fast only where oneDNN has native bf16 (AVX512-BF16, AMX); elsewhere PyTorch
     falls back to a generic im2col path about 10x slower than float32 (benchmarks/README.md, "bf16")."""
     if amp and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        print("lesionseg: WARNING: --amp on this CPU (no AVX512-BF16 or AMX) runs bfloat16 convolutions on a slow "
-              "path, about 10x slower than float32; train without --amp here", file=sys.stderr)
+        print(
+            "lesionseg: WARNING: --amp on this CPU (no AVX512-BF16 or AMX) runs bfloat16 convolutions on a slow "
+            "path, about 10x slower than float32; train without --amp here",
+            file=sys.stderr,
+        )
 
 
 def autocast(device: torch.device, enabled: bool):
@@ -195,8 +81,9 @@ def autocast(device: torch.device, enabled: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16, enabled=enabled)
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device, bar, amp: bool = False,
-                    channels_last: bool = False) -> tuple[float, int]:
+def train_one_epoch(
+    model, loader, loss_fn, optimizer, scheduler, scaler, device, bar, amp: bool = False, channels_last: bool = False
+) -> tuple[float, int]:
     """Mean training loss over this process's batches and the number of images it saw."""
     model.train()
     total, count = 0.0, 0
@@ -234,52 +121,6 @@ def validate(model, loader, loss_fn, threshold: float, device) -> dict[str, floa
     return {"val_loss": total / count, "val_iou": scores["iou_per_image"], "val_dice": scores["dice_per_image"]}
 
 
-def make_loaders(config: TrainConfig, run_dir: Path, process: Process) -> tuple[DataLoader, DataLoader, CachedSplit]:
-    """Seeded train/validation split of the checked training data (split.json), extra folders added to training
-    only, as loaders; and all the data, for run.json."""
-    load = {"size": config.image_size, "cache_dir": config.cache_dir, "strict": config.strict, "quiet": not process.is_main}
-    data = load_split(config.data, "train", **load)
-    split_seed = config.seed if config.split_seed is None else config.split_seed
-    train_idx, val_idx = train_val_indices(len(data), config.val_fraction, split_seed)
-    extras = [load_split(folder, "train", **load, soft=config.soft_masks) for folder in config.extra_data]  # training only
-    everything = join_splits(data, extras, config.extra_data)  # refuses an extra image that is already in data
-    if process.is_main:
-        write_split(run_dir / "split.json", data.ids, train_idx, val_idx, split_seed, everything.ids[len(data):])
-    # --soft-masks: the same pairs with their masks as coverage, for training targets; validation keeps `data`
-    targets = load_split(config.data, "train", **load | {"soft": True, "quiet": True}) if config.soft_masks else data
-    train_data = join_splits(targets.subset(train_idx), extras, config.extra_data)
-    train_set = SegmentationDataset(train_data, TrainPreset(config.hflip, config.rotation), seed=config.seed)
-    val_set = SegmentationDataset(data.subset(val_idx), EvalPreset())
-    if config.batch_size % process.world:
-        raise LesionsegError(f"batch size {config.batch_size} does not split evenly over {process.world} processes")
-    # a last batch of one image breaks BatchNorm at the 1x1 bottleneck; validation keeps every image
-    drop_last = len(train_set) > config.batch_size
-    sampler = DistributedSampler(train_set, process.world, process.rank, shuffle=True, seed=config.seed, drop_last=False)
-    train = DataLoader(train_set, config.batch_size // process.world, sampler=sampler, drop_last=drop_last,
-                       num_workers=config.num_workers)
-    val = DataLoader(val_set, config.batch_size, shuffle=False, num_workers=config.num_workers)
-    return train, val, everything
-
-
-def run_info(config: TrainConfig, data: CachedSplit, process: Process) -> dict[str, Any]:
-    """What is needed to tell two runs apart: versions, data fingerprint and checks, code commit, processes."""
-    import segmentation_models_pytorch
-    import torchvision
-
-    import lesionseg
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(lesionseg.__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
-    except OSError:
-        commit = None
-    return {"lesionseg": lesionseg.__version__, "git_commit": commit, "python": platform.python_version(),
-            "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-            "segmentation_models_pytorch": segmentation_models_pytorch.__version__,
-            "platform": platform.platform(), "processes": process.world, "data_fingerprint": data.fingerprint,
-            "data_skipped": data.skipped, "data_notes": data.notes, "config": config.to_dict()}
-
-
 def is_better(value: float, best: float | None, monitor: str) -> bool:
     return best is None or (value > best if monitor == "val_iou" else value < best)
 
@@ -289,6 +130,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, run_dir: Path, process: Process) -> None:
         self.config, self.run_dir, self.process = config, run_dir, process
+        self.run = RunDir(run_dir)
         self.device = resolve_device(config.device, process)
         seed_everything(config.seed + process.rank)
         self.train_loader, self.val_loader, data = make_loaders(config, run_dir, process)
@@ -301,15 +143,18 @@ class Trainer:
         else:
             weights = resolve_weights(config.weights)
         self.info["weights"] = self.info["init"]["weights"] if start is not None else weights.describe()
-        model = build_model(config.arch, weights, self.encoder_frozen(1), config.dropout, config.decoder_attention,
-                            config.freeze_bn)
+        model = build_model(
+            config.arch, weights, self.encoder_frozen(1), config.dropout, config.decoder_attention, config.freeze_bn
+        )
         if start is not None:
             model.load_state_dict(start)
         if config.sync_bn and process.world > 1:
             if self.device.type == "cpu":
                 raise LesionsegError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.model = model.to(self.device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format)
+        self.model = model.to(
+            self.device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format
+        )
         self.net = self.wrap()
         self.loss_fn = WeightedSum(config.loss)
         self.optimizer = build_optimizer(config, self.model)
@@ -335,15 +180,22 @@ class Trainer:
             self.model.set_encoder_frozen(False)
             self.net = self.wrap()
 
-    def checkpoint(self, name: str) -> None:
+    def checkpoint(self, path: Path) -> None:
         if not self.process.is_main:
             return
-        save_checkpoint({
-            **self.state, "config": self.config.to_dict(), "info": self.info,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "rng": rng_state(),
-        }, self.run_dir / name)
+        save_checkpoint(
+            {
+                **self.state,
+                "config": self.config.to_dict(),
+                "info": self.info,
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rng_state(),
+            },
+            path,
+        )
 
     def restore(self, saved: dict[str, Any]) -> None:
         """Continue exactly where an epoch-boundary checkpoint left off."""
@@ -357,10 +209,7 @@ class Trainer:
     def write_log(self) -> None:
         """log.csv from the history itself, so a resumed run never repeats or skips a row."""
         if self.process.is_main:
-            with open(self.run_dir / "log.csv", "w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(LOG_FIELDS)
-                writer.writerows([row[f] for f in LOG_FIELDS] for row in self.state["history"])
+            self.run.write_log(self.state["history"])
 
     def fit(self, progress: bool) -> None:
         config, state = self.config, self.state
@@ -375,28 +224,44 @@ class Trainer:
                 self.train_loader.sampler.set_epoch(epoch)
                 self.train_loader.dataset.epoch = epoch
                 start = time.perf_counter()
-                loss, seen = train_one_epoch(self.net, self.train_loader, self.loss_fn, self.optimizer, self.scheduler,
-                                             self.scaler, self.device, bar, config.amp, config.channels_last)
+                loss, seen = train_one_epoch(
+                    self.net,
+                    self.train_loader,
+                    self.loss_fn,
+                    self.optimizer,
+                    self.scheduler,
+                    self.scaler,
+                    self.device,
+                    bar,
+                    config.amp,
+                    config.channels_last,
+                )
                 seconds = time.perf_counter() - start
-                row = {"epoch": epoch, "train_loss": mean_across(loss, seen, self.process, self.device),
-                       **validate(self.model, self.val_loader, self.loss_fn, config.threshold, self.device),
-                       "lr": self.optimizer.param_groups[0]["lr"], "seconds": seconds,
-                       "train_images_per_s": seen * self.process.world / seconds}
+                row = {
+                    "epoch": epoch,
+                    "train_loss": mean_across(loss, seen, self.process, self.device),
+                    **validate(self.model, self.val_loader, self.loss_fn, config.threshold, self.device),
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "seconds": seconds,
+                    "train_images_per_s": seen * self.process.world / seconds,
+                }
                 state["history"].append(row)
                 state["epoch"] = epoch
-                bar.set_description(f"{config.name} epoch {epoch}/{config.epochs} {config.monitor} {row[config.monitor]:.4f}")
+                bar.set_description(
+                    f"{config.name} epoch {epoch}/{config.epochs} {config.monitor} {row[config.monitor]:.4f}"
+                )
                 if is_better(row[config.monitor], state["best_metric"], config.monitor):  # never by the test split
                     state["best_metric"], state["best_epoch"] = row[config.monitor], epoch
-                    self.checkpoint("best.pt")
-                self.checkpoint("last.pt")
+                    self.checkpoint(self.run.best)
+                self.checkpoint(self.run.last)
                 self.write_log()
                 barrier(self.process)
         except KeyboardInterrupt:
             # last.pt already holds the last finished epoch (exactly resumable); before the first, save what there is
-            if not (self.run_dir / "last.pt").is_file():
+            if not self.run.last.is_file():
                 state["partial"] = True
-                self.checkpoint("last.pt")
-            raise Interrupted(f"interrupted after epoch {state['epoch']}; last checkpoint: {self.run_dir / 'last.pt'}") from None
+                self.checkpoint(self.run.last)
+            raise Interrupted(f"interrupted after epoch {state['epoch']}; last checkpoint: {self.run.last}") from None
         finally:
             bar.close()
 
@@ -412,30 +277,27 @@ def fit(config: TrainConfig, progress: bool = True, resume: bool = False) -> Pat
     if process.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, run_dir / "config.yaml")
+            save_config(config, RunDir(run_dir).config)
         except OSError as exc:
             raise CheckpointError(f"{run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
     barrier(process)
-    last = run_dir / "last.pt"
+    last = RunDir(run_dir).last
     saved = load_checkpoint(last) if resume and last.is_file() else None  # refused before any work if unsafe
     trainer = Trainer(config, run_dir, process)
-    if saved is not None and not saved.get("partial"):  # a checkpoint from inside the first epoch cannot be continued exactly
+    if saved is not None and not saved.get(
+        "partial"
+    ):  # a checkpoint from inside the first epoch cannot be continued exactly
         trainer.restore(saved)
     if process.is_main:
-        (run_dir / "run.json").write_text(json.dumps(trainer.info, indent=1))
+        RunDir(run_dir).info.write_text(json.dumps(trainer.info, indent=1))
     trainer.fit(progress)
     return run_dir
 
 
 def resume_config(run_dir: str | os.PathLike) -> TrainConfig:
-    path = Path(run_dir) / "config.yaml"
+    path = RunDir(Path(run_dir)).config
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; --resume takes a run folder written by `lesionseg train`")
     config = read_config(path)
     config.out = str(run_dir)  # the folder as it is now, even if it was moved since
     return config
-
-
-def read_log(run_dir: Path) -> list[dict[str, float]]:
-    with open(run_dir / "log.csv", newline="") as handle:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]

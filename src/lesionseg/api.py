@@ -1,0 +1,86 @@
+"""The Python API: `lesionseg.load(...).segment(...)`. No PyTorch needed for the released or an ONNX model."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image
+
+from lesionseg.errors import DataError, ImageTooLargeError
+from lesionseg.images import MAX_PIXELS
+from lesionseg.pipeline import Pipeline, Refinements, Segmentation, read_for_model
+from lesionseg.predictors import load_any
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+def check_pixels(width: int, height: int, name: str) -> None:
+    """The file policy's pixel limit, for images that arrive as arrays or PIL images too."""
+    if width < 1 or height < 1:
+        raise DataError(f"{name}: an image of {width}x{height} pixels has nothing to segment")
+    if width * height > MAX_PIXELS:
+        raise ImageTooLargeError(
+            f"{name}: {width}x{height} = {width * height:,} pixels, over the {MAX_PIXELS:,}-pixel limit"
+        )
+
+
+def as_image(item: ImageInput, index: int, size: int) -> tuple[Image.Image, tuple[int, int], str]:
+    """An RGB PIL image (reduced where the format allows), its full (width, height) and a name, from a path (read
+    under the shared image policy), a PIL image or an HxWx3 uint8 array."""
+    if isinstance(item, (str, os.PathLike)):
+        image, full, _ = read_for_model(Path(item), str(item), size)
+        return image, full, str(item)
+    if isinstance(item, Image.Image):
+        name = getattr(item, "filename", "") or f"image {index}"
+        check_pixels(*item.size, name)
+        return item.convert("RGB"), item.size, name
+    if isinstance(item, np.ndarray):
+        if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
+            raise DataError(f"image {index}: an array must be HxWx3 uint8 RGB, got shape {item.shape} {item.dtype}")
+        check_pixels(item.shape[1], item.shape[0], f"image {index}")
+        return Image.fromarray(item), (item.shape[1], item.shape[0]), f"image {index}"
+    raise DataError(f"image {index}: expected a path, a PIL image or an HxWx3 uint8 array, got {type(item).__name__}")
+
+
+class Segmenter:
+    """A model loaded once, segmenting any number of images. Get one with `lesionseg.load()`."""
+
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    @property
+    def name(self) -> str:
+        return self.pipeline.name
+
+    @property
+    def version(self) -> str:
+        return self.pipeline.version
+
+    def segment(self, images: ImageInput | list[ImageInput], batch_size: int = 16) -> Segmentation | list[Segmentation]:
+        """One result for one input, a list for a list. Each has `.mask` (H,W bool, the image's own size),
+        `.probability` (H,W float32) and `.stats` (area, bounding box, mean probability)."""
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        results = []
+        for start in range(0, len(items), batch_size):
+            opened = [
+                as_image(item, start + n, self.pipeline.image_size)
+                for n, item in enumerate(items[start : start + batch_size])
+            ]
+            results += self.pipeline.segment(
+                [im for im, _, _ in opened], [name for _, _, name in opened], [size for _, size, _ in opened]
+            )
+        return results[0] if single else results
+
+
+def load(
+    model: str | os.PathLike | None = None, tta: bool = False, largest_component: bool = False, fill_holes: bool = False
+) -> Segmenter:
+    """The released model (no argument), an exported `.onnx` file, or a checkpoint / run folder. `tta`: each
+    answer is the mean over flips (3 model calls per image); `largest_component`, `fill_holes`: the refinements
+    `evaluate` scores."""
+    refine = Refinements(tta=tta, largest_component=largest_component, fill_holes=fill_holes)
+    return Segmenter(Pipeline(load_any(model), refine))

@@ -1,0 +1,199 @@
+"""One path from image to mask, shared by evaluate, the report, predict, serve and the Python API:
+
+    read (reduced as it is decoded) -> model input (one resize) -> predictor, averaged over test-time views
+    -> back to the image's own size (one resize) -> refinements (largest component, hole filling) -> mask
+
+A predictor maps uint8 images (B,3,S,S) at the model's size to lesion probabilities (B,1,S,S) as NumPy arrays
+(`lesionseg.predictors`). No PyTorch here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from lesionseg.images import decode
+
+
+class Predictor(Protocol):
+    image_size: int
+    threshold: float
+    name: str  # what the page and the API show: which model answered
+    version: str
+
+    def __call__(self, images: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class Refinements:
+    tta: bool = False  # average over identity, horizontal and vertical flips
+    rotations: bool = False  # also the 90/180/270 degree turns (a dermoscope has no "up"); with tta, all 8 symmetries
+    largest_component: bool = False  # a dermoscopy image shows one lesion
+    fill_holes: bool = False  # a lesion has no holes
+
+    @property
+    def views(self) -> list[tuple[int, bool]]:
+        return inference_views(self.tta, self.rotations)
+
+    @property
+    def name(self) -> str:
+        on = [k for k, v in asdict(self).items() if v]
+        return "+".join(on) if on else "plain"
+
+
+def inference_views(flips: bool = False, rotations: bool = False) -> list[tuple[int, bool]]:
+    """The test-time views as (quarter turns, mirrored first). Flips alone are the original three views
+    (identity, mirror, and vertical flip = half turn of the mirror); rotations give the four quarter turns
+    (a dermoscope has no "up"), and with flips also their mirrors: all eight symmetries of the square."""
+    if rotations:
+        return [(turns, mirrored) for mirrored in ((False, True) if flips else (False,)) for turns in range(4)]
+    return [(0, False), (0, True), (2, True)] if flips else [(0, False)]
+
+
+def average_over_views(
+    run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, views: list[tuple[int, bool]]
+) -> np.ndarray:
+    """uint8 (B,3,S,S) -> the mean of `run`'s (B,1,S,S) probabilities over the views, each turned back."""
+    total = None
+    for turns, mirrored in views:
+        view = np.rot90(images[..., ::-1] if mirrored else images, turns, axes=(-2, -1))
+        probability = np.rot90(run(np.ascontiguousarray(view)), -turns, axes=(-2, -1))
+        probability = probability[..., ::-1] if mirrored else probability
+        total = probability.astype(np.float32) if total is None else total + probability
+    return np.ascontiguousarray(total / len(views))
+
+
+class ViewAveraged:
+    """A predictor whose answer is the mean over test-time views: flip TTA costs 3 model calls per image, all
+    eight symmetries 8. It is a predictor itself, so a batching server can wrap it as any other."""
+
+    def __init__(self, predictor: Predictor, views: list[tuple[int, bool]]) -> None:
+        self.predictor, self.views = predictor, views
+        self.image_size, self.threshold = predictor.image_size, predictor.threshold
+        self.name, self.version = predictor.name, predictor.version
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return average_over_views(self.predictor, images, self.views)
+
+
+def with_views(predictor: Predictor, refine: Refinements) -> Predictor:
+    """The predictor itself when no view is asked for, else averaged over the views."""
+    views = refine.views
+    return predictor if len(views) == 1 else ViewAveraged(predictor, views)
+
+
+def read_for_model(source: Path | BinaryIO, name: str, size: int) -> tuple[Image.Image, tuple[int, int], list[str]]:
+    """An RGB image decoded only as large as a model of `size` px needs (JPEG DCT scaling keeps both sides at
+    least 2 x size, so the one resize below still antialiases), its (width, height) at full size, and what was
+    converted. Memory is bounded by the reduced size, not the file's. Training's cache reads through here too."""
+    image, notes, full_size = decode(source, name, 2 * size)
+    return image, full_size, notes
+
+
+def model_input(image: Image.Image, size: int) -> np.ndarray:
+    """uint8 (3,S,S): the one resize to the model's size (Pillow's bilinear, antialiased when shrinking),
+    used for training's cache and for every prediction alike."""
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image).transpose(2, 0, 1)
+
+
+def to_own_size(probability: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(S,S) probabilities -> (height,width) float32, bilinear on pixel centres: the one resize back."""
+    if probability.shape == (height, width):
+        return probability.astype(np.float32, copy=False)
+    return np.asarray(
+        Image.fromarray(probability.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
+    )
+
+
+def refined_mask(probability: np.ndarray, threshold: float, refine: Refinements) -> np.ndarray:
+    """(H,W) probabilities -> boolean mask, post-processed as asked."""
+    mask = probability >= threshold
+    if refine.largest_component and mask.any():
+        labels, count = ndimage.label(mask)
+        if count > 1:
+            sizes = ndimage.sum_labels(mask, labels, index=range(1, count + 1))
+            mask = labels == 1 + int(np.argmax(sizes))
+    if refine.fill_holes:
+        mask = ndimage.binary_fill_holes(mask)
+    return mask
+
+
+@dataclass
+class Segmentation:
+    """One image's result at its own resolution: boolean mask and probabilities, both (H,W)."""
+
+    mask: np.ndarray
+    probability: np.ndarray
+    name: str = ""
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """The numbers `predict` writes for the image."""
+        return describe(self.name, self)
+
+
+class Pipeline:
+    """A predictor with its test-time views and refinements: images in, masks at their own size out."""
+
+    def __init__(self, predictor: Predictor, refine: Refinements = Refinements(), views_inside: bool = False) -> None:
+        """`views_inside`: `predictor` already averages over `refine`'s views (a server batches them together)."""
+        self.refine = refine
+        self.predictor = predictor if views_inside else with_views(predictor, refine)
+        self.image_size, self.threshold = predictor.image_size, predictor.threshold
+        self.name, self.version = predictor.name, predictor.version
+
+    def probabilities(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """uint8 (N,3,S,S) -> view-averaged probabilities (N,1,S,S) float32, `batch_size` images per call."""
+        chunks = [self.predictor(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        return np.concatenate(chunks).astype(np.float32, copy=False)
+
+    def mask(self, probability: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """(S,S) probabilities -> (mask, probabilities) at `size` = (width, height), refined."""
+        full = to_own_size(probability, *size)
+        return refined_mask(full, self.threshold, self.refine), full
+
+    def segment(
+        self, images: list[Image.Image], names: list[str] | None = None, sizes: list[tuple[int, int]] | None = None
+    ) -> list[Segmentation]:
+        """Each image to the model's size, one batch through the model, each result back to its own size: its
+        (width, height) in `sizes` when it was decoded reduced (`read_for_model`)."""
+        batch = np.stack([model_input(image, self.image_size) for image in images])
+        results = []
+        for n, (image, p) in enumerate(zip(images, self.probabilities(batch, len(images)))):
+            mask, full = self.mask(p[0], sizes[n] if sizes else image.size)
+            results.append(Segmentation(mask, full, names[n] if names else ""))
+        return results
+
+
+def describe(name: str, result: Segmentation) -> dict[str, Any]:
+    """The numbers a user asks of one image: lesion area, bounding box, mean lesion probability."""
+    mask = result.mask
+    height, width = mask.shape
+    area = int(mask.sum())
+    row: dict[str, Any] = {
+        "file": name,
+        "width": width,
+        "height": height,
+        "lesion_pixels": area,
+        "lesion_fraction": area / (width * height),
+    }
+    if area:  # the box from the rows and columns that hold lesion: no coordinate list of every pixel
+        rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        row.update(
+            bbox_x0=int(columns[0]),
+            bbox_y0=int(rows[0]),
+            bbox_x1=int(columns[-1]),
+            bbox_y1=int(rows[-1]),
+            mean_probability=float(result.probability.sum(where=mask, dtype=np.float64) / area),
+        )
+    else:
+        row.update(bbox_x0=None, bbox_y0=None, bbox_x1=None, bbox_y1=None, mean_probability=None)
+    return row

@@ -1,0 +1,124 @@
+"""The layout the code promises: inference beside training (never on it, and without PyTorch), each training
+option declared once and reachable from the command line, one decoder registry."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lesionseg.cli import build_parser
+from lesionseg.config import DECODERS, TrainConfig, config_overrides
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lesionseg"
+INFERENCE = ("pipeline", "predictors", "api", "prediction", "serve", "images", "files", "rundir", "config", "cli")
+TRAINING = ("training", "data", "losses", "models", "weights", "checkpoint", "distributed", "report", "reproduce")
+
+
+def imports_of(module: str) -> set[str]:
+    """The lesionseg modules a module imports, anywhere in it (lazy imports inside functions included)."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lesionseg."):
+            names.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("lesionseg."))
+    return names
+
+
+@pytest.mark.parametrize("module", ["pipeline", "api", "prediction", "serve", "export", "evaluation", "predictors"])
+def test_no_inference_module_imports_training(module):
+    assert "training" not in imports_of(module)
+
+
+def test_the_model_module_does_no_io():
+    source = (PACKAGE / "models.py").read_text()
+    assert not {"download", "weights", "checkpoint", "files"} & imports_of("models")
+    assert "torch.load" not in source and "open(" not in source
+
+
+def test_segmenting_imports_no_pytorch():
+    """What predict, serve and the API load at module level, with `import torch` made to fail."""
+    modules = ", ".join(f"lesionseg.{m}" for m in INFERENCE)
+    code = f"import sys; sys.modules['torch'] = None; import {modules}; print(sorted(sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "torchvision" not in done.stdout and "matplotlib" not in done.stdout
+
+
+def test_every_config_field_can_be_set_from_the_command_line(tmp_path):
+    """A field without a flag would be an option declared but not offered: each one is set to a non-default value."""
+    values = {
+        "name": "x",
+        "arch": "unet",
+        "freeze_encoder": True,
+        "loss": "dice",
+        "data": "d",
+        "extra_data": "e",
+        "out": "o",
+        "image_size": 64,
+        "epochs": 3,
+        "batch_size": 4,
+        "lr": 0.5,
+        "weight_decay": 0.1,
+        "optimizer": "adamw",
+        "schedule": "cosine",
+        "warmup_epochs": 1.5,
+        "monitor": "val_iou",
+        "patience": 2,
+        "device": "cpu",
+        "amp": True,
+        "channels_last": True,
+        "sync_bn": True,
+        "dropout": 0.3,
+        "decoder_attention": "scse",
+        "val_fraction": 0.2,
+        "seed": 5,
+        "split_seed": 6,
+        "weights": "w.pth",
+        "init": "i.pt",
+        "freeze_bn": True,
+        "encoder_lr_scale": 0.1,
+        "unfreeze_after": 1,
+        "soft_masks": True,
+        "hflip": False,
+        "rotation": 10.0,
+        "threshold": 0.4,
+        "strict": True,
+        "num_workers": 1,
+        "cache_dir": "c",
+    }
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(values) == fields, "a new field: add it here with a value other than its default"
+    argv = ["train"]
+    for name, value in values.items():
+        flag = "--" + name.replace("_", "-")
+        argv += [flag] if value is True else [f"--no-{flag[2:]}"] if value is False else [flag, str(value)]
+    overrides = config_overrides(build_parser().parse_args(argv))
+    config = TrainConfig.from_dict({k: v for k, v in overrides.items() if v is not None})
+    for name, value in values.items():
+        expected = {"dice": 1.0} if name == "loss" else ["e"] if name == "extra_data" else value
+        assert getattr(config, name) == expected != getattr(TrainConfig(), name), name
+
+
+def test_train_flags_are_the_config_fields_and_shortcuts():
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    dests = {a.dest for a in train._actions} - {"help", "preset", "resume", "no_progress"}
+    assert dests == {f.name for f in dataclasses.fields(TrainConfig)}
+    assert train.parse_args(["--no-pretrained"]).weights == "none"
+
+
+def test_the_decoder_registry_is_what_build_model_and_the_flags_offer():
+    from lesionseg.models import build_model
+
+    for arch in DECODERS:
+        assert build_model(arch).decoder is not None
+    arch_action = next(
+        a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions if a.dest == "arch"
+    )
+    assert tuple(arch_action.choices) == tuple(DECODERS)
