@@ -72,9 +72,7 @@ def jaccard(mask: np.ndarray, truth: np.ndarray) -> float:
 
 
 def best_validation(run: Path) -> dict[str, float]:
-    """How long the run trained and where its best validation IoU was, from its log.csv."""
-    epoch, value = RunDir(Path(run)).best_validation("val_iou")
-    return {"epochs_run": len(RunDir(Path(run)).read_log()), "best_epoch": epoch, "val_iou": value}
+    return RunDir(Path(run)).best_validation("val_iou")
 
 
 def epoch_seconds(run: Path) -> float:

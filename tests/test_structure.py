@@ -122,3 +122,39 @@ def test_the_decoder_registry_is_what_build_model_and_the_flags_offer():
         a for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions if a.dest == "arch"
     )
     assert tuple(arch_action.choices) == tuple(DECODERS)
+
+
+def test_a_run_folder_names_its_files_and_reads_its_log(tmp_path):
+    from lesionseg.rundir import RunDir, checkpoint_path
+
+    run = RunDir(tmp_path)
+    history = [
+        {
+            "epoch": e,
+            "train_loss": 1.0,
+            "val_loss": loss,
+            "val_iou": iou,
+            "val_dice": 0.0,
+            "lr": 0.1,
+            "seconds": 2.0,
+            "train_images_per_s": 5.0,
+        }
+        for e, loss, iou in ((1, 0.5, 0.6), (2, 0.4, 0.8), (3, 0.3, 0.7))
+    ]
+    run.write_log(history)
+    assert run.best_validation("val_iou") == {"epochs_run": 3, "best_epoch": 2, "val_iou": 0.8}
+    assert run.best_validation("val_loss")["best_epoch"] == 3 and run.epoch_seconds() == 6.0
+    assert checkpoint_path(tmp_path) == run.best == tmp_path / "best.pt"
+    assert RunDir.of(tmp_path / "last.pt") == run and checkpoint_path(run.last) == run.last
+
+
+def test_a_config_with_yaml_aliases_is_one_error_not_gigabytes(tmp_path):
+    from lesionseg.config import ConfigError, read_config
+
+    bomb = tmp_path / "config.yaml"
+    bomb.write_text('a: &a ["x", "x"]\nb: &b [*a, *a]\nc: [*b, *b]\n')
+    with pytest.raises(ConfigError, match="aliases are not allowed"):
+        read_config(bomb)
+    bomb.write_text("epochs: many\n")
+    with pytest.raises(ConfigError, match="epochs must be int"):
+        read_config(bomb)

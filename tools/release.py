@@ -53,11 +53,6 @@ def train(out: Path, shared: Path, weights: str) -> Path:
     return run
 
 
-def best_validation(run: Path) -> dict[str, float]:
-    epoch, value = RunDir(run).best_validation("val_iou")
-    return {"epochs_run": len(RunDir(run).read_log()), "best_epoch": epoch, "val_iou": value}
-
-
 def interval(values: list[float]) -> tuple[float, float]:
     result = bootstrap(
         (np.asarray(values),),
@@ -155,7 +150,7 @@ def ship(args: argparse.Namespace, run: Path, start: float) -> None:
         "licence": "CC BY-NC 4.0 (ISIC 2018 Task 1 data): non-commercial, attribution",
         "data_fingerprint": info["data_fingerprint"],
         "encoder_weights": info.get("weights"),
-        **best_validation(run),
+        **RunDir(run).best_validation("val_iou"),
         "train_seconds": RunDir(run).epoch_seconds(),
         "device": device_name(),
         "scores": scores,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import shutil
@@ -16,6 +15,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from lesionseg.errors import LesionsegError
+from lesionseg.files import sha256_of
 from lesionseg.images import IMAGE_SUFFIXES
 
 CHUNK = 1 << 16
@@ -55,11 +55,6 @@ DATASETS: dict[str, tuple[Archive, ...]] = {
 
 class DownloadError(LesionsegError):
     """A download that failed or did not verify; the message names the file."""
-
-
-def sha256_of(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def fetch(url: str, part: Path, progress: bool, timeout: float = 60) -> None:

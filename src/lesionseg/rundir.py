@@ -72,12 +72,11 @@ class RunDir:
             writer.writerow(LOG_FIELDS)
             writer.writerows([row[f] for f in LOG_FIELDS] for row in history)
 
-    def best_validation(self, monitor: str = "val_iou") -> tuple[int, float]:
-        """The epoch best.pt holds by `monitor` (higher IoU, lower loss) and its value, from log.csv."""
+    def best_validation(self, monitor: str = "val_iou") -> dict[str, float]:
+        """How many epochs ran, the one best.pt holds by `monitor` (higher IoU, lower loss) and its value."""
         rows = self.read_log()
-        pick = max if monitor == "val_iou" else min
-        best = pick(rows, key=lambda row: row[monitor])
-        return int(best["epoch"]), best[monitor]
+        best = (max if monitor == "val_iou" else min)(rows, key=lambda row: row[monitor])
+        return {"epochs_run": len(rows), "best_epoch": int(best["epoch"]), monitor: best[monitor]}
 
     def epoch_seconds(self) -> float:
         """Training time of all epochs, from log.csv (validation and checkpoints not included)."""
