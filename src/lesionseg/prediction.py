@@ -108,10 +108,11 @@ def run_predict(
         results = pipeline.segment(
             [im for _, im, _ in readable], [str(p) for p, _, _ in readable], [size for _, _, size in readable]
         )
-        for (path, _, _), result in zip(readable, results):
+        for (path, image, size), result in zip(readable, results):
             stem = unique_stem(path, used)
             mask_image(result.mask).save(out / f"{stem}_mask.png")
-            overlay(decode_image(path, str(path))[0], result.mask).save(out / f"{stem}_overlay.png")
+            full = image if image.size == size else decode_image(path, str(path))[0]  # decoded again only if reduced
+            overlay(full, result.mask).save(out / f"{stem}_overlay.png")
             rows.append({**result.stats, "mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.png"})
     write_rows(rows, out)
     return PredictReport(rows, problems)
