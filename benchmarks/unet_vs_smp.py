@@ -25,7 +25,7 @@ from common import epoch_seconds, read_result, write_result
 from lesionseg.config import build_config
 from lesionseg.evaluation import Refinements, evaluate_checkpoint, read_per_image
 from lesionseg.machine import device_name
-from lesionseg.metrics import paired_difference
+from lesionseg.metrics import REPORTED, paired_difference
 from lesionseg.reproduce import run_compare
 
 ARCHS = ("unet", "smp-unet")
@@ -35,15 +35,7 @@ REFINEMENTS = (
     Refinements(largest_component=True, fill_holes=True),
     Refinements(tta=True, largest_component=True, fill_holes=True),
 )
-SCORES = (
-    "iou_per_image",
-    "dice_per_image",
-    "accuracy_per_image",
-    "sensitivity_per_image",
-    "specificity_per_image",
-    "thresholded_iou_per_image",
-    "iou_worst_decile",
-)
+SCORES = REPORTED
 
 
 def train_command(args: argparse.Namespace, arch: str, out: Path) -> list[str]:

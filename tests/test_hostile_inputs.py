@@ -188,3 +188,37 @@ def test_serve_answers_413_for_a_bomb_and_keeps_serving(tiny_checkpoint):
     buffer = io.BytesIO()
     Image.new("RGB", (40, 30), (200, 150, 120)).save(buffer, "PNG")
     assert client.post("/predict", files={"file": ("ok.png", buffer.getvalue(), "image/png")}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda state: state["config"].update(arch="unet"), "its weights do not fit its config"),
+        (lambda state: state["config"].update(image_size="big"), "its stored config is not valid"),
+        (lambda state: state.update(model={}), "its weights do not fit its config"),
+    ],
+)
+def test_a_checkpoint_whose_contents_do_not_fit_is_one_line_naming_it(
+    tiny_checkpoint, tmp_path, photos, capsys, change, message
+):
+    state = load_checkpoint(tiny_checkpoint)
+    change(state)
+    broken = tmp_path / "broken.pt"
+    torch.save(state, broken)
+    for argv in (
+        ["evaluate", str(broken)],
+        ["export", "--checkpoint", str(broken), "--onnx", str(tmp_path / "m.onnx")],
+        ["predict", str(photos), "--checkpoint", str(broken), "--out", str(tmp_path / "o")],
+    ):
+        assert main([*argv, "--no-progress"] if argv[0] != "export" else argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and str(broken) in err and message in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_empty_model_path_is_refused_not_read_as_the_released_model():
+    import lesionseg
+    from lesionseg.errors import LesionsegError
+
+    with pytest.raises(LesionsegError, match="empty model path"):
+        lesionseg.load("")

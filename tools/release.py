@@ -68,6 +68,7 @@ def interval(values: list[float]) -> tuple[float, float]:
 def score(model: Path, data: Path, out: Path) -> dict:
     """Test-split scores of an ONNX file at the stored resolution, plain and refined."""
     from lesionseg.evaluation import evaluate_checkpoint
+    from lesionseg.metrics import REPORTED
     from lesionseg.pipeline import Refinements
 
     scores = {}
@@ -85,18 +86,7 @@ def score(model: Path, data: Path, out: Path) -> dict:
         per_image = [row["iou_source"] for row in result["per_image"]]
         low, high = interval(per_image)
         scores[refine.name] = {
-            **{
-                k: metrics[k]
-                for k in (
-                    "iou_per_image",
-                    "dice_per_image",
-                    "accuracy_per_image",
-                    "sensitivity_per_image",
-                    "specificity_per_image",
-                    "thresholded_iou_per_image",
-                    "iou_worst_decile",
-                )
-            },
+            **{k: metrics[k] for k in REPORTED},
             "iou_ci95": [low, high],
             "images": result["images"],
             "worst": sorted(result["per_image"], key=lambda r: r["iou_source"])[:10],

@@ -274,19 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def missing_torch(command: str) -> str | None:
-    from importlib.util import find_spec
-
-    if command in TORCH_COMMANDS and find_spec("torch") is None:
-        return f"`lesionseg {command}` needs PyTorch, which this installation lacks: pip install 'lesionseg[train]'"
-    return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if (message := missing_torch(args.command)) is not None:
-            raise LesionsegError(message)
+        if args.command in TORCH_COMMANDS:
+            from lesionseg.predictors import require_torch
+
+            require_torch(f"`lesionseg {args.command}`")
         status = args.func(args)
     except Interrupted as exc:
         print(f"lesionseg: {exc}", file=sys.stderr)

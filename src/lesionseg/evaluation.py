@@ -76,10 +76,7 @@ def probabilities_of(
     array = images.numpy()
     chunks = range(0, len(array), batch_size)
     return np.concatenate(
-        [
-            pipeline.probabilities(array[i : i + batch_size], batch_size)
-            for i in tqdm(chunks, disable=not progress, desc="predict")
-        ]
+        [pipeline.probabilities(array[i : i + batch_size]) for i in tqdm(chunks, disable=not progress, desc="predict")]
     )
 
 

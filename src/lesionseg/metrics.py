@@ -47,6 +47,18 @@ def scores(counts: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+# The scores a result table reports of a split, by their keys in `summarize`'s result
+REPORTED = (
+    "iou_per_image",
+    "dice_per_image",
+    "accuracy_per_image",
+    "sensitivity_per_image",
+    "specificity_per_image",
+    "thresholded_iou_per_image",
+    "iou_worst_decile",
+)
+
+
 def summarize(counts: torch.Tensor) -> dict[str, float]:
     """Per-image means and pooled values of every score over (N,4) counts."""
     per_image = scores(counts)

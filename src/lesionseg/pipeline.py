@@ -150,10 +150,9 @@ class Pipeline:
         self.image_size, self.threshold = predictor.image_size, predictor.threshold
         self.name, self.version = predictor.name, predictor.version
 
-    def probabilities(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """uint8 (N,3,S,S) -> view-averaged probabilities (N,1,S,S) float32, `batch_size` images per call."""
-        chunks = [self.predictor(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
-        return np.concatenate(chunks).astype(np.float32, copy=False)
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (B,3,S,S) -> view-averaged probabilities (B,1,S,S) float32, as one batch."""
+        return np.asarray(self.predictor(images), dtype=np.float32)
 
     def mask(self, probability: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         """(S,S) probabilities -> (mask, probabilities) at `size` = (width, height), refined."""
@@ -167,7 +166,7 @@ class Pipeline:
         (width, height) in `sizes` when it was decoded reduced (`read_for_model`)."""
         batch = np.stack([model_input(image, self.image_size) for image in images])
         results = []
-        for n, (image, p) in enumerate(zip(images, self.probabilities(batch, len(images)))):
+        for n, (image, p) in enumerate(zip(images, self.probabilities(batch))):
             mask, full = self.mask(p[0], sizes[n] if sizes else image.size)
             results.append(Segmentation(mask, full, names[n] if names else ""))
         return results

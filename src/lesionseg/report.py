@@ -14,10 +14,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from lesionseg.checkpoint import load_checkpoint, stored_config  # noqa: E402
 from lesionseg.data import CachedSplit, load_split  # noqa: E402
-from lesionseg.evaluation import pipeline_for, probabilities_of, read_per_image  # noqa: E402
+from lesionseg.evaluation import probabilities_of, read_per_image  # noqa: E402
 from lesionseg.metrics import paired_difference  # noqa: E402
 from lesionseg.models import build_model  # noqa: E402
+from lesionseg.pipeline import Pipeline  # noqa: E402
+from lesionseg.predictors import TorchPredictor  # noqa: E402
 from lesionseg.rundir import RunDir  # noqa: E402
 
 # SPEC.md "Results to reproduce" (test set, 128x128); the paper does not say per-image or pooled
@@ -256,9 +259,11 @@ def worst_cases(run_dir: Path, count: int = 10) -> list[str]:
 def run_figures(name: str, run_dir: Path, measured: dict[str, float], figures: Path) -> Any:
     """Predictions on the first test images and on the ten worst, loss curves, the run's bars."""
     run = RunDir(run_dir)
-    pipeline, scoring, _ = pipeline_for(run.best, None)
-    test = load_split(scoring.data, "test", scoring.image_size, scoring.cache_dir, quiet=True)
-    size = (scoring.image_size, scoring.image_size)
+    state = load_checkpoint(run.best)
+    config = stored_config(state, run.best)
+    pipeline = Pipeline(TorchPredictor(run.best, state=state))
+    test = load_split(config.data, "test", config.image_size, config.cache_dir, quiet=True)
+    size = (config.image_size, config.image_size)
     for label, ids in (("predictions", test.ids[:4]), ("worst", worst_cases(run_dir))):
         subset = test.subset([test.ids.index(i) for i in ids])
         masks = np.stack([pipeline.mask(p[0], size)[0] for p in probabilities_of(pipeline, subset.images)])
@@ -268,13 +273,7 @@ def run_figures(name: str, run_dir: Path, measured: dict[str, float], figures: P
         save(fig_triptychs(subset, masks, title, count=len(ids)), figures / f"{label}_{name}.png")
     save(fig_loss_curves(run.read_log(), f"{name}: loss"), figures / f"loss_{name}.png")
     save(fig_model_bars(measured, name, COLORS.get(name, "C0")), figures / f"bars_{name}.png")
-    return pipeline_config(run)
-
-
-def pipeline_config(run: RunDir):
-    from lesionseg.checkpoint import load_checkpoint, stored_config
-
-    return stored_config(load_checkpoint(run.best), run.best)
+    return config
 
 
 def write_report(runs: dict[str, str | os.PathLike], out: str | os.PathLike) -> dict[str, Any]:
