@@ -61,36 +61,35 @@ def top_operators(step, rows: int = 8) -> list[dict]:
     return [{"op": e.key, "self_ms": e.self_cpu_time_total / 1000, "calls": e.count} for e in events]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--compile", action="store_true", help="also torch.compile (minutes of compiling)")
-    parser.add_argument("--profile", action="store_true")
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+ALLOCATORS = {  # name -> LD_PRELOAD (Debian's libtcmalloc-minimal4 and libjemalloc2)
+    "glibc": "",
+    "tcmalloc": "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+    "jemalloc": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+}
+
+
+def variants_for(compile_too: bool) -> dict[str, tuple[bool, bool, bool]]:
     variants = {
         "float32": (False, False, False),
         "channels_last": (False, True, False),
         "bf16": (True, False, False),
         "bf16+channels_last": (True, True, False),
     }
-    if args.compile:
-        variants |= {"compile": (False, False, True), "compile+bf16+channels_last": (True, True, True)}
-    result = {
-        "cpu_flags": cpu_flags(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "batch": args.batch,
-        "size": args.size,
-        "models": {},
-    }
-    for label in MODELS:
+    if compile_too:
+        variants |= {"compile+channels_last": (False, True, True), "compile+bf16+channels_last": (True, True, True)}
+    return variants
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Every variant of both models in this process, taking turns step by step; best images/s of each."""
+    variants = variants_for(args.compile)
+    result = {"models": {}, "warmup_seconds": {}}
+    for label in args.models:
         steps = {name: make_step(label, args.size, args.batch, *flags) for name, flags in variants.items()}
-        for step in steps.values():  # warm-up (and compilation)
+        for name, step in steps.items():  # warm-up (and compilation: its time is the warm-up's)
+            start = time.perf_counter()
             step()
+            result["warmup_seconds"][f"{label} {name}"] = time.perf_counter() - start
         best = dict.fromkeys(steps, 0.0)
         for _ in range(args.rounds):
             for name, step in steps.items():
@@ -102,11 +101,93 @@ def main() -> None:
             rows["float32"]["profile"] = top_operators(steps["float32"])
             rows["bf16"]["profile"] = top_operators(steps["bf16"])
         result["models"][label] = rows
-        print(
-            label,
-            {name: f"{r['images_per_s']:.1f} img/s ({r['vs_float32']:.2f}x)" for name, r in rows.items()},
-            flush=True,
+    return result
+
+
+def across_allocators(args: argparse.Namespace, argv: list[str]) -> dict:
+    """Each allocator in its own process (it is chosen at load time), alternating round by round; best of the
+    rounds per variant, and every rate as a ratio to glibc's float32 from the same rounds."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    best: dict = {}
+    warmup: dict = {}
+    for _ in range(args.allocator_rounds):
+        for name in args.allocators:
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                env = dict(os.environ, LD_PRELOAD=ALLOCATORS[name])
+                child = [sys.executable, __file__, *argv, "--child", out.name]
+                subprocess.run(child, env=env, check=True)
+                child_result = json.loads(Path(out.name).read_text())
+            for key, seconds in child_result["warmup_seconds"].items():
+                warmup[f"{name} {key}"] = max(warmup.get(f"{name} {key}", 0.0), seconds)
+            for label, rows in child_result["models"].items():
+                for variant, row in rows.items():
+                    key = (name, label, variant)
+                    best[key] = max(best.get(key, 0.0), row["images_per_s"])
+    table: dict = {}
+    for (name, label, variant), rate in best.items():
+        base = (
+            best[("glibc", label, "float32")]
+            if "glibc" in args.allocators
+            else best[(args.allocators[0], label, "float32")]
         )
+        table.setdefault(label, {}).setdefault(name, {})[variant] = {
+            "images_per_s": rate,
+            "vs_glibc_float32": rate / base,
+        }
+    return {"models": table, "allocator_rounds": args.allocator_rounds, "warmup_seconds": warmup}
+
+
+def main() -> None:
+    import json
+    import sys
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=4, help="steps of each variant within one process")
+    parser.add_argument("--compile", action="store_true", help="also torch.compile (minutes of compiling)")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--allocators", nargs="+", choices=ALLOCATORS, help="one process per allocator, alternating")
+    parser.add_argument("--allocator-rounds", type=int, default=3, help="processes per allocator (best of them)")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    about = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_flags": cpu_flags(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "batch": args.batch,
+        "size": args.size,
+    }
+    if args.child:
+        args.child.write_text(json.dumps(measure(args)))
+        return
+    if args.allocators:
+        argv = [a for a in sys.argv[1:]]
+        for flag in ("--allocators", "--allocator-rounds", "--out"):  # what the parent alone decides
+            if flag in argv:
+                i = argv.index(flag)
+                j = i + 1
+                while j < len(argv) and not argv[j].startswith("--"):
+                    j += 1
+                del argv[i:j]
+        result = about | across_allocators(args, argv)
+        for label, allocators in result["models"].items():
+            for name, rows in allocators.items():
+                print(
+                    label, name, {v: f"{r['images_per_s']:.1f} ({r['vs_glibc_float32']:.2f}x)" for v, r in rows.items()}
+                )
+    else:
+        result = about | measure(args)
+        for label, rows in result["models"].items():
+            print(label, {v: f"{r['images_per_s']:.1f} img/s ({r['vs_float32']:.2f}x)" for v, r in rows.items()})
     if args.out:
         write_result(args.out, result)
 

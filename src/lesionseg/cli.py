@@ -17,6 +17,7 @@ from lesionseg.errors import Interrupted, LesionsegError
 
 DEBUG_ENV = "LESIONSEG_DEBUG"  # set to 1 for the traceback of an unexpected error
 REPRODUCE_SETS = ("out", "init", "name")  # reproduce decides these per model
+TRAINING_COMMANDS = ("train", "reproduce")  # run under a caching allocator when one is installed
 TORCH_COMMANDS = ("reproduce", "train", "evaluate", "compare", "summary", "export")
 
 
@@ -275,7 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`argv` None: the process's own command line (the console script, `python -m lesionseg`, torchrun)."""
     args = build_parser().parse_args(argv)
+    if argv is None and args.command in TRAINING_COMMANDS:  # re-executes once, before PyTorch is imported
+        from lesionseg.allocator import ensure_caching_allocator
+
+        ensure_caching_allocator()
     try:
         if args.command in TORCH_COMMANDS:
             from lesionseg.predictors import require_torch

@@ -92,10 +92,14 @@ class TrainConfig:
     monitor: str = option("val_loss", "what picks best.pt and stops early", ("val_loss", "val_iou"))
     patience: int = option(0, "stop after N epochs without a better monitor value (0: never)")
     device: str = option("auto", "auto (cuda if available), cpu, cuda, cuda:N")
-    amp: bool = option(
-        False, "mixed precision: bfloat16 on the CPU (fast only with AVX512-BF16 or AMX), float16 on CUDA"
+    amp: bool | None = option(
+        None,
+        "mixed precision: bfloat16 autocast on the CPU, float16 with loss scaling on CUDA; default: on for CPUs with "
+        "AVX512-BF16 or AMX (fast there, and measured to hold accuracy), off elsewhere",
     )
-    channels_last: bool = option(False, "NHWC tensors, the layout oneDNN's CPU convolutions prefer")
+    channels_last: bool | None = option(
+        None, "NHWC tensors, the layout oneDNN's CPU convolutions prefer; default: on for the CPU, off on CUDA"
+    )
     sync_bn: bool = option(False, "SyncBatchNorm across GPUs under torchrun")
     dropout: float = option(0.2, "dropout rate in the decoder (the paper names Dropout but not its rate)")
     decoder_attention: str = option(

@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from lesionseg import allocator
 from lesionseg.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lesionseg.config import TrainConfig, read_config, save_config
 from lesionseg.distributed import Process, barrier, init_process, mean_across, resolve_device
@@ -76,6 +77,35 @@ def warn_if_slow_bf16(device: torch.device, amp: bool) -> None:
         )
 
 
+def bf16_is_native() -> bool:
+    """oneDNN has bfloat16 kernels for this CPU (AVX512-BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_formats(config: TrainConfig, device: torch.device) -> tuple[bool, bool]:
+    """(amp, channels_last) as the config asks, or, where it leaves them open (None), what measured fastest without
+    losing accuracy: bfloat16 on CPUs with native bf16, NHWC on every CPU (benchmarks/README.md, "Training speed")."""
+    on_cpu = device.type == "cpu"
+    amp = config.amp if config.amp is not None else on_cpu and bf16_is_native()
+    channels_last = config.channels_last if config.channels_last is not None else on_cpu
+    return amp, channels_last
+
+
+def what_ran(device: torch.device, amp: bool, channels_last: bool) -> dict[str, Any]:
+    """The numeric settings of the run, for run.json and the log: they change speed, and rounding."""
+    precision = ("bfloat16 autocast" if device.type == "cpu" else "float16 autocast") if amp else "float32"
+    return {
+        "device": str(device),
+        "precision": precision,
+        "memory_format": "channels_last" if channels_last else "contiguous",
+        "allocator": allocator.describe(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_native": bf16_is_native(),
+        "threads": torch.get_num_threads(),
+        "compiled": False,
+    }
+
+
 def autocast(device: torch.device, enabled: bool):
     """Mixed precision: bfloat16 on the CPU (no loss scaling needed), float16 on CUDA (with the GradScaler)."""
     return torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16, enabled=enabled)
@@ -106,14 +136,19 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def validate(model, loader, loss_fn, threshold: float, device) -> dict[str, float]:
-    """Loss and scores over the whole validation split (scores from summed counts, not batch means)."""
+def validate(
+    model, loader, loss_fn, threshold: float, device, amp: bool = False, channels_last: bool = False
+) -> dict[str, float]:
+    """Loss and scores over the whole validation split (scores from summed counts, not batch means), in the
+    training's own numeric format."""
     model.eval()
     metrics = MetricAccumulator(threshold)
     total, count = 0.0, 0
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for images, masks in loader:
-        images, masks = images.to(device), masks.to(device)
-        logits = model(images)
+        images, masks = images.to(device, memory_format=memory_format), masks.to(device)
+        with autocast(device, amp):
+            logits = model(images).float()
         total += loss_fn(logits, masks).item() * len(images)
         count += len(images)
         metrics.update(logits.float().cpu(), masks.cpu())
@@ -152,16 +187,24 @@ class Trainer:
             if self.device.type == "cpu":
                 raise LesionsegError("--sync-bn needs GPUs: PyTorch's SyncBatchNorm does not run on the CPU")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.amp, self.channels_last = resolve_formats(config, self.device)
+        self.info["formats"] = what_ran(self.device, self.amp, self.channels_last)
         self.model = model.to(
-            self.device, memory_format=torch.channels_last if config.channels_last else torch.contiguous_format
+            self.device, memory_format=torch.channels_last if self.channels_last else torch.contiguous_format
         )
         self.net = self.wrap()
         self.loss_fn = WeightedSum(config.loss)
         self.optimizer = build_optimizer(config, self.model)
         self.scheduler = build_scheduler(config, self.optimizer, len(self.train_loader))
         if process.is_main:
-            warn_if_slow_bf16(self.device, config.amp)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.amp and self.device.type == "cuda")
+            ran = self.info["formats"]
+            print(
+                f"lesionseg: training on {self.info['cpu']['model'] if self.device.type == 'cpu' else ran['device']}"
+                f" ({ran['cpu_capability']}): {ran['precision']}, {ran['memory_format']}, {ran['allocator']}",
+                file=sys.stderr,
+            )
+            warn_if_slow_bf16(self.device, self.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp and self.device.type == "cuda")
         self.state: dict[str, Any] = {"epoch": 0, "best_metric": None, "best_epoch": 0, "history": []}
 
     def encoder_frozen(self, epoch: int) -> bool:
@@ -233,14 +276,22 @@ class Trainer:
                     self.scaler,
                     self.device,
                     bar,
-                    config.amp,
-                    config.channels_last,
+                    self.amp,
+                    self.channels_last,
                 )
                 seconds = time.perf_counter() - start
                 row = {
                     "epoch": epoch,
                     "train_loss": mean_across(loss, seen, self.process, self.device),
-                    **validate(self.model, self.val_loader, self.loss_fn, config.threshold, self.device),
+                    **validate(
+                        self.model,
+                        self.val_loader,
+                        self.loss_fn,
+                        config.threshold,
+                        self.device,
+                        self.amp,
+                        self.channels_last,
+                    ),
                     "lr": self.optimizer.param_groups[0]["lr"],
                     "seconds": seconds,
                     "train_images_per_s": seen * self.process.world / seconds,

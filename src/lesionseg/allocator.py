@@ -1,0 +1,72 @@
+"""A caching memory allocator for training, without the user having to know: PyTorch's CPU training frees and
+allocates the same large activation buffers every step, which glibc's malloc returns to the system and zeroes again;
+tcmalloc keeps them. Training re-executes itself once with the library preloaded when it is installed and not yet
+loaded, as PyTorch's own CPU launcher (`torch.backends.xeon.run_cpu`) does. `LESIONSEG_ALLOCATOR=system` opts out.
+No PyTorch here: the decision is made before PyTorch is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+ENV = "LESIONSEG_ALLOCATOR"  # "auto" (default): tcmalloc if installed; "system": glibc's malloc; or a library path
+LIBRARIES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")  # chosen by measurement: benchmarks/README.md, "Allocator"
+SEARCH = (
+    "/usr/lib/x86_64-linux-gnu",
+    "/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib64",
+    "/usr/lib",
+    "/usr/local/lib",
+)
+REEXECUTED = "_LESIONSEG_ALLOCATOR_REEXECUTED"  # set in the child, so a failed preload never loops
+
+
+def find_library() -> Path | None:
+    """The allocator to preload: $LESIONSEG_ALLOCATOR's path, else the first of LIBRARIES installed."""
+    choice = os.environ.get(ENV, "auto")
+    if choice == "system":
+        return None
+    if choice != "auto":
+        return Path(choice) if Path(choice).is_file() else None
+    folders = [Path(p) for p in os.environ.get("LD_LIBRARY_PATH", "").split(":") if p] + [Path(p) for p in SEARCH]
+    return next((folder / name for name in LIBRARIES for folder in folders if (folder / name).is_file()), None)
+
+
+def loaded() -> str | None:
+    """The caching allocator mapped into this process, if any (tcmalloc or jemalloc)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for name in ("tcmalloc", "jemalloc"):
+        for line in maps.splitlines():
+            if name in line and ".so" in line:
+                return line.split()[-1]
+    return None
+
+
+def describe() -> str:
+    return loaded() or "glibc malloc"
+
+
+def ensure_caching_allocator() -> None:
+    """Re-execute this command once with the allocator in LD_PRELOAD; a missing library is a one-line note."""
+    if loaded() or os.environ.get(REEXECUTED) or not sys.platform.startswith("linux"):
+        return
+    library = find_library()
+    if library is None:
+        if os.environ.get(ENV, "auto") != "system":
+            print(
+                f"lesionseg: note: training with glibc's malloc; installing tcmalloc (Debian/Ubuntu: apt install "
+                f"libtcmalloc-minimal4) trains faster; {ENV}=system silences this",
+                file=sys.stderr,
+            )
+        return
+    env = dict(os.environ, **{REEXECUTED: "1"})
+    env["LD_PRELOAD"] = ":".join(p for p in (str(library), env.get("LD_PRELOAD", "")) if p)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
