@@ -40,6 +40,7 @@ def train(processes: int, args, out: Path) -> dict:
         "--device",
         "cpu",
         "--no-progress",
+        "--overwrite",  # a benchmark retrains on purpose
     ]
     env = dict(os.environ)
     if processes > 1:

@@ -44,6 +44,7 @@ def train_command(args: argparse.Namespace, arch: str, out: Path) -> list[str]:
         "-m",
         "lesionseg",
         "train",
+        "--overwrite",  # a benchmark retrains on purpose
         "--preset",
         "unet-finetune",
         "--arch",

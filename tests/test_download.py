@@ -134,7 +134,7 @@ def test_unrecorded_checksums_are_measured_and_counts_still_checked(server, tmp_
     run_download("isic2016", tmp_path / "ok", progress=False, archives=server.archives(record_checksums=False))
     assert "no checksum recorded; measured size" in capsys.readouterr().out
     wrong_count = tuple(Archive(a.url, a.folder, a.files + 1) for a in server.archives(record_checksums=False))
-    with pytest.raises(DownloadError, match="holds 3 files, expected 4"):
+    with pytest.raises(DownloadError, match="lists 3 image files, expected 4; not extracted"):
         run_download("isic2016", tmp_path / "bad", progress=False, archives=wrong_count)
 
 

@@ -175,7 +175,7 @@ def test_evaluate_scores_exactly_the_masks_predict_writes(full_size_run, tmp_pat
         == 0
     )
     for row in scored:
-        predicted = np.asarray(Image.open(tmp_path / f"{row['id']}_mask.png")) > 128
+        predicted = np.asarray(Image.open(tmp_path / "masks" / f"{row['id']}.png")) > 128
         truth, _ = inspect_mask(data / "ISBI2016_ISIC_Part1_Test_GroundTruth" / f"{row['id']}_Segmentation.png")
         assert predicted.shape == truth.shape
         jaccard = (predicted & truth).sum() / (predicted | truth).sum()

@@ -111,7 +111,7 @@ def test_onnx_inference_never_imports_pytorch(onnx_model, photos, tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert len(list((tmp_path / "o").glob("*_mask.png"))) == 3
+    assert len(list((tmp_path / "o" / "masks").glob("*.png"))) == 3
 
 
 def test_int8_export_is_calibrated_on_training_images_and_close_to_float32(

@@ -14,7 +14,12 @@ from lesionseg.predictors import TorchPredictor
 
 def test_masks_come_back_at_each_images_own_resolution(tiny_checkpoint, photos, tmp_path):
     report = run_predict(
-        Pipeline(TorchPredictor(tiny_checkpoint)), [photos], tmp_path / "out", batch_size=2, progress=False
+        Pipeline(TorchPredictor(tiny_checkpoint)),
+        [photos],
+        tmp_path / "out",
+        batch_size=2,
+        progress=False,
+        overlays=True,
     )
     assert report.problems == [] and len(report.rows) == 3
     for row in report.rows:
@@ -154,7 +159,7 @@ def test_predict_and_serve_default_to_the_released_model(photos, tmp_path):
     from lesionseg.serve import create_app
 
     assert main(["predict", str(photos), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
-    assert len(list((tmp_path / "out").glob("*_mask.png"))) == 3
+    assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["a.png", "b.png", "c.png"]
     predictor = load_predictor()
     assert predictor.metadata["release"] and float(predictor.metadata["test_jaccard"]) > 0.8
     health = TestClient(create_app(predictor)).get("/health").json()
@@ -198,4 +203,4 @@ def test_flip_tta_for_users_is_the_average_evaluation_scores(tiny_checkpoint, ph
         == 0
     )
     written = json.loads((tmp_path / "out" / "predictions.json").read_text())[0]
-    assert written == {**tta.segment(photos / "a.jpg").stats, "mask": written["mask"], "overlay": written["overlay"]}
+    assert written == {**tta.segment(photos / "a.jpg").stats, "mask": "masks/a.png"}

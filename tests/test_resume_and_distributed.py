@@ -72,6 +72,9 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_same_weights(data40, tmp_pa
 
 def test_resume_of_a_missing_run_is_a_clear_error(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
+    assert "nothing: run folder not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["train", "--resume", str(tmp_path / "empty")]) == 2
     assert "config.yaml: not found" in capsys.readouterr().err
 
 

@@ -108,7 +108,7 @@ def test_every_config_field_can_be_set_from_the_command_line(tmp_path):
 
 def test_train_flags_are_the_config_fields_and_shortcuts():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
-    dests = {a.dest for a in train._actions} - {"help", "preset", "resume", "no_progress"}
+    dests = {a.dest for a in train._actions} - {"help", "preset", "resume", "overwrite", "no_progress"}
     assert dests == {f.name for f in dataclasses.fields(TrainConfig)}
     assert train.parse_args(["--no-pretrained"]).weights == "none"
 

@@ -21,6 +21,7 @@ SEARCH = (
     "/usr/lib",
     "/usr/local/lib",
 )
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 REEXECUTED = "_LESIONSEG_ALLOCATOR_REEXECUTED"  # set in the child, so a failed preload never loops
 
 
@@ -70,3 +71,17 @@ def ensure_caching_allocator() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def return_freed_memory_promptly() -> None:
+    """For inference on images up to 60 MP (predict, serve): glibc raises its mmap threshold each time a large
+    block is freed, after which blocks that large come from its heaps and stay there once freed; a service that
+    answered a few such images kept GBs it no longer used. A fixed threshold keeps every array over 1 MiB a
+    mapping of its own, returned to the system when it is freed. Not glibc (or not Linux): nothing to do."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass

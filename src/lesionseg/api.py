@@ -9,22 +9,12 @@ from typing import Union
 import numpy as np
 from PIL import Image
 
-from lesionseg.errors import DataError, ImageTooLargeError
-from lesionseg.images import MAX_PIXELS
+from lesionseg.errors import DataError
+from lesionseg.images import check_pixels, checked_pil
 from lesionseg.pipeline import Pipeline, Refinements, Segmentation, read_for_model
 from lesionseg.predictors import load_any
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
-
-
-def check_pixels(width: int, height: int, name: str) -> None:
-    """The file policy's pixel limit, for images that arrive as arrays or PIL images too."""
-    if width < 1 or height < 1:
-        raise DataError(f"{name}: an image of {width}x{height} pixels has nothing to segment")
-    if width * height > MAX_PIXELS:
-        raise ImageTooLargeError(
-            f"{name}: {width}x{height} = {width * height:,} pixels, over the {MAX_PIXELS:,}-pixel limit"
-        )
 
 
 def as_image(item: ImageInput, index: int, size: int) -> tuple[Image.Image, tuple[int, int], str]:
@@ -35,8 +25,8 @@ def as_image(item: ImageInput, index: int, size: int) -> tuple[Image.Image, tupl
         return image, full, str(item)
     if isinstance(item, Image.Image):
         name = getattr(item, "filename", "") or f"image {index}"
-        check_pixels(*item.size, name)
-        return item.convert("RGB"), item.size, name
+        image = checked_pil(item, name)
+        return image, image.size, name
     if isinstance(item, np.ndarray):
         if item.ndim != 3 or item.shape[2] != 3 or item.dtype != np.uint8:
             raise DataError(f"image {index}: an array must be HxWx3 uint8 RGB, got shape {item.shape} {item.dtype}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,11 @@ from torch import nn
 
 from lesionseg.config import ConfigError, TrainConfig
 from lesionseg.errors import CheckpointError, LesionsegError
-from lesionseg.files import write_atomically
+from lesionseg.files import bounded, write_atomically
 from lesionseg.models import build_model
 from lesionseg.rundir import checkpoint_path
+
+MAX_CHECKPOINT_BYTES = 2**30  # the release U-Net with its optimizer state: ~0.15 GB
 
 
 def rng_state() -> dict[str, Any]:
@@ -54,11 +57,43 @@ def legacy_safe_globals() -> list:
     return [_reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
 
 
+def declared_bytes(path: Path) -> int:
+    """What the checkpoint's zip says its members hold, read before anything is inflated; a file that is no
+    zip (the legacy format) counts as its own size."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return sum(member.file_size for member in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return path.stat().st_size
+
+
+def trial_load(path: Path) -> str | None:
+    torch.load(path, map_location="cpu", weights_only=True)
+    return None
+
+
+def read_bounded(path: Path) -> None:
+    """Refuse a checkpoint that would take more memory than it declares: one whose members claim more than
+    MAX_CHECKPOINT_BYTES, or whose tensors ask for more than its members hold (tried once in a bounded child)."""
+    size = declared_bytes(path)
+    if size > MAX_CHECKPOINT_BYTES:
+        raise CheckpointError(
+            f"{path}: declares {size / 2**30:.1f} GiB of contents, over the {MAX_CHECKPOINT_BYTES / 2**30:.0f} GiB "
+            "a lesionseg checkpoint can hold"
+        )
+    with torch.serialization.safe_globals(legacy_safe_globals()):
+        problem = bounded(lambda: trial_load(path), size + 2**30)
+    if problem and "memory" in problem:
+        raise CheckpointError(f"{path}: refused: its tensors {problem}, far more than the file declares")
+
+
 def load_checkpoint(source: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint (or a run folder's best.pt) read with `weights_only=True`: tensors and plain data only."""
+    """A checkpoint (or a run folder's best.pt) read with `weights_only=True`: tensors and plain data only,
+    inside a memory bound."""
     path = checkpoint_path(source)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    read_bounded(path)
     try:
         with torch.serialization.safe_globals(legacy_safe_globals()):
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -14,10 +14,12 @@ import time
 
 from lesionseg.config import PRESETS, add_config_flags, config_overrides
 from lesionseg.errors import Interrupted, LesionsegError
+from lesionseg.files import shown
 
 DEBUG_ENV = "LESIONSEG_DEBUG"  # set to 1 for the traceback of an unexpected error
 REPRODUCE_SETS = ("out", "init", "name")  # reproduce decides these per model
 TRAINING_COMMANDS = ("train", "reproduce")  # run under a caching allocator when one is installed
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TORCH_COMMANDS = ("reproduce", "train", "evaluate", "compare", "summary", "export")
 
 
@@ -30,9 +32,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     else:
         overrides = config_overrides(args) | {"out": args.out or f"runs/{args.preset}"}
         config = build_config(args.preset, **overrides)
-    run_dir = fit(config, progress=not args.no_progress, resume=bool(args.resume))
+    run_dir = fit(config, progress=not args.no_progress, resume=bool(args.resume), overwrite=args.overwrite)
     if int(os.environ.get("RANK", 0)) == 0:
-        print(f"trained: {run_dir / 'best.pt'}")
+        print(f"trained: {shown(run_dir / 'best.pt')}")
 
 
 def refinements(args: argparse.Namespace):
@@ -90,8 +92,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from lesionseg.predictors import load_predictor
 
     pipeline = Pipeline(load_predictor(args.checkpoint, args.onnx), refinements(args))
-    report = run_predict(pipeline, args.inputs, args.out, args.batch_size, progress=not args.no_progress)
-    print(f"segmented {len(report.rows)} image(s) into {args.out}; {len(report.problems)} skipped")
+    report = run_predict(
+        pipeline, args.inputs, args.out, args.batch_size, progress=not args.no_progress, overlays=args.overlays
+    )
+    print(f"segmented {len(report.rows)} image(s) into {shown(args.out)}; {len(report.problems)} skipped")
     return 1 if report.problems or not report.rows else 0
 
 
@@ -110,6 +114,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from lesionseg.predictors import load_predictor
     from lesionseg.serve import run_serve
 
+    if args.host not in LOOPBACK:
+        print(
+            f"lesionseg: WARNING: serving on {args.host}: anyone who can reach this machine can use the service "
+            "(it has no authentication); put it behind a proxy that authenticates, or use --host 127.0.0.1",
+            file=sys.stderr,
+        )
     start = time.perf_counter()  # a checkpoint is exported for onnxruntime first: about 20 s
     predictor = load_predictor(args.checkpoint, args.onnx, backend=args.backend)
     pipeline = Pipeline(predictor, refinements(args))
@@ -159,6 +169,27 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 1 to 65535, got {value}")
+    return value
+
+
+def window_ms(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1000 ms, got {text}")
+    return value
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """A bad option is one line (what is wrong and where help is), not the usage block and then the error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def add_train_commands(sub) -> None:
     p = sub.add_parser("reproduce", help="train and evaluate the paper's two models, write the report and figures")
     p.add_argument("--out", default="runs/paper", help="report folder; each model trains in OUT/<preset>")
@@ -169,6 +200,7 @@ def add_train_commands(sub) -> None:
     p = sub.add_parser("train", help="train one model from a preset (every flag overrides one of its values)")
     p.add_argument("--preset", choices=PRESETS, default="model2-finetune")
     p.add_argument("--resume", metavar="RUN", help="continue a stopped run from its last.pt, with its own config")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (default: refuse)")
     add_config_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -233,10 +265,11 @@ def add_model_commands(sub) -> None:
 
 
 def add_use_commands(sub) -> None:
-    p = sub.add_parser("predict", help="segment images: mask PNG, overlay PNG and a CSV/JSON row each")
+    p = sub.add_parser("predict", help="segment images: OUT/masks/<stem>.png and a CSV/JSON row each")
     add_model_source(p)
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (its own layout: masks/, overlays/, predictions.*)")
+    p.add_argument("--overlays", action="store_true", help="also OUT/overlays/<stem>.png: the outline on the image")
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)
@@ -244,7 +277,7 @@ def add_use_commands(sub) -> None:
     p = sub.add_parser("serve", help="web page and POST /predict API")
     add_model_source(p)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000)
     p.add_argument(
         "--backend",
         choices=("auto", "onnxruntime", "torch"),
@@ -253,7 +286,10 @@ def add_use_commands(sub) -> None:
     )
     p.add_argument("--max-batch", type=positive_int, default=16, help="most concurrent requests run as one model batch")
     p.add_argument(
-        "--batch-window-ms", type=float, default=2.0, help="how long a batch waits for more requests after the first"
+        "--batch-window-ms",
+        type=window_ms,
+        default=2.0,
+        help="how long a batch waits for more requests after the first",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -265,14 +301,36 @@ def add_use_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lesionseg", description="Skin-lesion segmentation with a MobileNetV2 encoder."
-    )
+    parser = OneLineParser(prog="lesionseg", description="Skin-lesion segmentation with a MobileNetV2 encoder.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_commands(sub)
     add_model_commands(sub)
     add_use_commands(sub)
     return parser
+
+
+NAMED_PATHS = {  # options naming something that must exist, and what it is
+    "checkpoint": "checkpoint",
+    "onnx": "ONNX model",
+    "resume": "run folder",
+    "runs": "run folder",
+    "init": "checkpoint or run folder",
+    "data": "data folder",
+    "extra_data": "data folder",
+    "calibration_data": "data folder",
+}
+
+
+def check_named_paths(args: argparse.Namespace) -> None:
+    """A model, run or data folder that is not there is one line before anything is imported or written (a
+    missing checkpoint should not cost a PyTorch import to report)."""
+    for key, what in NAMED_PATHS.items():
+        if args.command == "export" and key == "onnx":  # what export writes
+            continue
+        value = getattr(args, key, None)
+        for path in value if isinstance(value, list) else [value]:
+            if path and not os.path.lexists(path):
+                raise LesionsegError(f"{shown(path)}: {what} not found")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,7 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         from lesionseg.allocator import ensure_caching_allocator
 
         ensure_caching_allocator()
+    if args.command in ("predict", "serve"):
+        from lesionseg.allocator import return_freed_memory_promptly
+
+        return_freed_memory_promptly()
     try:
+        check_named_paths(args)
         if args.command in TORCH_COMMANDS:
             from lesionseg.predictors import require_torch
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -28,6 +29,7 @@ DECODERS = {"seed": "SeedDecoder", "unet": "UNetDecoder", "smp-unet": "SmpUnetDe
 ATTENTIONS = ("none", "scse")
 LOSS_NAMES = ("bce", "dice", "focal", "lovasz", "tversky")  # lesionseg.losses.LOSSES builds each
 IMAGE_SIZES = range(32, 1024 + 1, 32)
+MAX_NAME = 200  # characters: a name is shown on the page and in every reply of the service
 
 
 class ConfigError(LesionsegError):
@@ -166,6 +168,10 @@ class TrainConfig:
             raise ConfigError("encoder_lr_scale must be > 0 and unfreeze_after in [0, epochs)")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"unknown device {self.device!r}; choose auto, cpu, cuda, cuda:N or mps")
+        if len(self.name) > MAX_NAME:
+            raise ConfigError(f"name is {len(self.name):,} characters; at most {MAX_NAME}")
         if self.num_workers < 0 or not math.isfinite(self.rotation):
             raise ConfigError("num_workers must be >= 0 and rotation a finite number")
 

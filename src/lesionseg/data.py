@@ -24,6 +24,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from lesionseg.errors import DataError
+from lesionseg.files import shown, unusable
 from lesionseg.images import IMAGE_SUFFIXES, inspect_mask
 from lesionseg.pipeline import model_input, read_for_model
 
@@ -106,11 +107,14 @@ def _mask_for(image: Path, mask_dir: Path, mask_names: set[str]) -> Path | None:
 def find_pairs(data: str | os.PathLike | None, split: str) -> tuple[list[Pair], list[str]]:
     """Every image of a split with its mask, sorted by id, and the files that cannot pair up."""
     images_dir, masks_dir = _split_dirs(resolve_data_dir(data), split)
-    images = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    candidates = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    problems = [f"{shown(p)}: {reason}" for p in candidates if (reason := unusable(p))]
+    images = [p for p in candidates if not unusable(p)]
     if not images:
-        raise DataError(f"{images_dir}: no images (.jpg/.png) in folder")
+        raise DataError(f"{images_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in folder")
+    refuse_duplicate_ids(images)
     mask_names = {entry.name for entry in os.scandir(masks_dir) if entry.is_file()}  # one listing, not a stat per image
-    pairs, problems = [], []
+    pairs = []
     for image in images:
         mask = _mask_for(image, masks_dir, mask_names)
         if mask is None:
@@ -123,6 +127,15 @@ def find_pairs(data: str | os.PathLike | None, split: str) -> tuple[list[Pair], 
         if mask.suffix.lower() in IMAGE_SUFFIXES and mask.stem.removesuffix("_Segmentation") not in stems:
             problems.append(f"{mask}: mask without an image")
     return pairs, problems
+
+
+def refuse_duplicate_ids(images: list[Path]) -> None:
+    """Two images with one id (a.jpg and a.png) would share a mask: which one is meant cannot be guessed."""
+    first: dict[str, Path] = {}
+    for image in images:
+        if image.stem in first:
+            raise DataError(f"{shown(first[image.stem])} and {shown(image)}: two images with the id {image.stem!r}")
+        first[image.stem] = image
 
 
 def resize_image(image: Image.Image, size: int) -> torch.Tensor:
@@ -177,7 +190,10 @@ def folder_listing(folder: Path) -> dict[str, str]:
     resolved = folder.resolve()
     listing = {}
     for entry in os.scandir(folder):
-        st = entry.stat()
+        try:
+            st = entry.stat()
+        except OSError:  # a broken or looping link: never one of the pairs, which are all readable files
+            continue
         listing[entry.name] = f"{resolved}{os.sep}{entry.name}:{st.st_size}:{st.st_mtime_ns};"
     return listing
 
@@ -206,7 +222,13 @@ def load_pairs(
     key = cache_key(pairs, size, soft)
     path = directory / f"pairs-{size}{'-soft' if soft else ''}-{key}.pt"
     if path.is_file():
-        return CachedSplit(**torch.load(path, weights_only=True))
+        try:
+            return CachedSplit(**torch.load(path, weights_only=True))
+        except Exception as exc:  # a cache is only a copy: a damaged one is decoded again and rewritten
+            print(
+                f"lesionseg: {path}: damaged cache ({exc.__class__.__name__}), decoding the images again",
+                file=sys.stderr,
+            )
     split = _decode(pairs, size, soft)
     split.fingerprint = key
     try:

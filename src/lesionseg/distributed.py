@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from lesionseg.errors import LesionsegError
+
 
 @dataclass(frozen=True)
 class Process:
@@ -37,8 +39,15 @@ def init_process(device: str = "auto") -> Process:
 
 
 def resolve_device(name: str, process: Process) -> torch.device:
+    """The device to train on; a GPU that this machine does not have is one line, not PyTorch's traceback."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name.partition(":")[2] or 0)
+        if index >= count:
+            found = f"{count} CUDA GPU(s)" if count else "no CUDA GPU"
+            raise LesionsegError(f"--device {name}: PyTorch sees {found} here; use --device cpu or auto")
     if name == "cuda" and process.world > 1:
         name = f"cuda:{process.local_rank}"
     return torch.device(name)

@@ -19,6 +19,7 @@ from lesionseg.files import sha256_of
 from lesionseg.images import IMAGE_SUFFIXES
 
 CHUNK = 1 << 16
+MAX_INFLATION = 4  # JPEG and PNG hardly compress: a zip of them that inflates more is not what it claims
 
 
 @dataclass(frozen=True)
@@ -135,12 +136,14 @@ def extract(archive: Archive, zip_path: Path, dest: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         with zipfile.ZipFile(zip_path) as zf:
-            bad = zf.testzip()
-            if bad is not None:
-                raise DownloadError(f"{zip_path}: corrupt member {bad}")
-            zf.extractall(staging)
+            check_contents(archive, zip_path, zf.infolist(), dest)
+            zf.extractall(staging)  # each member's CRC is checked as it is inflated, once
     except zipfile.BadZipFile as exc:
+        shutil.rmtree(staging, ignore_errors=True)
         raise DownloadError(f"{zip_path}: not a valid zip ({exc})") from None
+    except OSError as exc:  # a full disk, most likely: nothing half-extracted is left behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DownloadError(f"{zip_path}: not extracted ({exc.strerror or exc}); nothing was left in {dest}") from None
     inner = staging / archive.folder if (staging / archive.folder).is_dir() else staging
     found = count_files(inner)
     if found != archive.files:
@@ -150,6 +153,24 @@ def extract(archive: Archive, zip_path: Path, dest: Path) -> Path:
     os.replace(inner, folder)
     shutil.rmtree(staging, ignore_errors=True)
     return folder
+
+
+def check_contents(archive: Archive, zip_path: Path, members: list[zipfile.ZipInfo], dest: Path) -> None:
+    """From the zip's directory alone, before anything is inflated: the expected number of images, contents that
+    images (which do not compress) could be, and room on the disk for them."""
+    images = sum(1 for m in members if not m.is_dir() and Path(m.filename).suffix.lower() in IMAGE_SUFFIXES)
+    if images != archive.files:
+        raise DownloadError(f"{zip_path}: lists {images} image files, expected {archive.files}; not extracted")
+    declared = sum(m.file_size for m in members)
+    packed = zip_path.stat().st_size
+    if declared > MAX_INFLATION * packed + 2**20:
+        raise DownloadError(
+            f"{zip_path}: declares {declared:,} bytes inflated from {packed:,} ({declared / packed:.0f}x): "
+            "not images; not extracted"
+        )
+    free = shutil.disk_usage(dest).free
+    if declared > free:
+        raise DownloadError(f"{dest}: {free:,} bytes free, {zip_path.name} needs {declared:,}; not extracted")
 
 
 def count_files(folder: Path) -> int:

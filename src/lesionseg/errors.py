@@ -25,5 +25,9 @@ class CheckpointError(LesionsegError):
     """A checkpoint that cannot be read or written; the message names the file."""
 
 
+class TrainingError(LesionsegError):
+    """A run that cannot go on (its loss diverged); what it saved before is intact."""
+
+
 class Interrupted(LesionsegError):
     """Training stopped by Ctrl-C after the last checkpoint was saved."""

@@ -9,6 +9,7 @@ validation images (`split="val"`), never on the test split.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 from lesionseg.checkpoint import load_checkpoint, stored_config
 from lesionseg.data import CachedSplit, find_pairs, load_split
 from lesionseg.errors import LesionsegError
+from lesionseg.files import claim_output_folder, write_atomically
 from lesionseg.images import inspect_mask
 from lesionseg.metrics import MetricAccumulator
 from lesionseg.pipeline import Pipeline, Refinements
@@ -54,10 +56,11 @@ def pipeline_for(
         return Pipeline(predictor, refine), Scoring(str(data), predictor.image_size, predictor.threshold), about
     state = load_checkpoint(source)
     config = stored_config(state, checkpoint_path(source))
-    history = state.get("history") or []
-    last = history[state["epoch"] - 1] if history and state.get("epoch") else {}
+    history = state.get("history") if isinstance(state.get("history"), list) else []
+    epoch = state.get("epoch") if isinstance(state.get("epoch"), int) else None
+    last = history[epoch - 1] if epoch and 0 < epoch <= len(history) and isinstance(history[epoch - 1], dict) else {}
     about = {
-        "epoch": state.get("epoch"),
+        "epoch": epoch,
         "monitor": config.monitor,
         "best_metric": state.get("best_metric"),
         "train_loss": last.get("train_loss"),
@@ -137,6 +140,8 @@ def evaluate_checkpoint(
 ) -> dict[str, Any]:
     """Metrics of `checkpoint` (a .pt file, a run folder, or an exported .onnx model) on `split`; also at each
     image's own resolution if asked; written to `out`."""
+    if out is not None:
+        claim_output_folder(out, "metrics.json", {"checkpoint", "split", "metrics"}, ("per_image.csv",), "evaluate")
     pipeline, scoring, about = pipeline_for(checkpoint, data, refine)
     cached = images_to_score(checkpoint, split, scoring)
     probabilities = probabilities_of(pipeline, cached.images, batch_size, progress)
@@ -174,12 +179,13 @@ def score_probabilities(
 def write_evaluation(result: dict[str, Any], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     summary = {k: v for k, v in result.items() if k != "per_image"}
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     rows = result["per_image"]
-    with open(out / "per_image.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(out / "per_image.csv", lambda handle: handle.write(text.getvalue().encode()), "scores")
+    write_atomically(out / "metrics.json", lambda handle: handle.write(json.dumps(summary, indent=2).encode()))
 
 
 def read_per_image(eval_dir: Path) -> list[dict[str, Any]]:

@@ -13,7 +13,8 @@ import lesionseg
 from lesionseg.augmentation import IMAGENET_MEAN, IMAGENET_STD
 from lesionseg.checkpoint import load_model
 from lesionseg.errors import LesionsegError
-from lesionseg.files import write_atomically
+from lesionseg.files import output_folder, shown, write_atomically
+from lesionseg.rundir import checkpoint_path
 
 INPUT_DOC = "image: float32 (batch, 3, S, S), RGB scaled to [0, 1]; probability: float32 (batch, 1, S, S)"
 
@@ -49,6 +50,30 @@ def store_weights_fp16(proto) -> None:
     proto.graph.node.extend(nodes)
 
 
+def exported_by_lesionseg(path: Path) -> bool:
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ONNX at all
+        return False
+    return any(p.key == "image_size" for p in proto.metadata_props)
+
+
+def check_target(checkpoint: str | os.PathLike, path: Path) -> None:
+    """Before any work: the output is a .onnx file that is neither the input nor anyone else's file (an earlier
+    export may be replaced), in a folder that can be written."""
+    if path.suffix.lower() != ".onnx":
+        raise LesionsegError(f"{shown(path)}: the exported model's name must end in .onnx")
+    source = checkpoint_path(checkpoint)
+    if path.exists():
+        if path.is_dir() or (source.exists() and os.path.samefile(path, source)):
+            raise LesionsegError(f"{shown(path)}: is the checkpoint itself or a folder; choose another --onnx")
+        if not exported_by_lesionseg(path):
+            raise LesionsegError(f"{shown(path)}: exists and is not a model lesionseg exported; not replaced")
+    output_folder(path.parent)
+
+
 def export_onnx(
     checkpoint: str | os.PathLike,
     path: str | os.PathLike,
@@ -58,8 +83,9 @@ def export_onnx(
     """One self-contained .onnx file with a dynamic batch axis and lesionseg metadata (plus `metadata`)."""
     import onnx
 
-    model, config, state = load_model(checkpoint)
     path = Path(path)
+    check_target(checkpoint, path)
+    model, config, state = load_model(checkpoint)
     example = torch.rand(2, 3, config.image_size, config.image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
     program = torch.onnx.export(
@@ -87,10 +113,6 @@ def export_onnx(
     if fp16_weights:
         store_weights_fp16(proto)
     onnx.helper.set_model_props(proto, props)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise LesionsegError(f"{path.parent}: cannot create the folder ({exc.strerror or exc})") from None
     return write_atomically(path, lambda handle: handle.write(proto.SerializeToString()), "ONNX model")
 
 
@@ -108,6 +130,7 @@ def export_int8(
     from lesionseg.data import resolve_data_dir
     from lesionseg.quantize import DEFAULT_RECIPE, quantize_int8, training_images
 
+    check_target(checkpoint, Path(path))
     config = load_model(checkpoint)[1]
     recipe = replace(DEFAULT_RECIPE, images=calibration_images or DEFAULT_RECIPE.images)
     images = training_images(

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import os
+import re
+import select
+import signal
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -35,6 +41,107 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None], what: str = 
             f"{path}: {what} not written ({exc.strerror or exc}); the previous one is intact"
         ) from None
     return path
+
+
+def shown(path: str | os.PathLike) -> str:
+    """A path as text that can always be printed and written to CSV: bytes that are not UTF-8 (a name from
+    another system's encoding) become U+FFFD instead of an encoding error halfway through a run."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def unusable(path: Path) -> str | None:
+    """Why `path` cannot be read as a file (None: it can), in words a user recognises."""
+    if path.is_symlink() and not path.exists():
+        try:
+            path.stat()
+        except OSError as exc:
+            return "a symbolic link that loops" if exc.errno == errno.ELOOP else "a broken symbolic link"
+    if not path.exists():
+        return "no such file or folder"
+    if not path.is_file():
+        return "not a regular file (a FIFO, socket or device)"
+    return None
+
+
+def bounded(check: Callable[[], str | None], limit_bytes: int, timeout_s: float = 300) -> str | None:
+    """`check()` (None, or what is wrong) run in a forked child whose address space may grow by at most
+    `limit_bytes`: a file crafted to allocate gigabytes fails there, as one line, and this process never grows.
+    Where there is no fork (or no /proc), `check` runs here, unbounded."""
+    status = Path("/proc/self/status")
+    if not hasattr(os, "fork") or not status.is_file():
+        return check()
+    import resource  # POSIX only, as fork is
+
+    virtual = int(re.search(r"VmSize:\s+(\d+) kB", status.read_text()).group(1)) * 1024
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork beside threads: the child only runs `check`
+        pid = os.fork()
+    if pid == 0:  # the child: never returns
+        try:
+            os.close(read_end)
+            resource.setrlimit(resource.RLIMIT_AS, (virtual + limit_bytes, resource.getrlimit(resource.RLIMIT_AS)[1]))
+            message = check() or ""
+        except BaseException as exc:  # noqa: BLE001 - whatever it is, the parent reports it in one line
+            too_big = isinstance(exc, MemoryError) or "allocate" in str(exc)
+            message = (
+                f"needs more than {limit_bytes / 2**30:.1f} GiB of memory to load and run once"
+                if too_big
+                else f"cannot be used ({exc.__class__.__name__}: {str(exc)[:200]})"
+            )
+        os.write(write_end, (message or "\0").encode()[:4096])
+        os._exit(0)
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], timeout_s)
+        data = os.read(read_end, 4096) if ready else None
+    finally:
+        os.close(read_end)
+    if data is None:
+        os.kill(pid, signal.SIGKILL)
+    _, code = os.waitpid(pid, 0)
+    if data is None:
+        return f"did not load and run once within {timeout_s:.0f} s"
+    if not data:  # killed or aborted before it could answer: an allocation the bound refused
+        return f"needs more than {limit_bytes / 2**30:.1f} GiB of memory to load and run once (status {code})"
+    text = data.decode(errors="replace")
+    return None if text == "\0" else text
+
+
+def output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """`path` created if needed and checked writable, before any work: one line naming it if it cannot be."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise LesionsegError(f"{shown(path)}: {what} is an existing file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LesionsegError(f"{shown(path)}: cannot create the {what} ({exc.strerror or exc})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise LesionsegError(f"{shown(path)}: the {what} is not writable")
+    return path
+
+
+def claim_output_folder(
+    folder: str | os.PathLike, record: str, keys: set[str], others: tuple[str, ...], command: str
+) -> Path:
+    """A folder `command` writes `record` (a JSON object with `keys`) and `others` into, created and checked
+    before any work: where those files exist but no earlier run of `command` wrote them, refused."""
+    folder = output_folder(folder)
+    path = folder / record
+    if path.exists():
+        try:
+            ours = keys <= set(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            ours = False
+        foreign = [] if ours else [path]
+    else:
+        foreign = [folder / name for name in others if (folder / name).exists()]
+    if foreign:
+        raise LesionsegError(
+            f"{shown(foreign[0])}: exists and was not written by lesionseg {command}; choose another --out"
+        )
+    return folder
 
 
 def remove_stale_temps(folder: Path, name: str) -> None:

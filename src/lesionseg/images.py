@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lesionseg.errors import DataError, ImageTooLargeError, NotAnImageError
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MAX_PIXELS = 60_000_000  # dermoscopy is at most ~6 MP; far larger is a decompression bomb, not a photo
 
 
@@ -81,12 +81,55 @@ def decode(
             if im.mode.startswith("I"):  # 16/32-bit grayscale: scale 0..65535 to 0..255
                 notes.append(f"{name}: 16-bit {im.mode} image scaled to 8-bit RGB")
                 im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+            if im.mode == "F":
+                im, note = from_float(np.asarray(im), name)
+                notes.append(note)
             if im.mode != "RGB":
                 notes.append(f"{name}: {im.mode} image converted to RGB")
                 im = im.convert("RGB")
             return im, notes, (full_width, full_height)
         except Exception as exc:  # truncated data, bad chunks, codec errors: all "cannot read"
             raise DataError(f"{name}: cannot read image ({exc.__class__.__name__}: {exc})") from None
+
+
+def from_float(values: np.ndarray, name: str) -> tuple[Image.Image, str]:
+    """A float image in [0, 1] (the usual convention) or [0, 255], scaled to 8 bits; any other range is refused
+    rather than clipped into a black or white picture that would still be segmented."""
+    finite = np.isfinite(values)
+    if not finite.all():
+        raise DataError(f"{name}: float image with {int((~finite).sum())} NaN or infinite pixels")
+    low, high = float(values.min()), float(values.max())
+    if low >= 0 and high <= 1:
+        return Image.fromarray(np.rint(values * 255).astype(np.uint8)), f"{name}: float image in [0, 1] scaled to 8-bit"
+    if low >= 0 and high <= 255:
+        return Image.fromarray(np.rint(values).astype(np.uint8)), f"{name}: float image in [0, 255] read as 8-bit"
+    raise DataError(f"{name}: float image with values from {low:g} to {high:g}; expected [0, 1] or [0, 255]")
+
+
+def checked_pil(image: Image.Image, name: str) -> Image.Image:
+    """A PIL image handed over in memory, under the same policy as a file: the pixel limit, EXIF rotation, RGB."""
+    check_pixels(*image.size, name)
+    try:
+        image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I"):
+            image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+        elif image.mode == "F":
+            image = from_float(np.asarray(image), name)[0]
+        return image.convert("RGB")
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"{name}: cannot use image ({exc.__class__.__name__}: {exc})") from None
+
+
+def check_pixels(width: int, height: int, name: str) -> None:
+    """The file policy's pixel limit, for images that arrive as arrays or PIL images too."""
+    if width < 1 or height < 1:
+        raise DataError(f"{name}: an image of {width}x{height} pixels has nothing to segment")
+    if width * height > MAX_PIXELS:
+        raise ImageTooLargeError(
+            f"{name}: {width}x{height} = {width * height:,} pixels, over the {MAX_PIXELS:,}-pixel limit"
+        )
 
 
 def inspect_image(path: Path) -> tuple[Image.Image, list[str]]:
@@ -96,6 +139,12 @@ def inspect_image(path: Path) -> tuple[Image.Image, list[str]]:
 def read_image(path: Path) -> Image.Image:
     """An RGB image, EXIF rotation applied; unreadable files raise DataError naming the file."""
     return inspect_image(path)[0]
+
+
+def lesion_above(top: int) -> int:
+    """The value a mask pixel must exceed to be lesion: 0/1 masks > 0; 8-bit > 128 (the ISIC scorer's rule);
+    16-bit > 32768."""
+    return 0 if top == 1 else (top + 1) // 2
 
 
 def inspect_mask(path: Path, allow_empty: bool = False) -> tuple[np.ndarray, list[str]]:
@@ -115,9 +164,9 @@ def inspect_mask(path: Path, allow_empty: bool = False) -> tuple[np.ndarray, lis
     notes = (
         []
         if set(levels.tolist()) <= {0, top}
-        else [f"{path}: non-binary mask ({len(levels)} levels), lesion where > {(top + 1) // 2}"]
+        else [f"{path}: non-binary mask ({len(levels)} levels), lesion where > {lesion_above(top)}"]
     )
-    mask = values > (top + 1) // 2  # 0/1: > 0; 8-bit: > 128; 16-bit: > 32768
+    mask = values > lesion_above(top)
     if not (mask.any() or allow_empty):
         raise DataError(f"{path}: empty mask (no lesion pixel)")
     return mask, notes

@@ -15,17 +15,27 @@ from pathlib import Path
 
 import numpy as np
 
+from lesionseg.config import IMAGE_SIZES, MAX_NAME
 from lesionseg.errors import LesionsegError
+from lesionseg.files import bounded, shown
 from lesionseg.pipeline import Predictor
 
 RELEASED_MODEL = "release/lesionseg-unet.onnx"  # inside the package; see MODEL_CARD.md
 TRAIN_EXTRA = "pip install 'lesionseg[train]'"
+MODEL_CHECK_BYTES = 1536 * 2**20  # what loading and one dry run of a model may take (the release U-Net: ~0.1 GB)
 
 
 def require_torch(what: str) -> None:
     """A one-line error, not an ImportError, where a light install lacks PyTorch."""
     if find_spec("torch") is None:
         raise LesionsegError(f"{what} needs PyTorch, which this installation lacks: {TRAIN_EXTRA}")
+
+
+def checkpoint_version(path: Path, state: dict) -> str:
+    """ "best.pt, epoch 12, lesionseg 0.3.0": what the page and the API say answered, from whatever the file holds."""
+    info = state.get("info") if isinstance(state.get("info"), dict) else {}
+    text = f"{path.name}, epoch {state.get('epoch', '?')}, lesionseg {info.get('lesionseg', '?')}"
+    return shown(text[:MAX_NAME])
 
 
 class TorchPredictor:
@@ -42,7 +52,7 @@ class TorchPredictor:
         self.model, config = model_from_checkpoint(state, checkpoint)
         self.image_size, self.threshold = config.image_size, config.threshold
         self.name = config.model_name
-        self.version = f"{Path(checkpoint).name}, epoch {state.get('epoch', '?')}, lesionseg {state.get('info', {}).get('lesionseg', '?')}"
+        self.version = checkpoint_version(Path(checkpoint), state)
         self.channels_last = channels_last
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -59,26 +69,91 @@ class TorchPredictor:
             return torch.sigmoid(self.model(x)).numpy()
 
 
+def metadata_problem(metadata: dict[str, str]) -> str | None:
+    """What is wrong with an exported model's metadata, if anything: its size and threshold decide every
+    array the pipeline makes, and its name and version are echoed in every reply."""
+    if "image_size" not in metadata:
+        return "not exported by lesionseg (no image_size in its metadata)"
+    try:
+        size, threshold = int(metadata["image_size"]), float(metadata.get("threshold", "nan"))
+    except ValueError:
+        return f"metadata image_size {metadata['image_size'][:20]!r} or threshold is not a number"
+    if size not in IMAGE_SIZES:
+        return f"metadata image_size {size} is not a multiple of 32 from 32 to 1024"
+    if not 0 < threshold < 1:
+        return "metadata threshold missing or not in (0, 1)"
+    for key in ("name", "version"):
+        if len(metadata.get(key, "")) > MAX_NAME:
+            return f"metadata {key} is {len(metadata[key]):,} characters; at most {MAX_NAME}"
+    return None
+
+
+def graph_problem(session, size: int) -> str | None:
+    """What keeps the graph from being a lesionseg model: one float input `image` (dynamic batch, 3, S, S)
+    and an answer of probabilities (N, 1, S, S), tried once on two grey images."""
+    inputs = session.get_inputs()
+    if [i.name for i in inputs] != ["image"] or inputs[0].type != "tensor(float)":
+        return f"inputs {[(i.name, i.type) for i in inputs]}; expected one float tensor named 'image'"
+    shape = inputs[0].shape
+    if (
+        len(shape) != 4
+        or shape[1] != 3
+        or isinstance(shape[0], int)
+        or any(d not in (size, None) and isinstance(d, int) for d in shape[2:])
+    ):
+        return f"input shape {shape}; expected (batch, 3, {size}, {size}) with a dynamic batch"
+    answer = session.run(None, {"image": np.full((2, 3, size, size), 0.5, np.float32)})[0]
+    if answer.shape != (2, 1, size, size):
+        return f"answers shape {answer.shape} for 2 images of {size} px; expected (2, 1, {size}, {size})"
+    if not (np.isfinite(answer).all() and 0 <= answer.min() and answer.max() <= 1):
+        return "answers values outside [0, 1]: not probabilities"
+    return None
+
+
+def session_options(threads: int | None = None, quiet: bool = False):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if quiet:  # the check reports a failure itself, in one line
+        options.log_severity_level = 4
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+def open_session(path: Path, threads: int | None = None, quiet: bool = False):
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(path), session_options(threads, quiet), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own types for a foreign or damaged file
+        raise LesionsegError(f"{path}: not a readable ONNX model ({exc.__class__.__name__})") from None
+
+
+def model_problem(path: Path) -> str | None:
+    """Load and try the model once; run inside `bounded` so that a graph built to exhaust memory cannot."""
+    try:
+        session = open_session(path, threads=1, quiet=True)
+    except LesionsegError as exc:
+        return str(exc).removeprefix(f"{path}: ")
+    metadata = session.get_modelmeta().custom_metadata_map
+    return metadata_problem(metadata) or graph_problem(session, int(metadata["image_size"]))
+
+
 class OnnxPredictor:
-    """An exported model run by onnxruntime; size, threshold, name and version come from the file's metadata."""
+    """An exported model run by onnxruntime; size, threshold, name and version come from the file's metadata,
+    all checked (with one dry run under a memory bound) before the model is used."""
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         path = Path(path)
         if not path.is_file():
-            raise LesionsegError(f"{path}: ONNX model not found")
-        options = ort.SessionOptions()
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own types for a foreign or damaged file
-            raise LesionsegError(f"{path}: not a readable ONNX model ({exc.__class__.__name__})") from None
+            raise LesionsegError(f"{shown(path)}: ONNX model not found")
+        problem = bounded(lambda: model_problem(path), MODEL_CHECK_BYTES)
+        if problem:
+            raise LesionsegError(f"{shown(path)}: {problem}")
+        self.session = open_session(path, threads)
         self.metadata = self.session.get_modelmeta().custom_metadata_map
-        if "image_size" not in self.metadata:
-            raise LesionsegError(f"{path}: not exported by lesionseg (no image_size in its metadata)")
         self.image_size, self.threshold = int(self.metadata["image_size"]), float(self.metadata["threshold"])
         self.name = self.metadata.get("name", f"{self.metadata.get('arch', 'model')} ({self.image_size} px)")
         self.version = self.metadata.get("version", path.name)

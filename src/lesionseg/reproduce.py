@@ -7,10 +7,17 @@ from pathlib import Path
 from typing import Any
 
 from lesionseg.checkpoint import load_checkpoint
-from lesionseg.config import PAPER_PRESETS, TrainConfig, build_config
+from lesionseg.config import PAPER_PRESETS, TrainConfig, build_config, read_config
+from lesionseg.errors import LesionsegError
 from lesionseg.evaluation import evaluate_checkpoint
+from lesionseg.files import claim_output_folder, shown
 from lesionseg.rundir import RunDir
 from lesionseg.training import fit
+
+
+def claim_report_folder(out: str | os.PathLike) -> Path:
+    """The report's folder, refused before any training if it holds a report lesionseg did not write."""
+    return claim_output_folder(out, "metrics.json", {"measured", "paper"}, ("results.md",), "reproduce or compare")
 
 
 def is_finished(run_dir: Path, config: TrainConfig) -> bool:
@@ -22,17 +29,23 @@ def is_finished(run_dir: Path, config: TrainConfig) -> bool:
     return TrainConfig.from_dict(state["config"]) == config and state["epoch"] == config.epochs
 
 
+def is_unfinished(run_dir: Path, config: TrainConfig) -> bool:
+    """A run of exactly this config that stopped before its last epoch (any other run there is refused)."""
+    run = RunDir(run_dir)
+    return run.config.is_file() and run.last.is_file() and read_config(run.config) == config
+
+
 def run_reproduce(out: str | os.PathLike, progress: bool = True, **overrides: Any) -> dict[str, Any]:
     """Both presets with the same overrides, each in `out/<preset>`; returns the report's numbers."""
     from lesionseg.report import write_report  # matplotlib only when a report is written
 
-    out = Path(out)
+    out = claim_report_folder(out)
     runs = {}
     for preset in PAPER_PRESETS:
         config = build_config(preset, **overrides, out=str(out / preset))
         run_dir = Path(config.out)
-        if not is_finished(run_dir, config):
-            fit(config, progress=progress)
+        if not is_finished(run_dir, config):  # an unfinished run of this very config is continued
+            fit(config, progress=progress, resume=is_unfinished(run_dir, config))
         evaluate_checkpoint(RunDir(run_dir).best, split="test", out=RunDir(run_dir).eval, progress=progress)
         runs[preset] = run_dir
     return write_report(runs, out)
@@ -42,8 +55,15 @@ def run_compare(run_dirs: list[str | os.PathLike], out: str | os.PathLike, progr
     """One table and one set of figures across runs; runs not yet evaluated are scored on the test split."""
     from lesionseg.report import write_report
 
+    claim_report_folder(out)
     runs = {}
-    for run_dir in map(Path, run_dirs):
+    named = [Path(r) for r in run_dirs]
+    for n, run_dir in enumerate(named):
+        if not RunDir(run_dir).best.is_file():
+            raise LesionsegError(f"{shown(run_dir)}: not a trained run (no best.pt)")
+        if any(os.path.samefile(run_dir, other) for other in named[:n]):
+            raise LesionsegError(f"{shown(run_dir)}: named twice; compare takes different runs")
+    for run_dir in named:
         run = RunDir(run_dir)
         if not (run.eval / "per_image.csv").is_file():
             evaluate_checkpoint(run.best, split="test", out=run.eval, progress=progress)

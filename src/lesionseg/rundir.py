@@ -56,6 +56,10 @@ class RunDir:
     def eval(self) -> Path:
         return self.path / "eval"
 
+    def holds_run(self) -> bool:
+        """Whether a run was trained here (its config, checkpoints or log), not just a folder of that name."""
+        return any(path.exists() for path in (self.config, self.last, self.best, self.log))
+
     def read_split(self) -> dict[str, Any]:
         return json.loads(self.split.read_text())
 

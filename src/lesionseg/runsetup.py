@@ -49,7 +49,7 @@ def load_init(config: TrainConfig) -> tuple[dict[str, torch.Tensor], dict[str, A
     about = {
         "checkpoint": str(path.resolve()),
         "sha256": sha256_of(path),
-        "weights": state.get("info", {}).get("weights"),
+        "weights": state["info"].get("weights") if isinstance(state.get("info"), dict) else None,
     }
     return state["model"], about
 

@@ -9,27 +9,32 @@ request thread running its own model call on the same two cores.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import queue
 import threading
 import time
 from concurrent.futures import Future
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from importlib import resources
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request, UploadFile
+from fastapi import FastAPI, HTTPException, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
 from PIL import Image
 
+from lesionseg.config import MAX_NAME
 from lesionseg.errors import DataError, ImageTooLargeError, NotAnImageError
-from lesionseg.images import decode_image
-from lesionseg.pipeline import Pipeline, Predictor, read_for_model
+from lesionseg.files import shown
+from lesionseg.images import MAX_PIXELS, decode_image, open_checked
+from lesionseg.pipeline import Pipeline, Predictor, Segmentation, model_input, read_for_model
 from lesionseg.prediction import mask_png, png_bytes
 from lesionseg.prediction import overlay as outlined
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MULTIPART_OVERHEAD = 64 * 1024  # the form's boundaries and headers around the file
+UPLOAD_TIMEOUT_S = 60.0  # 20 MiB in a minute: about 2.8 Mbit/s
 
 
 class ServerBusy(Exception):
@@ -116,8 +121,76 @@ def decode_upload(data: bytes, name: str, model_size: int | None = None) -> tupl
         raise HTTPException(400, str(exc)) from None
 
 
+class PixelBudget:
+    """At most `total` pixels of images held at full size at once, across all request threads: many ordinary
+    photos proceed together, while images near the pixel limit take their turn one by one, so twelve 60 MP uploads
+    at once cost what one does (~10 bytes a pixel while decoding, resizing back and encoding)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.used = total, 0
+        self.changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int):
+        pixels = min(max(pixels, 1), self.total)
+        with self.changed:
+            self.changed.wait_for(lambda: self.used + pixels <= self.total)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.used -= pixels
+                self.changed.notify_all()
+
+
+def upload_pixels(data: bytes, name: str) -> int:
+    """The pixel count an upload's header claims (nothing decoded); 1 if it has none: decoding will say why."""
+    try:
+        with open_checked(io.BytesIO(data), name) as image:
+            return image.size[0] * image.size[1]
+    except DataError:
+        return 1
+
+
 def as_base64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+class BoundedUpload:
+    """Request bodies within `max_bytes` and `seconds`, checked as they stream in: a declared length over the
+    limit is refused before a byte is read, a chunked body as soon as it passes the limit (not after it was read
+    and spooled to disk), and a body not complete `seconds` after the request began gets 408, so a client that
+    sends a byte a minute cannot hold a worker for ever. The refusals raise HTTPException, which FastAPI turns
+    into the same JSON `detail` as every other error."""
+
+    def __init__(self, app, max_bytes: int, seconds: float) -> None:
+        self.app, self.max_bytes, self.seconds = app, max_bytes, seconds
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = f"upload larger than the {self.max_bytes // 2**20} MiB limit"
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.max_bytes:
+            return await JSONResponse({"detail": limit}, status_code=413)(scope, receive, send)
+        deadline, received, body_done = time.monotonic() + self.seconds, 0, False
+
+        async def bounded_receive():
+            nonlocal body_done, received
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise HTTPException(408, f"upload not complete within {self.seconds:g} s") from None
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                raise HTTPException(413, limit)
+            body_done = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, bounded_receive, send)
 
 
 def create_app(
@@ -125,6 +198,7 @@ def create_app(
     max_upload_bytes: int = MAX_UPLOAD_BYTES,
     max_batch: int = 16,
     batch_window_s: float = 0.002,
+    upload_timeout_s: float = UPLOAD_TIMEOUT_S,
 ) -> FastAPI:
     """The app for a pipeline (its views and refinements), or for a bare predictor with none."""
     if not isinstance(pipeline, Pipeline):
@@ -137,18 +211,15 @@ def create_app(
         yield
         batcher.close()
 
-    app = FastAPI(title="lesionseg", description="Skin-lesion segmentation of dermoscopy images", lifespan=lifespan)
+    app = FastAPI(
+        title="lesionseg",
+        description="Skin-lesion segmentation of dermoscopy images",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BoundedUpload, max_bytes=max_upload_bytes + MULTIPART_OVERHEAD, seconds=upload_timeout_s)
     app.state.batcher = batcher
     page = resources.files("lesionseg").joinpath("static", "index.html").read_text()
-
-    @app.middleware("http")
-    async def refuse_oversized(request: Request, call_next):
-        """Refuse on the declared length, before the multipart body is spooled to disk."""
-        if int(request.headers.get("content-length") or 0) > max_upload_bytes + 64 * 1024:
-            return JSONResponse(
-                {"detail": f"upload larger than the {max_upload_bytes // 2**20} MiB limit"}, status_code=413
-            )
-        return await call_next(request)
+    full_size = PixelBudget(MAX_PIXELS)
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
@@ -163,24 +234,30 @@ def create_app(
         """The JSON row of the image and its mask as a base64 1-bit PNG at the image's own size; with
         `?overlay=true` also `overlay_png`, the image with the outline drawn (full decode, several times slower).
         Runs in the thread pool; the model call itself is batched with the other requests in flight."""
-        name = file.filename or "upload"
+        name = shown(file.filename or "upload")[:MAX_NAME]
         data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"{name}: larger than the {max_upload_bytes // 2**20} MiB upload limit")
         start = time.perf_counter()
-        image, size = decode_upload(data, name, pipeline.image_size)
+        with full_size.hold(upload_pixels(data, name)):  # however many requests are in flight
+            image, size = decode_upload(data, name, pipeline.image_size)
+            pixels = model_input(image, pipeline.image_size)
+            del image
         try:
-            result = batched.segment([image], [name], [size])[0]
+            probability = batched.probabilities(pixels[None])[0, 0]
         except ServerBusy as exc:
             raise HTTPException(503, f"{name}: server busy ({exc}); retry later") from None
-        reply = {
-            **result.stats,
-            "model": pipeline.name,
-            "version": pipeline.version,
-            "mask_png": as_base64(mask_png(result.mask)),
-        }
-        if overlay:
-            reply["overlay_png"] = as_base64(png_bytes(outlined(decode_upload(data, name)[0], result.mask)))
+        with full_size.hold(size[0] * size[1]):
+            result = Segmentation(*batched.mask(probability, size), name)
+            reply = {
+                **result.stats,
+                "model": pipeline.name,
+                "version": pipeline.version,
+                "mask_png": as_base64(mask_png(result.mask)),
+            }
+            if overlay:
+                reply["overlay_png"] = as_base64(png_bytes(outlined(decode_upload(data, name)[0], result.mask)))
+            del result
         return {**reply, "seconds": time.perf_counter() - start}
 
     return app

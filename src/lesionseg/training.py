@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,8 @@ from lesionseg import allocator
 from lesionseg.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lesionseg.config import TrainConfig, read_config, save_config
 from lesionseg.distributed import Process, barrier, init_process, mean_across, resolve_device
-from lesionseg.errors import CheckpointError, Interrupted, LesionsegError
+from lesionseg.errors import CheckpointError, Interrupted, LesionsegError, TrainingError
+from lesionseg.files import output_folder, remove_stale_temps, shown
 from lesionseg.losses import WeightedSum
 from lesionseg.metrics import MetricAccumulator
 from lesionseg.models import build_model
@@ -241,13 +243,23 @@ class Trainer:
         )
 
     def restore(self, saved: dict[str, Any]) -> None:
-        """Continue exactly where an epoch-boundary checkpoint left off."""
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        self.scaler.load_state_dict(saved["scaler"])
-        set_rng_state(saved["rng"])
-        self.state = {k: saved[k] for k in ("epoch", "best_metric", "best_epoch", "history")}
+        """Continue exactly where an epoch-boundary checkpoint left off; one that lacks a part of that (or holds
+        another model's) is one line naming it."""
+        try:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.scaler.load_state_dict(saved["scaler"])
+            set_rng_state(saved["rng"])
+            state = {k: saved[k] for k in ("epoch", "best_metric", "best_epoch", "history")}
+            if not (isinstance(state["epoch"], int) and isinstance(state["history"], list)):
+                raise TypeError("epoch or history of the wrong type")
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            first = (str(exc).splitlines() or [exc.__class__.__name__])[0][:200]
+            raise CheckpointError(
+                f"{shown(self.run.last)}: cannot be resumed ({exc.__class__.__name__}: {first})"
+            ) from None
+        self.state = state
 
     def write_log(self) -> None:
         """log.csv from the history itself, so a resumed run never repeats or skips a row."""
@@ -296,6 +308,7 @@ class Trainer:
                     "seconds": seconds,
                     "train_images_per_s": seen * self.process.world / seconds,
                 }
+                self.refuse_divergence(row, epoch)
                 state["history"].append(row)
                 state["epoch"] = epoch
                 bar.set_description(
@@ -316,31 +329,65 @@ class Trainer:
         finally:
             bar.close()
 
+    def refuse_divergence(self, row: dict[str, float], epoch: int) -> None:
+        """A loss that is no longer a number (too high an lr, an overflow) ends the run before its model can be
+        saved: best.pt and last.pt keep the last finite epoch."""
+        losses = {key: row[key] for key in ("train_loss", "val_loss")}
+        if all(math.isfinite(value) for value in losses.values()):
+            return
+        kept = f"best.pt holds epoch {self.state['best_epoch']}" if self.state["best_epoch"] else "no model was saved"
+        raise TrainingError(
+            f"{shown(self.run_dir)}: training diverged in epoch {epoch} "
+            f"(train loss {losses['train_loss']}, validation loss {losses['val_loss']}); {kept}; try a lower --lr"
+        )
+
     def stop_early(self) -> bool:
         patience = self.config.patience
         return bool(patience) and self.state["epoch"] - self.state["best_epoch"] >= patience
 
 
-def fit(config: TrainConfig, progress: bool = True, resume: bool = False) -> Path:
-    """Train per `config` into `config.out`: config.yaml, run.json, split.json, log.csv, last.pt, best.pt."""
+def claim_run_folder(run: RunDir, resume: bool, overwrite: bool) -> None:
+    """The run folder, created; an earlier run in it is never replaced unless asked (`--overwrite`), and a
+    killed checkpoint write's temp files are removed."""
+    if run.holds_run() and not (resume or overwrite):
+        raise CheckpointError(
+            f"{shown(run.path)}: holds a training run already; continue it with --resume {shown(run.path)}, "
+            "replace it with --overwrite, or choose another --out"
+        )
+    folder = output_folder(run.path, "run folder")
+    for name in (run.last.name, run.best.name):
+        remove_stale_temps(folder, name)
+
+
+def forget_replaced_run(run: RunDir) -> None:
+    """--overwrite: the earlier run's checkpoints, log and scores go, once the new run has set up without error,
+    so that nothing of it can be mistaken for the new run's."""
+    for path in (run.last, run.best, run.log):
+        path.unlink(missing_ok=True)
+    shutil.rmtree(run.eval, ignore_errors=True)
+
+
+def fit(config: TrainConfig, progress: bool = True, resume: bool = False, overwrite: bool = False) -> Path:
+    """Train per `config` into `config.out`: config.yaml, run.json, split.json, log.csv, last.pt, best.pt.
+    The data, the weights and the model are all set up before config.yaml is written."""
     process = init_process(config.device)
     run_dir = Path(config.out)
+    run = RunDir(run_dir)
     if process.is_main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, RunDir(run_dir).config)
-        except OSError as exc:
-            raise CheckpointError(f"{run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
+        claim_run_folder(run, resume, overwrite)
     barrier(process)
-    last = RunDir(run_dir).last
-    saved = load_checkpoint(last) if resume and last.is_file() else None  # refused before any work if unsafe
+    saved = load_checkpoint(run.last) if resume and run.last.is_file() else None  # refused before any work if unsafe
     trainer = Trainer(config, run_dir, process)
-    if saved is not None and not saved.get(
-        "partial"
-    ):  # a checkpoint from inside the first epoch cannot be continued exactly
+    if saved is not None and not saved.get("partial"):  # one from inside the first epoch cannot be continued exactly
         trainer.restore(saved)
     if process.is_main:
-        RunDir(run_dir).info.write_text(json.dumps(trainer.info, indent=1))
+        if overwrite and not resume:
+            forget_replaced_run(run)
+        try:
+            save_config(config, run.config)
+            run.info.write_text(json.dumps(trainer.info, indent=1))
+        except OSError as exc:
+            raise CheckpointError(f"{run_dir}: cannot write the run folder ({exc.strerror or exc})") from None
     trainer.fit(progress)
     return run_dir
 
