@@ -664,7 +664,7 @@ def test_an_error_is_reported_without_importing_pytorch(tmp_path):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip().count("\n") == 0 and "missing.pt: no such file or folder" in done.stderr
+    assert done.stderr.strip().count("\n") == 0 and "missing.pt: checkpoint not found" in done.stderr
 
 
 def test_evaluate_and_compare_never_replace_files_they_did_not_write(tiny_checkpoint, tmp_path, capsys):

@@ -204,3 +204,80 @@ def test_flip_tta_for_users_is_the_average_evaluation_scores(tiny_checkpoint, ph
     )
     written = json.loads((tmp_path / "out" / "predictions.json").read_text())[0]
     assert written == {**tta.segment(photos / "a.jpg").stats, "mask": "masks/a.png"}
+
+
+def isic_folder(folder, count: int = 6, seed: int = 4):
+    """Images named as the ISIC scorer expects (ISIC_ and 7 digits), with their truth masks beside."""
+    from conftest import disc_pair
+
+    rng = np.random.default_rng(seed)
+    images, truth = folder / "images", folder / "truth"
+    images.mkdir(parents=True)
+    truth.mkdir()
+    for n in range(count):
+        image, mask = disc_pair(rng, int(rng.integers(40, 90)))
+        Image.fromarray(image).save(images / f"ISIC_{1000000 + n:07d}.jpg", quality=95)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(truth / f"ISIC_{1000000 + n:07d}_Segmentation.png")
+    return images, truth
+
+
+def test_the_isic_scorer_reads_the_predict_folder_as_it_is(tiny_checkpoint, tmp_path):
+    from isic_challenge_scoring.segmentation import SegmentationScore
+
+    images, truth = isic_folder(tmp_path)
+    out = tmp_path / "out"
+    argv = ["predict", "--checkpoint", str(tiny_checkpoint), str(images), "--out", str(out), "--overlays"]
+    assert main([*argv, "--no-progress"]) == 0
+    score = SegmentationScore.from_dir(truth, out / "masks").macro_average
+    assert 0 <= score["jaccard"] <= 1 and len(list((out / "masks").iterdir())) == 6
+
+
+def test_a_killed_predict_resumes_and_redoes_only_what_is_missing(tiny_checkpoint, tmp_path, capsys):
+    images, _ = isic_folder(tmp_path)
+    out = tmp_path / "out"
+    argv = ["predict", "--checkpoint", str(tiny_checkpoint), str(images), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0
+    first = (out / "predictions.json").read_text()
+    masks = {p.name: p.read_bytes() for p in (out / "masks").iterdir()}
+    # as a kill would leave it: one mask never written, the journal's last line cut, no table yet
+    (out / "masks" / "ISIC_1000003.png").unlink()
+    journal = out / ".lesionseg-predict.jsonl"
+    journal.write_text(journal.read_text().rsplit("\n", 3)[0][:-10])
+    (out / "predictions.json").unlink()
+    (out / "predictions.csv").unlink()
+    capsys.readouterr()
+    assert main(argv) == 0
+    said = capsys.readouterr().out
+    # redone: the mask that was never written, the row cut short and the row never appended
+    assert "segmented 3 image(s)" in said and "3 already done" in said
+    assert (out / "predictions.json").read_text() == first
+    assert {p.name: p.read_bytes() for p in (out / "masks").iterdir()} == masks
+    assert main([*argv, "--overwrite"]) == 0 and "segmented 6 image(s)" in capsys.readouterr().out
+    assert main([*argv, "--tta"]) == 2  # another model's options: not mixed into one folder
+    assert "another model or options (refinements 'plain')" in capsys.readouterr().err
+
+
+def test_two_shards_write_the_same_masks_and_rows_as_one_process(tiny_checkpoint, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    images, _ = isic_folder(tmp_path, count=9)
+    command = [sys.executable, "-m", "lesionseg", "predict", "--checkpoint", str(tiny_checkpoint), str(images)]
+    assert main(["predict", "--checkpoint", str(tiny_checkpoint), str(images), "--out", str(tmp_path / "one"),
+                 "--no-progress"]) == 0  # fmt: skip
+    shards = [  # as torchrun starts them: RANK and WORLD_SIZE
+        subprocess.Popen([*command, "--out", str(tmp_path / "two"), "--no-progress"],
+                         env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2"}, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]  # fmt: skip
+    for shard in shards:
+        assert shard.wait(300) == 0, shard.stderr.read()[-2000:]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (one / "predictions.json").read_text() == (two / "predictions.json").read_text()
+    assert (one / "predictions.csv").read_text() == (two / "predictions.csv").read_text()
+    for mask in (one / "masks").iterdir():
+        assert (two / "masks" / mask.name).read_bytes() == mask.read_bytes()
+    (two / "predictions.csv").unlink()
+    assert main(["merge", str(two)]) == 0
+    assert (one / "predictions.csv").read_text() == (two / "predictions.csv").read_text()

@@ -15,7 +15,19 @@ from lesionseg.cli import build_parser
 from lesionseg.config import DECODERS, TrainConfig, config_overrides
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lesionseg"
-INFERENCE = ("pipeline", "predictors", "api", "prediction", "serve", "images", "files", "rundir", "config", "cli")
+INFERENCE = (
+    "pipeline",
+    "predictors",
+    "api",
+    "prediction",
+    "outputs",
+    "serve",
+    "images",
+    "files",
+    "rundir",
+    "config",
+    "cli",
+)
 TRAINING = ("training", "data", "losses", "models", "weights", "checkpoint", "distributed", "report", "reproduce")
 
 

@@ -92,11 +92,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from lesionseg.predictors import load_predictor
 
     pipeline = Pipeline(load_predictor(args.checkpoint, args.onnx), refinements(args))
+    from lesionseg.outputs import Shard
+
+    shard = Shard.parse(args.shard)
     report = run_predict(
-        pipeline, args.inputs, args.out, args.batch_size, progress=not args.no_progress, overlays=args.overlays
+        pipeline,
+        args.inputs,
+        args.out,
+        args.batch_size,
+        progress=not args.no_progress,
+        overlays=args.overlays,
+        overwrite=args.overwrite,
+        shard=shard,
     )
-    print(f"segmented {len(report.rows)} image(s) into {shown(args.out)}; {len(report.problems)} skipped")
+    share = f" (shard {shard.index + 1} of {shard.count})" if shard.count > 1 else ""
+    print(
+        f"segmented {len(report.rows) - report.resumed} image(s) into {shown(args.out)}{share}; "
+        f"{report.resumed} already done; {len(report.problems)} skipped"
+    )
     return 1 if report.problems or not report.rows else 0
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from lesionseg.outputs import merge
+
+    if not os.path.isdir(args.out):
+        raise LesionsegError(f"{shown(args.out)}: predict folder not found")
+    rows = merge(args.out)
+    print(f"joined {len(rows)} row(s) into {shown(os.path.join(args.out, 'predictions.csv'))}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -270,9 +293,19 @@ def add_use_commands(sub) -> None:
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--out", required=True, help="output folder (its own layout: masks/, overlays/, predictions.*)")
     p.add_argument("--overlays", action="store_true", help="also OUT/overlays/<stem>.png: the outline on the image")
+    p.add_argument("--overwrite", action="store_true", help="redo images an earlier run into OUT finished")
+    p.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="segment the K-th of N shares (a stable split by file name; default: torchrun's RANK/WORLD_SIZE)",
+    )
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("merge", help="join the shards' rows in a predict folder into predictions.csv/.json")
+    p.add_argument("out", help="the --out folder the shards wrote into")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("serve", help="web page and POST /predict API")
     add_model_source(p)

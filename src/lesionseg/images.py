@@ -9,7 +9,9 @@ one DataError that names the file.
 from __future__ import annotations
 
 import re
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -78,18 +80,27 @@ def decode(
             im = ImageOps.exif_transpose(im)
             if orientation in (5, 6, 7, 8):  # a quarter turn swaps the sides
                 full_width, full_height = full_height, full_width
-            if im.mode.startswith("I"):  # 16/32-bit grayscale: scale 0..65535 to 0..255
-                notes.append(f"{name}: 16-bit {im.mode} image scaled to 8-bit RGB")
-                im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
-            if im.mode == "F":
-                im, note = from_float(np.asarray(im), name)
-                notes.append(note)
-            if im.mode != "RGB":
-                notes.append(f"{name}: {im.mode} image converted to RGB")
-                im = im.convert("RGB")
+            im, converted = to_rgb(im, name)
+            notes += converted
             return im, notes, (full_width, full_height)
         except Exception as exc:  # truncated data, bad chunks, codec errors: all "cannot read"
             raise DataError(f"{name}: cannot read image ({exc.__class__.__name__}: {exc})") from None
+
+
+def to_rgb(im: Image.Image, name: str) -> tuple[Image.Image, list[str]]:
+    """8-bit RGB from any mode Pillow reads, and what was converted: 16/32-bit integers scaled from 0..65535,
+    floats scaled from [0, 1] or read as [0, 255] (any other range refused), the rest converted."""
+    notes = []
+    if im.mode.startswith("I"):
+        notes.append(f"{name}: 16-bit {im.mode} image scaled to 8-bit RGB")
+        im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
+    if im.mode == "F":
+        im, note = from_float(np.asarray(im), name)
+        notes.append(note)
+    if im.mode != "RGB":
+        notes.append(f"{name}: {im.mode} image converted to RGB")
+        im = im.convert("RGB")
+    return im, notes
 
 
 def from_float(values: np.ndarray, name: str) -> tuple[Image.Image, str]:
@@ -110,12 +121,7 @@ def checked_pil(image: Image.Image, name: str) -> Image.Image:
     """A PIL image handed over in memory, under the same policy as a file: the pixel limit, EXIF rotation, RGB."""
     check_pixels(*image.size, name)
     try:
-        image = ImageOps.exif_transpose(image)
-        if image.mode.startswith("I"):
-            image = Image.fromarray((np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8))
-        elif image.mode == "F":
-            image = from_float(np.asarray(image), name)[0]
-        return image.convert("RGB")
+        return to_rgb(ImageOps.exif_transpose(image), name)[0]
     except DataError:
         raise
     except Exception as exc:
@@ -170,3 +176,26 @@ def inspect_mask(path: Path, allow_empty: bool = False) -> tuple[np.ndarray, lis
     if not (mask.any() or allow_empty):
         raise DataError(f"{path}: empty mask (no lesion pixel)")
     return mask, notes
+
+
+class PixelBudget:
+    """At most `total` pixels of images held at full size at once, across all request threads: many ordinary
+    photos proceed together, while images near the pixel limit take their turn one by one, so twelve 60 MP uploads
+    at once cost what one does (~10 bytes a pixel while decoding, resizing back and encoding)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.used = total, 0
+        self.changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int):
+        pixels = min(max(pixels, 1), self.total)
+        with self.changed:
+            self.changed.wait_for(lambda: self.used + pixels <= self.total)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self.changed:
+                self.used -= pixels
+                self.changed.notify_all()

@@ -2,19 +2,21 @@
 input's file stem: what the ISIC scorer and most pipelines read), an outline overlay on request, and a
 CSV/JSON row, through the one pipeline (`lesionseg.pipeline`).
 
-predict writes only into its own layout and keeps a record of what it wrote (predictions.json): a file it
+predict writes only into its own layout (`lesionseg.outputs`) and keeps a record of what it wrote: a file it
 would write that exists and is not in that record is someone else's, and the run is refused before anything
-is written. Memory is bounded by the batch at the model's size plus one image at full size.
+is written. A rerun skips what is done; `--shard K/N` (or torchrun's RANK/WORLD_SIZE) takes a share. Decoding,
+the model and writing overlap; memory is bounded by the queues at the model's size plus at most MAX_PIXELS at
+full size.
 """
 
 from __future__ import annotations
 
-import csv
 import io
-import json
 import os
 import sys
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,14 +26,25 @@ from PIL import Image
 from scipy import ndimage
 from tqdm.auto import tqdm
 
-from lesionseg.errors import DataError, LesionsegError
+from lesionseg.errors import DataError
 from lesionseg.files import output_folder, shown, unusable, write_atomically
-from lesionseg.images import IMAGE_SUFFIXES, decode_image
+from lesionseg.images import IMAGE_SUFFIXES, MAX_PIXELS, PixelBudget, decode_image
+from lesionseg.outputs import (
+    MASKS,
+    OVERLAYS,
+    Journal,
+    Shard,
+    Written,
+    forget_other_models,
+    merge,
+    refuse_foreign,
+    refuse_other_model,
+)
 from lesionseg.pipeline import Pipeline, Segmentation, model_input, read_for_model
 
 OUTLINE_RGB = (0, 255, 0)
-MASKS, OVERLAYS = "masks", "overlays"
-RECORD, TABLE = "predictions.json", "predictions.csv"
+WORKERS = 2  # decoding and writing threads, beside the model's own
+FULL_SIZE = PixelBudget(MAX_PIXELS)
 KEEP_FOR_OVERLAY = 4_000_000  # pixels: an image this small is kept for its overlay, a larger one decoded again
 
 
@@ -117,39 +130,11 @@ def output_stems(images: list[Path]) -> list[str]:
     return list(first)
 
 
-def read_record(out: Path) -> list[dict[str, Any]]:
-    """The rows an earlier predict wrote into `out` (none if it has no record); a record predict cannot have
-    written means the folder is someone else's."""
-    path = out / RECORD
-    if not path.exists():
-        if (out / TABLE).exists():
-            raise LesionsegError(f"{shown(out / TABLE)} exists without {RECORD}: not written by lesionseg predict")
-        return []
-    try:
-        rows = json.loads(path.read_text())
-        assert isinstance(rows, list) and all(isinstance(r, dict) and "mask" in r for r in rows)
-    except (OSError, ValueError, AssertionError):
-        raise LesionsegError(
-            f"{shown(path)}: not a record written by lesionseg predict; choose another --out"
-        ) from None
-    return rows
-
-
-def check_nothing_foreign(out: Path, planned: list[str], record: list[dict[str, Any]]) -> None:
-    """Refuse, before anything is written, to replace a file that no earlier predict into `out` wrote."""
-    ours = {row[key] for row in record for key in ("mask", "overlay") if row.get(key)}
-    for name in planned:
-        if name not in ours and (out / name).exists():
-            raise LesionsegError(
-                f"{shown(out / name)}: exists and was not written by lesionseg predict; "
-                "nothing was written: choose another --out"
-            )
-
-
 @dataclass
 class PredictReport:
-    rows: list[dict[str, Any]]
+    rows: list[dict[str, Any]]  # this process's images, the ones already done included
     problems: list[str]
+    resumed: int = 0  # images whose outputs an earlier run had written
 
 
 @dataclass
@@ -161,20 +146,36 @@ class Decoded:
     kept: Image.Image | None  # the decoded image, when small enough to keep for its overlay
 
 
-def decoded_batches(
-    images: list[Path], stems: list[str], size: int, batch_size: int, problems: list[str]
-) -> Iterator[list[Decoded]]:
-    """Batches of images at the model's size: a batch never holds a full-size image it does not need."""
+def decode_one(path: Path, stem: str, size: int, keep: bool) -> Decoded | str:
+    """One image at the model's size (in a worker thread: Pillow decodes without the GIL), or why it cannot be."""
+    try:
+        image, own_size, _ = read_for_model(path, shown(path), size)
+    except DataError as exc:
+        return str(exc)
+    small = keep and image.size == own_size and own_size[0] * own_size[1] <= KEEP_FOR_OVERLAY
+    return Decoded(path, stem, model_input(image, size), own_size, image if small else None)
+
+
+def ahead(items: Iterable, work: Callable, pool: ThreadPoolExecutor, window: int) -> Iterator:
+    """`work(*item)` for each item, in order, at most `window` running or waiting: a bounded queue, so a
+    100,000-image folder is never held in memory."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(work, *item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+def batches(decoded: Iterator, batch_size: int, problems: list[str]) -> Iterator[list[Decoded]]:
     batch = []
-    for path, stem in zip(images, stems):
-        try:
-            image, own_size, _ = read_for_model(path, shown(path), size)
-        except DataError as exc:
-            problems.append(str(exc))
-            print(f"lesionseg: skipped {exc}", file=sys.stderr)
+    for item in decoded:
+        if isinstance(item, str):
+            problems.append(item)
+            print(f"lesionseg: skipped {item}", file=sys.stderr)
             continue
-        small = image.size == own_size and own_size[0] * own_size[1] <= KEEP_FOR_OVERLAY
-        batch.append(Decoded(path, stem, model_input(image, size), own_size, image if small else None))
+        batch.append(item)
         if len(batch) == batch_size:
             yield batch
             batch = []
@@ -185,7 +186,8 @@ def decoded_batches(
 def write_outputs(item: Decoded, mask: np.ndarray, row: dict[str, Any], out: Path, overlays: bool) -> dict[str, Any]:
     """One image's mask (and overlay), each written atomically: a killed run leaves no half-written file."""
     mask_name = f"{MASKS}/{item.stem}.png"
-    write_atomically(out / mask_name, lambda handle: mask_image(mask).save(handle, format="PNG"), "mask")
+    # zlib level 1: 0.6x the encoding time of the default for a two-valued image, hardly a larger file
+    write_atomically(out / mask_name, lambda h: mask_image(mask).save(h, format="PNG", compress_level=1), "mask")
     row = {**row, "mask": mask_name}
     if overlays:
         full = item.kept or decode_image(item.path, shown(item.path))[0]
@@ -204,15 +206,78 @@ def run_predict(
     batch_size: int = 16,
     progress: bool = True,
     overlays: bool = False,
+    overwrite: bool = False,
+    shard: Shard = Shard(),
 ) -> PredictReport:
-    """Segment every readable image into `out`; an image that cannot be used is named on stderr and skipped,
-    the others are still segmented. Everything is checked before the first file is written."""
+    """Segment every readable image of this shard into `out`; an image that cannot be used is named on stderr
+    and skipped, the others are still segmented. Everything is checked before the first file is written;
+    images an earlier run of the same model and options finished are not redone (unless `overwrite`).
+    Decoding and writing run in worker threads beside the model, through bounded queues."""
     out = output_folder(out)
     found = collect_inputs(inputs, out)
     stems = output_stems(found.images)
-    record = read_record(out)
-    planned = [f"{MASKS}/{s}.png" for s in stems] + ([f"{OVERLAYS}/{s}.png" for s in stems] if overlays else [])
-    check_nothing_foreign(out, planned, record)
+    written = Written.read(out)
+    header = {"model": pipeline.name, "version": pipeline.version, "refinements": pipeline.refine.name}
+    if overwrite:
+        forget_other_models(out, written, header)
+    else:
+        refuse_other_model(written, header)
+    mine = [(path, stem) for path, stem in zip(found.images, stems) if shard.takes(stem)]
+    planned = [name for _, stem in mine for name in output_names(stem, overlays)]
+    refuse_foreign(out, planned, written)
+    done = (
+        [] if overwrite else [(p, s) for p, s in mine if written.complete(out, f"{MASKS}/{s}.png", shown(p), overlays)]
+    )
+    finished = set(done)
+    todo = [item for item in mine if item not in finished]
+    problems = report_skipped(found)
+    for folder in (MASKS, OVERLAYS) if overlays else (MASKS,):
+        output_folder(out / folder)
+    kept = [written.rows[f"{MASKS}/{s}.png"] for _, s in done]
+    journal = Journal(out, shard, header, kept)
+    rows = list(kept)
+    bar = tqdm(total=len(todo), desc="predict", unit="image", disable=not progress)
+    window = 2 * batch_size
+    with ThreadPoolExecutor(WORKERS) as decoders, ThreadPoolExecutor(WORKERS) as writers:
+        work = ((path, stem, pipeline.image_size, overlays) for path, stem in todo)
+        pending: deque = deque()
+        for batch in batches(ahead(work, decode_one, decoders, window), batch_size, problems):
+            probabilities = pipeline.probabilities(np.stack([item.pixels for item in batch]))
+            journal.intend([name for item in batch for name in output_names(item.stem, overlays)])
+            for item, probability in zip(batch, probabilities):
+                pending.append(writers.submit(finish_one, pipeline, item, probability[0], out, overlays))
+                while len(pending) > window or (pending and pending[0].done()):
+                    rows.append(record(pending.popleft().result(), journal, bar))
+        while pending:
+            rows.append(record(pending.popleft().result(), journal, bar))
+    bar.close()
+    journal.finish()
+    merge(out, shard.count)
+    return PredictReport(rows, problems, len(done))
+
+
+def output_names(stem: str, overlays: bool) -> list[str]:
+    return [f"{MASKS}/{stem}.png", *([f"{OVERLAYS}/{stem}.png"] if overlays else [])]
+
+
+def record(row: dict[str, Any], journal: Journal, bar) -> dict[str, Any]:
+    journal.add(row)
+    bar.update()
+    return row
+
+
+def finish_one(pipeline: Pipeline, item: Decoded, probability: np.ndarray, out: Path, overlays: bool) -> dict[str, Any]:
+    """Back to the image's own size, its row, and its files (in a worker thread; both workers together hold at
+    most MAX_PIXELS at full size)."""
+    with FULL_SIZE.hold(item.size[0] * item.size[1]):
+        mask, full = pipeline.mask(probability, item.size)
+        row = Segmentation(mask, full, shown(item.path)).stats
+        del full  # the full-size probabilities are not needed for the files: one large array fewer at a time
+        return write_outputs(item, mask, row, out, overlays)
+
+
+def report_skipped(found: Inputs) -> list[str]:
+    """Every input that is not segmented, named on stderr."""
     problems = list(found.problems)
     if found.unsupported:
         names = ", ".join(shown(p.name) for p in found.unsupported[:5])
@@ -220,35 +285,4 @@ def run_predict(
         problems.append(f"{len(found.unsupported)} file(s) in no supported format: {names}{more}")
     for line in problems:
         print(f"lesionseg: skipped {line}", file=sys.stderr)
-    for folder in (MASKS, OVERLAYS) if overlays else (MASKS,):
-        output_folder(out / folder)
-    rows = []
-    bar = tqdm(total=len(found.images), desc="predict", unit="image", disable=not progress)
-    for batch in decoded_batches(found.images, stems, pipeline.image_size, batch_size, problems):
-        probabilities = pipeline.probabilities(np.stack([item.pixels for item in batch]))
-        for item, probability in zip(batch, probabilities):
-            mask, full = pipeline.mask(probability[0], item.size)
-            row = Segmentation(mask, full, shown(item.path)).stats
-            del full  # the full-size probabilities are not needed for the files: one large array fewer at a time
-            rows.append(write_outputs(item, mask, row, out, overlays))
-            bar.update()
-    bar.close()
-    write_record(rows, record, out)
-    return PredictReport(rows, problems)
-
-
-def write_record(rows: list[dict[str, Any]], earlier: list[dict[str, Any]], out: Path) -> None:
-    """predictions.json and .csv: this run's rows, and an earlier run's rows for masks this run did not redo."""
-    redone = {row["mask"] for row in rows}
-    rows = [row for row in earlier if row["mask"] not in redone] + rows
-    write_atomically(out / RECORD, lambda handle: handle.write(json.dumps(rows, indent=1).encode()), RECORD)
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-
-    def table(handle) -> None:
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-        handle.write(text.getvalue().encode())
-
-    write_atomically(out / TABLE, table, TABLE)
+    return problems

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from concurrent.futures import Future
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager
 from importlib import resources
 
 import numpy as np
@@ -27,7 +27,7 @@ from PIL import Image
 from lesionseg.config import MAX_NAME
 from lesionseg.errors import DataError, ImageTooLargeError, NotAnImageError
 from lesionseg.files import shown
-from lesionseg.images import MAX_PIXELS, decode_image, open_checked
+from lesionseg.images import MAX_PIXELS, PixelBudget, decode_image, open_checked
 from lesionseg.pipeline import Pipeline, Predictor, Segmentation, model_input, read_for_model
 from lesionseg.prediction import mask_png, png_bytes
 from lesionseg.prediction import overlay as outlined
@@ -119,29 +119,6 @@ def decode_upload(data: bytes, name: str, model_size: int | None = None) -> tupl
         raise HTTPException(415, str(exc)) from None
     except DataError as exc:
         raise HTTPException(400, str(exc)) from None
-
-
-class PixelBudget:
-    """At most `total` pixels of images held at full size at once, across all request threads: many ordinary
-    photos proceed together, while images near the pixel limit take their turn one by one, so twelve 60 MP uploads
-    at once cost what one does (~10 bytes a pixel while decoding, resizing back and encoding)."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.used = total, 0
-        self.changed = threading.Condition()
-
-    @contextmanager
-    def hold(self, pixels: int):
-        pixels = min(max(pixels, 1), self.total)
-        with self.changed:
-            self.changed.wait_for(lambda: self.used + pixels <= self.total)
-            self.used += pixels
-        try:
-            yield
-        finally:
-            with self.changed:
-                self.used -= pixels
-                self.changed.notify_all()
 
 
 def upload_pixels(data: bytes, name: str) -> int:
