@@ -24,7 +24,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from lesionseg.errors import DataError
-from lesionseg.files import shown, unusable
+from lesionseg.files import same_stem, shown, unusable
 from lesionseg.images import IMAGE_SUFFIXES, inspect_mask
 from lesionseg.pipeline import model_input, read_for_model
 
@@ -131,11 +131,8 @@ def find_pairs(data: str | os.PathLike | None, split: str) -> tuple[list[Pair], 
 
 def refuse_duplicate_ids(images: list[Path]) -> None:
     """Two images with one id (a.jpg and a.png) would share a mask: which one is meant cannot be guessed."""
-    first: dict[str, Path] = {}
-    for image in images:
-        if image.stem in first:
-            raise DataError(f"{shown(first[image.stem])} and {shown(image)}: two images with the id {image.stem!r}")
-        first[image.stem] = image
+    if pair := same_stem(images):
+        raise DataError(f"{shown(pair[0])} and {shown(pair[1])}: two images with the id {shown(pair[1].stem)!r}")
 
 
 def resize_image(image: Image.Image, size: int) -> torch.Tensor:

@@ -108,6 +108,17 @@ def bounded(check: Callable[[], str | None], limit_bytes: int, timeout_s: float 
     return None if text == "\0" else text
 
 
+def same_stem(paths: list[Path]) -> tuple[Path, Path] | None:
+    """The first two files that share a stem (a.jpg and a.png), which one id cannot tell apart; None if none do."""
+    first: dict[str, Path] = {}
+    for path in paths:
+        stem = shown(path.stem)
+        if stem in first:
+            return first[stem], path
+        first[stem] = path
+    return None
+
+
 def output_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
     """`path` created if needed and checked writable, before any work: one line naming it if it cannot be."""
     path = Path(path)

@@ -27,7 +27,7 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from lesionseg.errors import DataError
-from lesionseg.files import output_folder, shown, unusable, write_atomically
+from lesionseg.files import output_folder, same_stem, shown, unusable, write_atomically
 from lesionseg.images import IMAGE_SUFFIXES, MAX_PIXELS, PixelBudget, decode_image
 from lesionseg.outputs import (
     MASKS,
@@ -118,16 +118,12 @@ def collect_inputs(inputs: list[str | os.PathLike], out: Path) -> Inputs:
 
 def output_stems(images: list[Path]) -> list[str]:
     """Each image's stem, the id its mask is written under; two images with one id are refused, both named."""
-    first: dict[str, Path] = {}
-    for path in images:
-        stem = shown(path.stem)
-        if stem in first:
-            raise DataError(
-                f"{shown(first[stem])} and {shown(path)} would both be written as {MASKS}/{stem}.png; "
-                "nothing was written: rename one, or segment them into separate --out folders"
-            )
-        first[stem] = path
-    return list(first)
+    if pair := same_stem(images):
+        raise DataError(
+            f"{shown(pair[0])} and {shown(pair[1])} would both be written as {MASKS}/{shown(pair[1].stem)}.png; "
+            "nothing was written: rename one, or segment them into separate --out folders"
+        )
+    return [shown(path.stem) for path in images]
 
 
 @dataclass
