@@ -9,12 +9,15 @@ float32 and one bfloat16 step say where the time goes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 from common import write_result
+from lesionseg import models
 from lesionseg.losses import WeightedSum
 from lesionseg.models import build_model
 
@@ -29,12 +32,25 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def make_step(label: str, size: int, batch: int, amp: bool, channels_last: bool, compile_model: bool):
-    """One optimizer step of the model on a fixed random batch, in the given format."""
+def as_stock(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Undo lesionseg's two layer-level speed fixes on `model` (stride-2 depthwise convolutions in float32 under
+    bf16 autocast; channels_last gradients into the U-Net's upsampling), for the step they are measured against;
+    the returned context turns the second one off while a step runs."""
+    for module in model.modules():
+        if isinstance(module, models.Float32Conv2d):
+            module.__class__ = torch.nn.Conv2d
+    return mock.patch.object(models.ChannelsLastGradient, "apply", staticmethod(lambda x: x))
+
+
+def make_step(
+    label: str, size: int, batch: int, amp: bool, channels_last: bool, compile_model: bool, stock: bool = False
+):
+    """One optimizer step of the model on a fixed random batch, in the given format (`stock`: without the fixes)."""
     torch.manual_seed(0)
     arch, attention = MODELS[label]
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(arch, attention=attention).train().to(memory_format=memory_format)
+    context = as_stock(model) if stock else contextlib.nullcontext()
     forward = torch.compile(model) if compile_model else model
     optimizer = torch.optim.AdamW(model.parameters(), 1e-3)
     loss_fn = WeightedSum({"bce": 1.0, "dice": 1.0})
@@ -42,11 +58,12 @@ def make_step(label: str, size: int, batch: int, amp: bool, channels_last: bool,
     y = (torch.rand(batch, 1, size, size) > 0.5).float()
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+        with context, torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             loss = loss_fn(forward(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        with context:
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
 
     return step
 
@@ -68,15 +85,20 @@ ALLOCATORS = {  # name -> LD_PRELOAD (Debian's libtcmalloc-minimal4 and libjemal
 }
 
 
-def variants_for(compile_too: bool) -> dict[str, tuple[bool, bool, bool]]:
+def variants_for(compile_too: bool) -> dict[str, tuple[bool, bool, bool, bool]]:
+    """name -> (amp, channels_last, compile, stock); "float32" is the stock model, as training ran before."""
     variants = {
-        "float32": (False, False, False),
-        "channels_last": (False, True, False),
-        "bf16": (True, False, False),
-        "bf16+channels_last": (True, True, False),
+        "float32": (False, False, False, True),
+        "channels_last": (False, True, False, False),
+        "bf16": (True, False, False, False),
+        "bf16+channels_last stock": (True, True, False, True),
+        "bf16+channels_last": (True, True, False, False),
     }
     if compile_too:
-        variants |= {"compile+channels_last": (False, True, True), "compile+bf16+channels_last": (True, True, True)}
+        variants |= {
+            "compile+channels_last": (False, True, True, False),
+            "compile+bf16+channels_last": (True, True, True, False),
+        }
     return variants
 
 

@@ -111,6 +111,26 @@ def test_augmentation_keeps_mask_aligned_with_its_image():
     assert changed >= 10  # the transforms really moved things
 
 
+def test_zoom_keeps_the_mask_aligned_and_colour_changes_the_image_alone():
+    mask = torch.zeros(1, 64, 64, dtype=torch.uint8)
+    mask[:, 10:30, 20:50] = 1
+    image = (mask * 200 + 30).expand(3, -1, -1).clone()
+    image[1] //= 2  # a coloured lesion, so saturation and hue have something to move
+    plain, varied = TrainPreset(hflip=False, rotation=0), TrainPreset(hflip=False, rotation=20, scale=0.3, colour=0.4)
+    areas, colours = set(), set()
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out_image, out_mask = varied(image, mask)
+        assert set(out_mask.unique().tolist()) <= {0.0, 1.0}
+        areas.add(int(out_mask.sum()))
+        colours.add(round(out_image[:, 20, 35].sum().item(), 3))
+    assert len(areas) >= 6 and len(colours) >= 6  # zoom changes the lesion's area, colour its pixels
+    assert torch.equal(plain(image, mask)[1], mask.float())
+    torch.manual_seed(0)
+    colour_only = TrainPreset(hflip=False, rotation=0, colour=0.4)(image, mask)
+    assert torch.equal(colour_only[1], mask.float()) and not torch.equal(colour_only[0], plain(image, mask)[0])
+
+
 def test_eval_preset_normalizes_with_imagenet_statistics():
     image = torch.full((3, 4, 4), 255, dtype=torch.uint8)
     out, mask = EvalPreset()(image, torch.ones(1, 4, 4, dtype=torch.uint8))

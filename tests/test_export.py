@@ -167,3 +167,47 @@ def test_serving_a_checkpoint_runs_it_in_onnxruntime(tiny_checkpoint, onnx_model
     images = np.random.default_rng(1).integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
     assert np.abs(served(images) - TorchPredictor(tiny_checkpoint)(images)).max() < 1e-4
     assert isinstance(load_predictor(tiny_checkpoint, backend="torch"), TorchPredictor)
+
+
+def test_precision_runs_an_exported_file_in_openvino_and_agrees_with_onnxruntime(
+    onnx_model, tiny_checkpoint, photos, tmp_path, monkeypatch, capsys
+):
+    """`--precision bf16` and `int8` run the exported file in OpenVINO (the CPU's bf16 / int8 instructions), with the
+    same checks, name and size as onnxruntime's run; a checkpoint, or a machine without OpenVINO, is one line."""
+    import importlib.util
+
+    from lesionseg import predictors
+    from lesionseg.predictors import OpenVinoPredictor, load_predictor
+
+    images = np.random.default_rng(2).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
+    reference = OnnxPredictor(onnx_model)(images)
+    for precision in ("bf16", "int8"):
+        predictor = load_predictor(onnx=onnx_model, precision=precision)
+        assert isinstance(predictor, OpenVinoPredictor) and predictor.image_size == 32
+        assert np.abs(predictor(images) - reference).mean() < 0.02
+    assert (
+        main(
+            [
+                "predict",
+                str(photos),
+                "--onnx",
+                str(onnx_model),
+                "--precision",
+                "bf16",
+                "--out",
+                str(tmp_path / "o"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert len(list((tmp_path / "o" / "masks").glob("*.png"))) == 3
+    with pytest.raises(LesionsegError, match="runs exported files; `lesionseg export --int8"):
+        load_predictor(tiny_checkpoint, precision="int8")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(predictors, "find_spec", lambda name: None if name == "openvino" else real(name))
+    assert isinstance(load_predictor(onnx=onnx_model, precision="int8"), OnnxPredictor)  # int8 runs in onnxruntime too
+    with pytest.raises(
+        LesionsegError, match=r"OpenVINO, which this installation lacks: pip install 'lesionseg\[openvino\]'"
+    ):
+        load_predictor(onnx=onnx_model, precision="bf16")

@@ -182,3 +182,31 @@ def test_the_shared_imagenet_weights_load_strictly_and_see_images():
         features = encoder(torch.randn(2, 3, 128, 128))[-1]
     assert features.shape == (2, 1280, 4, 4)
     assert 0.05 < (features > 0).float().mean().item() < 0.9  # ReLU6 maps, neither dead nor saturated
+
+
+def test_colour_constancy_makes_a_tinted_image_look_like_the_untinted_one():
+    """Shades of Gray divides out each image's illuminant: the same scene under a warm light comes out as under a
+    white one, and a neutral image is left as it is."""
+    from lesionseg.augmentation import IMAGENET_MEAN, IMAGENET_STD, normalize
+    from lesionseg.models import shades_of_gray
+
+    torch.manual_seed(0)
+    scene = torch.rand(1, 3, 32, 32) * 0.6 + 0.2
+    white = scene.mean(dim=1, keepdim=True).expand(-1, 3, -1, -1)  # grey: already white-balanced
+    warm = scene * torch.tensor([1.0, 0.8, 0.6]).view(1, 3, 1, 1)
+    as_input = lambda rgb: normalize((rgb * 255).round().to(torch.uint8))  # noqa: E731
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    chromaticity = lambda x: (x * std + mean) / (x * std + mean).sum(dim=1, keepdim=True)  # noqa: E731
+    assert torch.allclose(shades_of_gray(as_input(white)), as_input(white), atol=1e-4)
+    balanced_warm, balanced_scene = shades_of_gray(as_input(warm)), shades_of_gray(as_input(scene))
+    before = (chromaticity(as_input(warm)) - chromaticity(as_input(scene))).abs().mean()
+    after = (chromaticity(balanced_warm) - chromaticity(balanced_scene)).abs().mean()
+    assert after < before / 10  # the colour cast is gone; only brightness may differ
+
+
+def test_colour_constancy_adds_no_weights_and_changes_the_answer():
+    model = build_model("unet", attention="scse", colour_constancy=True).eval()
+    x = torch.randn(2, 3, 64, 64)
+    plain = build_model("unet", attention="scse").eval()
+    plain.load_state_dict(model.state_dict())  # the same weights: constancy adds none
+    assert not torch.allclose(model(x), plain(x))

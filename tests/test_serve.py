@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from lesionseg.predictors import TorchPredictor
+from lesionseg.quality import FEATURES, QualityModel
 from lesionseg.serve import create_app
 
 
@@ -131,15 +132,36 @@ def chromium_path():
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+FLAG_ALL = QualityModel(  # an estimate of 0.5 for every mask: each one is marked for review
+    mean=[0.0] * len(FEATURES),
+    scale=[1.0] * len(FEATURES),
+    coef=[0.0] * len(FEATURES),
+    intercept=0.0,
+    knots_x=[-1.0, 1.0],
+    knots_y=[0.5, 0.5],
+)
+
+
 class DiscPredictor:
-    """A stand-in model for the page test: always a centred disc, so the page has a lesion to draw."""
+    """A stand-in model for the page test: always a centred disc, so the page has a lesion to draw; its quality
+    estimate flags every mask."""
 
     image_size, threshold, name, version = 32, 0.5, "disc stub (32 px)", "test"
+    quality = FLAG_ALL
 
     def __call__(self, images):
         yy, xx = np.mgrid[:32, :32]
         disc = (((yy - 15.5) ** 2 + (xx - 15.5) ** 2) < 100).astype(np.float32)
         return np.broadcast_to(disc, (len(images), 1, 32, 32)).copy()
+
+
+def test_the_reply_carries_the_quality_estimate_and_the_review_flag(tiny_checkpoint):
+    plain = TestClient(create_app(TorchPredictor(tiny_checkpoint)))
+    body = plain.post("/predict", files={"file": ("a.jpg", jpeg_bytes(), "image/jpeg")}).json()
+    assert body["quality"] is None and body["review"] is None  # a model without an estimate says so
+    flagged = TestClient(create_app(DiscPredictor()))
+    body = flagged.post("/predict", files={"file": ("a.jpg", jpeg_bytes(), "image/jpeg")}).json()
+    assert body["quality"] == 0.5 and body["review"] is True
 
 
 def boxes_overlap(a, b) -> bool:
@@ -229,6 +251,9 @@ def test_a_person_segments_images_in_the_page(page_server, tmp_path):
 
         first = page.locator(".result").first
         assert first.locator('[data-field="width"]').text_content() == "120"
+        assert first.locator(".review").is_visible() and "Check this mask" in first.locator(".review").text_content()
+        assert first.locator('[data-field="quality"]').text_content() == "0.50"
+        assert_no_overlap(first, [".review", "h2", "canvas", "table"])
         canvas = first.locator("canvas")
         outline = canvas.evaluate(GREEN_PIXELS)
         first.locator("input[value=mask]").check()

@@ -27,6 +27,7 @@ INFERENCE = (
     "rundir",
     "config",
     "cli",
+    "quality",
 )
 TRAINING = ("training", "data", "losses", "models", "weights", "checkpoint", "distributed", "report", "reproduce")
 
@@ -100,6 +101,9 @@ def test_every_config_field_can_be_set_from_the_command_line(tmp_path):
         "soft_masks": True,
         "hflip": False,
         "rotation": 10.0,
+        "colour_constancy": True,
+        "scale": 0.2,
+        "colour": 0.3,
         "threshold": 0.4,
         "strict": True,
         "num_workers": 1,

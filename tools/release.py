@@ -10,7 +10,9 @@ Stages (a rerun resumes or skips what is done):
 3. score: both ONNX files on the isic2016-256 test split at the stored 256 px resolution, plain and with flip
    TTA + largest component + hole filling, per-image Jaccard with bootstrap 95 % intervals, worst decile;
    the float16 file ships only if its mean per-image Jaccard is within 0.003 of the float32 file's.
-4. ship: the file into src/lesionseg/release/ with its metadata (version, data, fingerprint, weights, metrics,
+4. quality: the per-image quality estimate fitted on validation images only (the run's own and the external
+   HAM10000 validation set, `tools/external_split.py`), embedded in the file, measured once on test.
+5. ship: the file into src/lesionseg/release/ with its metadata (version, data, fingerprint, weights, metrics,
    command, wall time), release.json beside it, and the ten worst test images as a figure for MODEL_CARD.md.
 """
 
@@ -32,6 +34,7 @@ from lesionseg.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "src" / "lesionseg" / "release" / "lesionseg-unet.onnx"
+SHIPPED_INT8 = SHIPPED.with_name("lesionseg-unet-int8.onnx")  # `--precision int8`
 VERSION = "1"
 EXTRA = ("isic2018-extra-256",)  # the extra folders that were measured to help (README, benchmarks/README.md)
 RELEASE_ARGS = ["--preset", "unet-finetune", "--image-size", "128", "--epochs", "8", "--seed", "0"]
@@ -94,6 +97,47 @@ def score(model: Path, data: Path, out: Path) -> dict:
     return scores
 
 
+def fit_quality(model: Path, split: Path, shared: Path, out: Path) -> tuple[Path, dict]:
+    """The quality estimate, fitted on validation images only (the run's own 81, in `split`, and the external
+    validation set), embedded in a copy of `model`; its accuracy out of fold on those images, then once on test."""
+    from external_split import SPLIT, link
+    from lesionseg.evaluation import evaluate_checkpoint
+    from lesionseg.qualityfit import embed, fit, out_of_fold, quality_accuracy, read_evaluations, risk_coverage_figure
+
+    beside = out / "quality"
+    beside.mkdir(parents=True, exist_ok=True)
+    shutil.copy(split, beside / "split.json")  # evaluate --split val reads the split beside the model
+    shutil.copy(model, beside / "model.onnx")
+    link(shared / "ham10000-200", out / "ham10000-split", set(json.loads(SPLIT.read_text())["ids"]))
+    sets = {
+        "isic-val": (shared / "isic2016-256", "val"),
+        "ham10000-external": (out / "ham10000-split" / "external", "test"),
+    }
+    folders = []
+    for name, (data, split_name) in sets.items():
+        folders.append(beside / f"eval-{name}")
+        evaluate_checkpoint(
+            beside / "model.onnx", data, split_name, folders[-1], source_resolution=True, progress=False
+        )
+    x, y, names = read_evaluations(folders)
+    estimate, validation = fit(x, y, names), out_of_fold(x, y)
+    fitted = embed(model, estimate, out / f"{model.stem}-quality.onnx")
+    test = evaluate_checkpoint(
+        fitted, shared / "isic2016-256", "test", beside / "eval-test", source_resolution=True, progress=False
+    )
+    truth = [row["iou_source"] for row in test["per_image"]]
+    curves = {
+        "ISIC test (339)": ([row["quality"] for row in test["per_image"]], truth),
+        f"validation, out of fold ({len(y)})": (validation, y),
+    }
+    risk_coverage_figure(curves, ROOT / "docs" / "quality_risk_coverage.png")
+    return fitted, {
+        "fitted_on": names,
+        "validation_out_of_fold": quality_accuracy(validation, y),
+        "test": test["quality"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/release"))
@@ -101,15 +145,19 @@ def main() -> None:
     parser.add_argument("--weights", required=True, help="the ImageNet MobileNetV2 state_dict the encoder starts from")
     parser.add_argument(
         "--stage",
-        choices=("train", "all", "speed"),
+        choices=("train", "all", "speed", "quality"),
         default="all",
-        help="train: only train; speed: only time the shipped file (needs an idle machine)",
+        help="train: only train; speed: only time the shipped file (needs an idle machine); quality: refit the "
+        "shipped file's quality estimate (validation images of --split-from)",
     )
+    parser.add_argument("--split-from", type=Path, help="with --stage quality: the split.json of the shipped run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.stage == "speed":
         return speed(args.shared / "isic2016-256", args.out)
+    if args.stage == "quality":
+        return refit_shipped_quality(args)
     run = train(args.out, args.shared, args.weights)
     if args.stage == "train":
         return
@@ -161,13 +209,44 @@ def ship(args: argparse.Namespace, run: Path, start: float) -> None:
         fp16_weights=chosen == "float16",
         metadata={**metadata, "name": f"lesionseg U-Net v{VERSION} (MobileNetV2, 128 px)", "version": f"v{VERSION}"},
     )
+    final, release["quality"] = fit_quality(final, run / "split.json", args.shared, args.out)
+    about = {k: v for k, v in metadata.items() if k not in ("test_jaccard", "metrics")}  # the float file's scores
+    int8 = ship_int8(run, about | {"name": f"lesionseg U-Net v{VERSION}", "version": f"v{VERSION}"}, final, args)
+    release["int8"] = {"bytes": int8.stat().st_size, "scores": score(int8, data, args.out)}
     SHIPPED.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(final, SHIPPED)
+    shutil.copy(int8, SHIPPED_INT8)
     release["invocation_seconds"] = time.perf_counter() - start  # this call only: training counts only if it trained
     (SHIPPED.parent / "release.json").write_text(json.dumps(release, indent=1))
     worst_figure(scores[chosen]["plain"]["worst"], final, data, ROOT / "docs" / "release_worst.png")
     print(json.dumps({k: {m: v for m, v in s["plain"].items() if m != "worst"} for k, s in scores.items()}, indent=1))
     print(f"shipped: {SHIPPED} ({release['bytes'] / 1e6:.1f} MB, {chosen} weights)")
+
+
+def ship_int8(run: Path, metadata: dict[str, str], shipped: Path, args: argparse.Namespace) -> Path:
+    """The int8 file (`export --int8`'s default recipe, calibrated on training images) with the shipped file's
+    metadata and quality estimate."""
+    from lesionseg.export import export_int8
+    from lesionseg.predictors import OnnxPredictor
+    from lesionseg.quality import QualityModel
+    from lesionseg.qualityfit import embed
+
+    int8 = export_int8(run / "best.pt", args.out / "model-int8.onnx", metadata=metadata)
+    estimate = QualityModel.from_metadata(OnnxPredictor(shipped).metadata.get("quality"))
+    return embed(int8, estimate, args.out / "model-int8-quality.onnx") if estimate else int8
+
+
+def refit_shipped_quality(args: argparse.Namespace) -> None:
+    """The shipped file with a newly fitted quality estimate, and its figures in release.json."""
+    if args.split_from is None:
+        sys.exit("--stage quality needs --split-from RUN/split.json (the shipped run's validation images)")
+    fitted, report = fit_quality(SHIPPED, args.split_from, args.shared, args.out)
+    shutil.copy(fitted, SHIPPED)
+    release_json = SHIPPED.parent / "release.json"
+    release = json.loads(release_json.read_text())
+    release["quality"] = report | {"command": " ".join([Path(sys.executable).name, *sys.argv])}
+    release_json.write_text(json.dumps(release, indent=1))
+    print(json.dumps(report, indent=1))
 
 
 def speed(data: Path, out: Path, repeats: int = 5) -> None:

@@ -67,10 +67,15 @@ class Segmenter:
 
 
 def load(
-    model: str | os.PathLike | None = None, tta: bool = False, largest_component: bool = False, fill_holes: bool = False
+    model: str | os.PathLike | None = None,
+    tta: bool = False,
+    largest_component: bool = False,
+    fill_holes: bool = False,
+    precision: str = "float32",
 ) -> Segmenter:
     """The released model (no argument), an exported `.onnx` file, or a checkpoint / run folder. `tta`: each
     answer is the mean over flips (3 model calls per image); `largest_component`, `fill_holes`: the refinements
-    `evaluate` scores."""
+    `evaluate` scores; `precision`: "int8" (the released int8 file, in OpenVINO where installed) or "bf16"
+    (OpenVINO), for CPUs with int8 or bf16 instructions."""
     refine = Refinements(tta=tta, largest_component=largest_component, fill_holes=fill_holes)
-    return Segmenter(Pipeline(load_any(model), refine))
+    return Segmenter(Pipeline(load_any(model, precision), refine))

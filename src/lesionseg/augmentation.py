@@ -16,20 +16,26 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class TrainPreset:
-    """Training augmentation, applied identically to image and mask: flip, rotation, then normalize."""
+    """Training augmentation, applied identically to image and mask: flip, rotation (and zoom), colour on the image
+    alone, then normalize. Without zoom and colour, the paper's flip and rotation exactly (the same random draws)."""
 
-    def __init__(self, hflip: bool = True, rotation: float = 60.0) -> None:
+    def __init__(self, hflip: bool = True, rotation: float = 60.0, scale: float = 0.0, colour: float = 0.0) -> None:
         steps: list[v2.Transform] = []
+        bilinear = v2.InterpolationMode.BILINEAR
         if hflip:
             steps.append(v2.RandomHorizontalFlip(0.5))
-        if rotation:
-            # masks are rotated with nearest interpolation by v2 (tv_tensors.Mask), so they stay binary
-            steps.append(v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR))
-        self.geometric = v2.Compose(steps)
+        # masks are turned and zoomed with nearest interpolation by v2 (tv_tensors.Mask), so they stay binary
+        if scale:
+            steps.append(v2.RandomAffine(rotation, scale=(1 - scale, 1 + scale), interpolation=bilinear))
+        elif rotation:
+            steps.append(v2.RandomRotation(rotation, interpolation=bilinear))
+        if colour:  # other clinics, other devices, other light: a mask does not change with colour (v2 leaves it)
+            steps.append(v2.ColorJitter(colour, colour, colour, colour / 4))
+        self.augment = v2.Compose(steps) if steps else v2.Identity()
         self.normalize = EvalPreset()
 
     def __call__(self, image: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        image, mask = self.geometric(tv_tensors.Image(image), tv_tensors.Mask(mask))
+        image, mask = self.augment(tv_tensors.Image(image), tv_tensors.Mask(mask))
         return self.normalize(image, mask)
 
 

@@ -130,7 +130,14 @@ def model_from_checkpoint(
 ) -> tuple[nn.Module, TrainConfig]:
     """Rebuild the model from the config stored in the checkpoint: no architecture flags needed."""
     config = stored_config(state, path)
-    model = build_model(config.arch, None, config.freeze_encoder, config.dropout, config.decoder_attention)
+    model = build_model(
+        config.arch,
+        None,
+        config.freeze_encoder,
+        config.dropout,
+        config.decoder_attention,
+        colour_constancy=config.colour_constancy,
+    )
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, TypeError, AttributeError) as exc:

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from lesionseg.config import PRESETS, add_config_flags, config_overrides
+from lesionseg.config import PRECISIONS, PRESETS, add_config_flags, config_overrides
 from lesionseg.errors import Interrupted, LesionsegError
 from lesionseg.files import shown
 
@@ -60,7 +60,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         args.source_resolution,
         progress=not args.no_progress,
     )
-    print(json.dumps({k: v for k, v in result.items() if k.startswith("metrics")}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k.startswith("metrics") or k == "quality"}, indent=2))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -91,7 +91,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from lesionseg.prediction import run_predict
     from lesionseg.predictors import load_predictor
 
-    pipeline = Pipeline(load_predictor(args.checkpoint, args.onnx), refinements(args))
+    pipeline = Pipeline(load_predictor(args.checkpoint, args.onnx, precision=args.precision), refinements(args))
     from lesionseg.outputs import Shard
 
     shard = Shard.parse(args.shard)
@@ -144,7 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             file=sys.stderr,
         )
     start = time.perf_counter()  # a checkpoint is exported for onnxruntime first: about 20 s
-    predictor = load_predictor(args.checkpoint, args.onnx, backend=args.backend)
+    predictor = load_predictor(args.checkpoint, args.onnx, backend=args.backend, precision=args.precision)
     pipeline = Pipeline(predictor, refinements(args))
     print(
         f"lesionseg: serving {predictor.name} with {type(predictor).__name__}, {pipeline.refine.name} "
@@ -182,6 +182,13 @@ def add_model_source(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", help="a lesionseg checkpoint (.pt) or run folder (default: the released model)")
     source.add_argument("--onnx", help="a model exported with `lesionseg export` (default: the released model)")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="float32",
+        help="int8: the released model's int8 file (or --onnx's file) in OpenVINO where installed; bf16: the float "
+        "file in OpenVINO's bf16 (CPUs with AVX512-BF16/AMX); default float32 in onnxruntime",
+    )
     add_refinements(parser)
 
 

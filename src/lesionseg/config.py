@@ -30,6 +30,7 @@ ATTENTIONS = ("none", "scse")
 LOSS_NAMES = ("bce", "dice", "focal", "lovasz", "tversky")  # lesionseg.losses.LOSSES builds each
 IMAGE_SIZES = range(32, 1024 + 1, 32)
 MAX_NAME = 200  # characters: a name is shown on the page and in every reply of the service
+PRECISIONS = ("float32", "int8", "bf16")  # inference: float32 in onnxruntime; int8 and bf16 in OpenVINO
 
 
 class ConfigError(LesionsegError):
@@ -133,6 +134,13 @@ class TrainConfig:
     )
     hflip: bool = option(True, "random horizontal flips in training")
     rotation: float = option(60.0, "random rotation in training, +- this many degrees (the paper's 60)")
+    colour_constancy: bool = option(
+        False, "Shades of Gray colour constancy (p = 6) on every input, inside the model and its ONNX export"
+    )
+    scale: float = option(0.0, "random zoom in training, by a factor in [1 - s, 1 + s] (0: none)")
+    colour: float = option(
+        0.0, "random brightness, contrast and saturation by up to this share, hue by a quarter of it (0: none)"
+    )
     threshold: float = option(0.5, "probability at and above which a pixel is lesion")
     strict: bool = option(False, "stop at the first bad image/mask pair (default: skip and list it)")
     num_workers: int = option(0, "DataLoader workers (data is an in-memory tensor: workers only add IPC on 2 cores)")
@@ -174,6 +182,8 @@ class TrainConfig:
             raise ConfigError(f"name is {len(self.name):,} characters; at most {MAX_NAME}")
         if self.num_workers < 0 or not math.isfinite(self.rotation):
             raise ConfigError("num_workers must be >= 0 and rotation a finite number")
+        if not 0 <= self.scale < 1 or not 0 <= self.colour <= 1:
+            raise ConfigError(f"scale must be in [0, 1) and colour in [0, 1], got {self.scale} and {self.colour}")
 
     def check_types(self) -> None:
         """Values from a YAML file or a checkpoint are not checked by the dataclass itself: a string where a number

@@ -28,6 +28,8 @@ from lesionseg.images import inspect_mask
 from lesionseg.metrics import MetricAccumulator
 from lesionseg.pipeline import Pipeline, Refinements
 from lesionseg.predictors import OnnxPredictor, TorchPredictor
+from lesionseg.quality import features
+from lesionseg.qualityfit import quality_accuracy
 from lesionseg.rundir import RunDir, checkpoint_path
 
 __all__ = ["Refinements", "evaluate_checkpoint", "pipeline_for", "read_per_image", "score_probabilities"]
@@ -172,7 +174,15 @@ def score_probabilities(
         source = score_source_resolution(pipeline, probabilities, data, stored_split, cached.ids)
         result["metrics_source_resolution"] = source.compute()
         per_image.update({f"{k}_source": v for k, v in source.per_image().items()})
-    result["per_image"] = [{"id": i, **{k: v[n] for k, v in per_image.items()}} for n, i in enumerate(cached.ids)]
+    rows = [{"id": i, **{k: v[n] for k, v in per_image.items()}} for n, i in enumerate(cached.ids)]
+    for row, p in zip(rows, probabilities):  # what the quality estimate reads, for fitting it and for checking it
+        values = features(p[0], pipeline.threshold)
+        row.update({f"q_{k}": v for k, v in values.items()})
+        row["quality"] = pipeline.quality.estimate(values) if pipeline.quality else None
+    result["per_image"] = rows
+    if pipeline.quality:
+        truth = "iou_source" if source_resolution else "iou"
+        result["quality"] = quality_accuracy([r["quality"] for r in rows], [r[truth] for r in rows])
     return result
 
 
@@ -190,4 +200,7 @@ def write_evaluation(result: dict[str, Any], out: Path) -> None:
 
 def read_per_image(eval_dir: Path) -> list[dict[str, Any]]:
     with open(eval_dir / "per_image.csv", newline="") as handle:
-        return [{k: (v if k == "id" else float(v)) for k, v in row.items()} for row in csv.DictReader(handle)]
+        return [
+            {k: v if k == "id" else float(v) if v != "" else None for k, v in row.items()}  # "": no quality estimate
+            for row in csv.DictReader(handle)
+        ]

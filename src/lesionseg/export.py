@@ -121,9 +121,11 @@ def export_int8(
     path: str | os.PathLike,
     calibration_data: str | os.PathLike | None = None,
     calibration_images: int | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
     """The checkpoint as an int8 ONNX model (`quantize.DEFAULT_RECIPE`), its activation ranges calibrated on
-    training images: from `calibration_data`, else from the folder the checkpoint was trained on."""
+    training images: from `calibration_data`, else from the folder the checkpoint was trained on; `metadata` as
+    for `export_onnx` (name and version get ", int8")."""
     import tempfile
     from dataclasses import replace
 
@@ -137,5 +139,5 @@ def export_int8(
         resolve_data_dir(calibration_data or config.data), recipe.images, config.image_size, cache_dir=config.cache_dir
     )
     with tempfile.TemporaryDirectory() as folder:
-        fp32 = export_onnx(checkpoint, Path(folder) / "fp32.onnx")
+        fp32 = export_onnx(checkpoint, Path(folder) / "fp32.onnx", metadata=metadata)
         return quantize_int8(fp32, path, images, recipe)

@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models import mobilenet_v2
 
+from lesionseg.augmentation import IMAGENET_MEAN, IMAGENET_STD
 from lesionseg.config import ATTENTIONS, DECODERS
 from lesionseg.errors import WeightsError
 
@@ -43,6 +44,25 @@ def load_backbone(module: nn.Module, weights: Weights | None, drop_prefix: str |
         raise WeightsError(f"{weights.source}: not a torchvision mobilenet_v2 state_dict ({first})") from None
 
 
+class Float32Conv2d(nn.Conv2d):
+    """A convolution that runs in float32 under CPU autocast. oneDNN's bfloat16 backward of MobileNetV2's stride-2
+    depthwise convolutions is 5-20x slower than its float32 one (benchmarks/README.md, "Training speed"), while
+    every other layer gains from bf16; same parameters, so checkpoints and exports are unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+def strided_depthwise_in_float32(backbone: nn.Module) -> None:
+    """Make each stride-2 depthwise convolution of the backbone a Float32Conv2d (in place, parameters kept)."""
+    for module in backbone.modules():
+        if isinstance(module, nn.Conv2d) and module.groups > 1 and module.stride != (1, 1):
+            module.__class__ = Float32Conv2d
+
+
 class MobileNetV2Encoder(nn.Module):
     """The whole torchvision MobileNetV2 (classifier kept: the paper counts its parameters).
 
@@ -57,6 +77,7 @@ class MobileNetV2Encoder(nn.Module):
         super().__init__()
         self.backbone = mobilenet_v2(weights=None)
         load_backbone(self.backbone, weights)
+        strided_depthwise_in_float32(self.backbone)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """(B,3,H,W) -> five maps, (B,16,H/2,W/2) ... (B,1280,H/32,W/32)."""
@@ -141,6 +162,28 @@ class UNetDecoderBlock(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
+class ChannelsLastGradient(torch.autograd.Function):
+    """Identity whose gradient is made channels_last-contiguous. torch.cat's backward hands each input a channel
+    slice of its gradient, contiguous in neither layout, and upsample_bilinear2d's backward then takes its slow
+    NCHW path: 3x slower at 64x64 (benchmarks/README.md, "Training speed")."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
+def upsample(x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Bilinear upsampling to `size` (or x2); in channels_last training, with a channels_last gradient."""
+    y = F.interpolate(x, size=size, scale_factor=None if size else 2, mode="bilinear", align_corners=False)
+    if torch.is_grad_enabled() and y.requires_grad and y.is_contiguous(memory_format=torch.channels_last):
+        y = ChannelsLastGradient.apply(y)
+    return y
+
+
 class UNetDecoder(nn.Module):
     """U-Net decoder on the encoder's feature list: at each stride 16, 8, 4, 2 upsample (bilinear) to the
     skip's exact size, concatenate, UNetDecoderBlock; a last block at full resolution; a 1x1 conv to one logit.
@@ -171,10 +214,9 @@ class UNetDecoder(nn.Module):
         x, skips = features[-1], features[-2::-1]
         for i, block in enumerate(self.blocks):
             if i < len(skips):
-                x = F.interpolate(x, size=skips[i].shape[-2:], mode="bilinear", align_corners=False)
-                x = torch.cat([x, skips[i]], dim=1)
+                x = torch.cat([upsample(x, skips[i].shape[-2:]), skips[i]], dim=1)
             else:
-                x = F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+                x = upsample(x)
             x = block(x)
         return self.head(self.dropout(x))
 
@@ -200,8 +242,21 @@ class SmpUnetDecoder(nn.Module):
         return self.head(self.decoder(features))
 
 
+def shades_of_gray(x: torch.Tensor, p: float = 6.0) -> torch.Tensor:
+    """Colour constancy (Finlayson and Trezzi 2004; p = 6 as in many ISIC challenge entries) on ImageNet-normalized
+    images: each image's illuminant, the p-norm of each channel, is divided out so that the light looks white.
+    In float32 inside the model, so the exported ONNX file does it too."""
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    rgb = (x.float() * std + mean).clamp(0, 1)
+    illuminant = rgb.pow(p).mean(dim=(-2, -1), keepdim=True).pow(1 / p)
+    illuminant = illuminant / illuminant.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    balanced = (rgb / (illuminant * 3**0.5).clamp_min(1e-6)).clamp(0, 1)
+    return ((balanced - mean) / std).to(x.dtype)
+
+
 class SegmentationModel(nn.Module):
-    """encoder -> decoder -> logits.
+    """[colour constancy ->] encoder -> decoder -> logits.
 
     A frozen encoder neither learns nor updates BatchNorm statistics; `freeze_bn` keeps only the encoder's
     BatchNorm statistics fixed while its weights fine-tune (small batches of dermoscopy would otherwise
@@ -209,12 +264,18 @@ class SegmentationModel(nn.Module):
     """
 
     def __init__(
-        self, encoder: nn.Module, decoder: nn.Module, freeze_encoder: bool = False, freeze_bn: bool = False
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        freeze_encoder: bool = False,
+        freeze_bn: bool = False,
+        colour_constancy: bool = False,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.freeze_bn = freeze_bn
+        self.colour_constancy = colour_constancy
         self.freeze_encoder = False
         self.set_encoder_frozen(freeze_encoder)
 
@@ -236,6 +297,8 @@ class SegmentationModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B,3,H,W) normalized images -> (B,1,H,W) logits."""
+        if self.colour_constancy:
+            x = shades_of_gray(x)
         return self.decoder(self.encoder(x))
 
 
@@ -246,6 +309,7 @@ def build_model(
     dropout: float = 0.2,
     attention: str = "none",
     freeze_bn: bool = False,
+    colour_constancy: bool = False,
 ) -> SegmentationModel:
     """The decoder `config.DECODERS` names for `arch` on a MobileNetV2 encoder (from `weights`, else random).
     A decoder class with a `build(weights, dropout, attention)` makes its own encoder (smp's Unet)."""
@@ -257,7 +321,7 @@ def build_model(
     else:
         encoder = MobileNetV2Encoder(weights)
         decoder = decoder_class(encoder.out_channels, dropout, attention)
-    return SegmentationModel(encoder, decoder, freeze_encoder, freeze_bn)
+    return SegmentationModel(encoder, decoder, freeze_encoder, freeze_bn, colour_constancy)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

@@ -19,6 +19,7 @@ from PIL import Image
 from scipy import ndimage
 
 from lesionseg.images import decode
+from lesionseg.quality import Quality, QualityModel, assess
 
 
 class Predictor(Protocol):
@@ -128,11 +129,23 @@ def refined_mask(probability: np.ndarray, threshold: float, refine: Refinements)
 
 @dataclass
 class Segmentation:
-    """One image's result at its own resolution: boolean mask and probabilities, both (H,W)."""
+    """One image's result at its own resolution: boolean mask and probabilities, both (H,W), and the estimate of
+    the mask's quality when the model ships one (`lesionseg.quality`)."""
 
     mask: np.ndarray
     probability: np.ndarray
     name: str = ""
+    assessed: Quality | None = None
+
+    @property
+    def quality(self) -> float | None:
+        """Estimated Jaccard of the mask against an expert's (None: the model ships no estimate)."""
+        return self.assessed.quality if self.assessed else None
+
+    @property
+    def needs_review(self) -> bool | None:
+        """True where the estimate is below the model's review threshold: look at this mask."""
+        return self.assessed.needs_review if self.assessed else None
 
     @property
     def stats(self) -> dict[str, Any]:
@@ -143,12 +156,20 @@ class Segmentation:
 class Pipeline:
     """A predictor with its test-time views and refinements: images in, masks at their own size out."""
 
-    def __init__(self, predictor: Predictor, refine: Refinements = Refinements(), views_inside: bool = False) -> None:
-        """`views_inside`: `predictor` already averages over `refine`'s views (a server batches them together)."""
+    def __init__(
+        self,
+        predictor: Predictor,
+        refine: Refinements = Refinements(),
+        views_inside: bool = False,
+        quality: QualityModel | None = None,
+    ) -> None:
+        """`views_inside`: `predictor` already averages over `refine`'s views (a server batches them together);
+        `quality`: the quality model, where `predictor` is a wrapper that does not carry its model's."""
         self.refine = refine
         self.predictor = predictor if views_inside else with_views(predictor, refine)
         self.image_size, self.threshold = predictor.image_size, predictor.threshold
         self.name, self.version = predictor.name, predictor.version
+        self.quality: QualityModel | None = quality or getattr(predictor, "quality", None)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B,3,S,S) -> view-averaged probabilities (B,1,S,S) float32, as one batch."""
@@ -159,21 +180,26 @@ class Pipeline:
         full = to_own_size(probability, *size)
         return refined_mask(full, self.threshold, self.refine), full
 
+    def result(self, probability: np.ndarray, size: tuple[int, int], name: str = "") -> Segmentation:
+        """(S,S) probabilities -> the image's Segmentation at `size` = (width, height), with its quality estimate."""
+        mask, full = self.mask(probability, size)
+        return Segmentation(mask, full, name, assess(self.quality, probability, self.threshold))
+
     def segment(
         self, images: list[Image.Image], names: list[str] | None = None, sizes: list[tuple[int, int]] | None = None
     ) -> list[Segmentation]:
         """Each image to the model's size, one batch through the model, each result back to its own size: its
         (width, height) in `sizes` when it was decoded reduced (`read_for_model`)."""
         batch = np.stack([model_input(image, self.image_size) for image in images])
-        results = []
-        for n, (image, p) in enumerate(zip(images, self.probabilities(batch))):
-            mask, full = self.mask(p[0], sizes[n] if sizes else image.size)
-            results.append(Segmentation(mask, full, names[n] if names else ""))
-        return results
+        return [
+            self.result(p[0], sizes[n] if sizes else image.size, names[n] if names else "")
+            for n, (image, p) in enumerate(zip(images, self.probabilities(batch)))
+        ]
 
 
 def describe(name: str, result: Segmentation) -> dict[str, Any]:
-    """The numbers a user asks of one image: lesion area, bounding box, mean lesion probability."""
+    """The numbers a user asks of one image: lesion area, bounding box, mean lesion probability, and the estimated
+    quality of the mask with its review flag (empty when the model ships no estimate)."""
     mask = result.mask
     height, width = mask.shape
     area = int(mask.sum())
@@ -195,4 +221,5 @@ def describe(name: str, result: Segmentation) -> dict[str, Any]:
         )
     else:
         row.update(bbox_x0=None, bbox_y0=None, bbox_x1=None, bbox_y1=None, mean_probability=None)
+    row.update(quality=result.quality, review=result.needs_review)
     return row

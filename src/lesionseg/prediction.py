@@ -40,7 +40,7 @@ from lesionseg.outputs import (
     refuse_foreign,
     refuse_other_model,
 )
-from lesionseg.pipeline import Pipeline, Segmentation, model_input, read_for_model
+from lesionseg.pipeline import Pipeline, model_input, read_for_model
 
 OUTLINE_RGB = (0, 255, 0)
 WORKERS = 2  # decoding and writing threads, beside the model's own
@@ -266,9 +266,9 @@ def finish_one(pipeline: Pipeline, item: Decoded, probability: np.ndarray, out: 
     """Back to the image's own size, its row, and its files (in a worker thread; both workers together hold at
     most MAX_PIXELS at full size)."""
     with FULL_SIZE.hold(item.size[0] * item.size[1]):
-        mask, full = pipeline.mask(probability, item.size)
-        row = Segmentation(mask, full, shown(item.path)).stats
-        del full  # the full-size probabilities are not needed for the files: one large array fewer at a time
+        result = pipeline.result(probability, item.size, shown(item.path))
+        row, mask = result.stats, result.mask
+        del result  # the full-size probabilities are not needed for the files: one large array fewer at a time
         return write_outputs(item, mask, row, out, overlays)
 
 

@@ -9,18 +9,23 @@ from __future__ import annotations
 import multiprocessing
 import os
 import tempfile
+import threading
 from importlib import resources
 from importlib.util import find_spec
 from pathlib import Path
 
 import numpy as np
 
-from lesionseg.config import IMAGE_SIZES, MAX_NAME
+from lesionseg.config import IMAGE_SIZES, MAX_NAME, PRECISIONS
 from lesionseg.errors import LesionsegError
 from lesionseg.files import bounded, shown
 from lesionseg.pipeline import Predictor
+from lesionseg.quality import METADATA_KEY as QUALITY_KEY
+from lesionseg.quality import QualityModel
 
 RELEASED_MODEL = "release/lesionseg-unet.onnx"  # inside the package; see MODEL_CARD.md
+RELEASED_INT8 = "release/lesionseg-unet-int8.onnx"  # the same model quantized (`lesionseg export --int8`)
+OPENVINO_EXTRA = "pip install 'lesionseg[openvino]'"
 TRAIN_EXTRA = "pip install 'lesionseg[train]'"
 MODEL_CHECK_BYTES = 1536 * 2**20  # what loading and one dry run of a model may take (the release U-Net: ~0.1 GB)
 
@@ -85,6 +90,10 @@ def metadata_problem(metadata: dict[str, str]) -> str | None:
     for key in ("name", "version"):
         if len(metadata.get(key, "")) > MAX_NAME:
             return f"metadata {key} is {len(metadata[key]):,} characters; at most {MAX_NAME}"
+    try:
+        QualityModel.from_metadata(metadata.get(QUALITY_KEY))
+    except ValueError as exc:
+        return str(exc)
     return None
 
 
@@ -157,15 +166,45 @@ class OnnxPredictor:
         self.image_size, self.threshold = int(self.metadata["image_size"]), float(self.metadata["threshold"])
         self.name = self.metadata.get("name", f"{self.metadata.get('arch', 'model')} ({self.image_size} px)")
         self.version = self.metadata.get("version", path.name)
+        self.quality = QualityModel.from_metadata(self.metadata.get(QUALITY_KEY))  # checked above
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         x = np.asarray(images, dtype=np.float32) / 255
         return self.session.run(None, {"image": x})[0]
 
 
-def released_model() -> Path:
-    """The model that ships inside the package (ONNX, metadata inside)."""
-    path = Path(str(resources.files("lesionseg").joinpath(RELEASED_MODEL)))
+class OpenVinoPredictor(OnnxPredictor):
+    """The same exported file run by OpenVINO, which uses the int8 (VNNI, AMX) and bf16 (AVX512-BF16, AMX)
+    instructions of recent CPUs: an int8 file in int8, a float one in bf16 with `precision="bf16"`. The file is
+    checked as an OnnxPredictor first (metadata, one dry run under a memory bound)."""
+
+    def __init__(self, path: str | os.PathLike, precision: str = "float32", threads: int | None = None) -> None:
+        super().__init__(path, threads)
+        del self.session  # checked and read; OpenVINO runs it
+        if find_spec("openvino") is None:
+            raise LesionsegError(
+                f"--precision {precision} runs in OpenVINO, which this installation lacks: {OPENVINO_EXTRA}"
+            )
+        import openvino as ov
+
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = ov.Core().compile_model(str(path), "CPU", config)
+        self.output = self.compiled.output(0)
+        self.requests = threading.local()  # an infer request serves one thread at a time
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        request = getattr(self.requests, "request", None)
+        if request is None:
+            request = self.requests.request = self.compiled.create_infer_request()
+        x = np.asarray(images, dtype=np.float32) / 255
+        return request.infer({"image": x})[self.output].copy()
+
+
+def released_model(precision: str = "float32") -> Path:
+    """The model that ships inside the package (ONNX, metadata inside); its int8 file for precision "int8"."""
+    path = Path(str(resources.files("lesionseg").joinpath(RELEASED_INT8 if precision == "int8" else RELEASED_MODEL)))
     if not path.is_file():
         raise LesionsegError(
             f"{path}: the released model is missing from this installation; "
@@ -174,27 +213,46 @@ def released_model() -> Path:
     return path
 
 
+def exported_file(path: Path, precision: str = "float32") -> OnnxPredictor:
+    """An ONNX file in the runtime `precision` asks for: float32 in onnxruntime; int8 in OpenVINO where installed
+    (else onnxruntime, which runs int8 too, more slowly); bf16 in OpenVINO only."""
+    if precision not in PRECISIONS:
+        raise LesionsegError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
+    if precision == "bf16" or (precision == "int8" and find_spec("openvino") is not None):
+        return OpenVinoPredictor(path, precision)
+    return OnnxPredictor(path)
+
+
 def load_predictor(
-    checkpoint: str | os.PathLike | None = None, onnx: str | os.PathLike | None = None, backend: str = "torch"
+    checkpoint: str | os.PathLike | None = None,
+    onnx: str | os.PathLike | None = None,
+    backend: str = "torch",
+    precision: str = "float32",
 ) -> Predictor:
-    """A checkpoint, an ONNX file (onnxruntime), or with neither the released model. A checkpoint runs in
-    PyTorch, or with backend "onnxruntime" exported and run there ("auto": onnxruntime if installed)."""
+    """A checkpoint, an ONNX file, or with neither the released model (its int8 file for precision "int8").
+    A checkpoint runs in PyTorch, or with backend "onnxruntime" exported and run there ("auto": onnxruntime if
+    installed); only exported files run in int8 or bf16."""
     if checkpoint and onnx:
         raise LesionsegError("give either --checkpoint CKPT or --onnx MODEL, not both")
     if not checkpoint:
-        return OnnxPredictor(onnx or released_model())
+        return exported_file(Path(onnx) if onnx else released_model(precision), precision)
+    if precision != "float32":
+        raise LesionsegError(
+            f"{checkpoint}: --precision {precision} runs exported files; "
+            f"`lesionseg export {'--int8 ' if precision == 'int8' else ''}--checkpoint ... --onnx FILE` first"
+        )
     if backend == "onnxruntime" or (backend == "auto" and find_spec("onnxruntime") is not None):
         return exported_predictor(checkpoint)
     return TorchPredictor(checkpoint)
 
 
-def load_any(model: str | os.PathLike | None) -> Predictor:
+def load_any(model: str | os.PathLike | None, precision: str = "float32") -> Predictor:
     """The released model (None), an `.onnx` file, or a checkpoint / run folder (in PyTorch)."""
     if model is not None and not str(model).strip():
         raise LesionsegError("empty model path: pass nothing for the released model, or a file or run folder")
-    if model is not None and Path(model).suffix.lower() == ".onnx":
-        return OnnxPredictor(model)
-    return load_predictor(checkpoint=model)
+    if model is None or Path(model).suffix.lower() == ".onnx":
+        return load_predictor(onnx=model, precision=precision)
+    return load_predictor(checkpoint=model, precision=precision)
 
 
 def _export_in_child(checkpoint: str, path: str, errors) -> None:

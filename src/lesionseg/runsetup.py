@@ -92,7 +92,9 @@ def make_loaders(config: TrainConfig, run_dir: Path, process: Process) -> tuple[
     # --soft-masks: the same pairs with their masks as coverage, for training targets; validation keeps `data`
     targets = load_split(config.data, "train", **load | {"soft": True, "quiet": True}) if config.soft_masks else data
     train_data = join_splits(targets.subset(train_idx), extras, config.extra_data)
-    train_set = SegmentationDataset(train_data, TrainPreset(config.hflip, config.rotation), seed=config.seed)
+    train_set = SegmentationDataset(
+        train_data, TrainPreset(config.hflip, config.rotation, config.scale, config.colour), seed=config.seed
+    )
     val_set = SegmentationDataset(data.subset(val_idx), EvalPreset())
     if config.batch_size % process.world:
         raise LesionsegError(f"batch size {config.batch_size} does not split evenly over {process.world} processes")

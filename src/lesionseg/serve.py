@@ -28,7 +28,7 @@ from lesionseg.config import MAX_NAME
 from lesionseg.errors import DataError, ImageTooLargeError, NotAnImageError
 from lesionseg.files import shown
 from lesionseg.images import MAX_PIXELS, PixelBudget, decode_image, open_checked
-from lesionseg.pipeline import Pipeline, Predictor, Segmentation, model_input, read_for_model
+from lesionseg.pipeline import Pipeline, Predictor, model_input, read_for_model
 from lesionseg.prediction import mask_png, png_bytes
 from lesionseg.prediction import overlay as outlined
 
@@ -181,7 +181,7 @@ def create_app(
     if not isinstance(pipeline, Pipeline):
         pipeline = Pipeline(pipeline)
     batcher = MicroBatcher(pipeline.predictor, max_batch, batch_window_s)  # views run inside one batched call
-    batched = Pipeline(batcher, pipeline.refine, views_inside=True)
+    batched = Pipeline(batcher, pipeline.refine, views_inside=True, quality=pipeline.quality)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -225,7 +225,7 @@ def create_app(
         except ServerBusy as exc:
             raise HTTPException(503, f"{name}: server busy ({exc}); retry later") from None
         with full_size.hold(size[0] * size[1]):
-            result = Segmentation(*batched.mask(probability, size), name)
+            result = batched.result(probability, size, name)
             reply = {
                 **result.stats,
                 "model": pipeline.name,

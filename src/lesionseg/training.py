@@ -181,7 +181,13 @@ class Trainer:
             weights = resolve_weights(config.weights)
         self.info["weights"] = self.info["init"]["weights"] if start is not None else weights.describe()
         model = build_model(
-            config.arch, weights, self.encoder_frozen(1), config.dropout, config.decoder_attention, config.freeze_bn
+            config.arch,
+            weights,
+            self.encoder_frozen(1),
+            config.dropout,
+            config.decoder_attention,
+            config.freeze_bn,
+            config.colour_constancy,
         )
         if start is not None:
             model.load_state_dict(start)
