@@ -83,6 +83,16 @@ def test_fp16_weights_halve_the_file_and_keep_the_masks(tiny_checkpoint, onnx_mo
     full = OnnxPredictor(onnx_model)(images)
     assert np.abs(predictor(images) - full).max() < 5e-3
     assert predictor(images).dtype == np.float32
+    import onnx
+
+    from lesionseg.export import restore_weights_fp32
+
+    proto = onnx.load(str(half))
+    restore_weights_fp32(proto)  # back to float32 weights, to quantize a file whose checkpoint is gone
+    assert not [node for node in proto.graph.node if node.op_type == "Cast" and node.input[0].endswith("__fp16")]
+    onnx.save(proto, str(tmp_path / "restored.onnx"))
+    assert (tmp_path / "restored.onnx").stat().st_size > 0.9 * onnx_model.stat().st_size
+    assert np.abs(OnnxPredictor(tmp_path / "restored.onnx")(images) - predictor(images)).max() < 1e-5
 
 
 def test_evaluate_an_onnx_model_needs_data_and_matches_its_checkpoint(tiny_checkpoint, onnx_model, tmp_path, capsys):
@@ -125,7 +135,7 @@ def test_int8_export_is_calibrated_on_training_images_and_close_to_float32(
     from lesionseg import export
     from lesionseg.evaluation import evaluate_checkpoint
 
-    monkeypatch.setattr(export, "export_onnx", lambda checkpoint, path: shutil.copy(onnx_model, path))
+    monkeypatch.setattr(export, "export_onnx", lambda checkpoint, path, **_: shutil.copy(onnx_model, path))
     int8 = tmp_path / "int8.onnx"
     assert main(["export", "--checkpoint", str(tiny_checkpoint), "--onnx", str(int8), "--int8"]) == 0
     assert int8.stat().st_size < 0.35 * onnx_model.stat().st_size
@@ -202,6 +212,9 @@ def test_precision_runs_an_exported_file_in_openvino_and_agrees_with_onnxruntime
         == 0
     )
     assert len(list((tmp_path / "o" / "masks").glob("*.png"))) == 3
+    released = load_predictor(precision="int8")  # the released model's int8 file, shipped beside it
+    assert released.metadata["precision"] == "int8" and released.quality is not None
+    assert isinstance(released, OpenVinoPredictor) and released.name.endswith("int8")
     with pytest.raises(LesionsegError, match="runs exported files; `lesionseg export --int8"):
         load_predictor(tiny_checkpoint, precision="int8")
     real = importlib.util.find_spec

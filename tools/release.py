@@ -35,9 +35,13 @@ from lesionseg.rundir import RunDir
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "src" / "lesionseg" / "release" / "lesionseg-unet.onnx"
 SHIPPED_INT8 = SHIPPED.with_name("lesionseg-unet-int8.onnx")  # `--precision int8`
-VERSION = "1"
+VERSION = "2"
 EXTRA = ("isic2018-extra-256",)  # the extra folders that were measured to help (README, benchmarks/README.md)
-RELEASE_ARGS = ["--preset", "unet-finetune", "--image-size", "128", "--epochs", "8", "--seed", "0"]
+# and HAM10000 less its external validation images (tools/external_split.py), with colour and zoom augmentation:
+# chosen on the two validation sets (docs/experiments.md, "Release v2")
+RELEASE_ARGS = [
+    "--preset", "unet-finetune", "--image-size", "128", "--epochs", "5", "--seed", "0", "--colour", "0.2", "--scale", "0.2"
+]  # fmt: skip
 FP16_TOLERANCE = 0.003
 
 
@@ -47,9 +51,13 @@ def train(out: Path, shared: Path, weights: str) -> Path:
     if (run / "config.yaml").is_file():
         command += ["--resume", str(run)]
     else:
+        from external_split import SPLIT, link
+
         command += [*RELEASE_ARGS, "--data", str(shared / "isic2016-256"), "--weights", weights, "--out", str(run)]
         for folder in EXTRA:
             command += ["--extra-data", str(shared / folder)]
+        link(shared / "ham10000-200", out / "ham10000-split", set(json.loads(SPLIT.read_text())["ids"]))
+        command += ["--extra-data", str(out / "ham10000-split" / "train")]
     with open(out / "train.log", "a") as log:
         if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
             sys.exit(f"training failed; see {out / 'train.log'}")
@@ -145,12 +153,16 @@ def main() -> None:
     parser.add_argument("--weights", required=True, help="the ImageNet MobileNetV2 state_dict the encoder starts from")
     parser.add_argument(
         "--stage",
-        choices=("train", "all", "speed", "quality"),
+        choices=("train", "all", "speed", "quality", "int8"),
         default="all",
         help="train: only train; speed: only time the shipped file (needs an idle machine); quality: refit the "
-        "shipped file's quality estimate (validation images of --split-from)",
+        "shipped file's quality estimate (validation images of --split-from); int8: make the shipped file's int8 file",
     )
-    parser.add_argument("--split-from", type=Path, help="with --stage quality: the split.json of the shipped run")
+    parser.add_argument(
+        "--split-from",
+        type=Path,
+        help="with --stage quality or int8: the split.json of the shipped run (its validation images)",
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -158,6 +170,8 @@ def main() -> None:
         return speed(args.shared / "isic2016-256", args.out)
     if args.stage == "quality":
         return refit_shipped_quality(args)
+    if args.stage == "int8":
+        return int8_of_shipped(args)
     run = train(args.out, args.shared, args.weights)
     if args.stage == "train":
         return
@@ -184,7 +198,11 @@ def ship(args: argparse.Namespace, run: Path, start: float) -> None:
         "bytes": files[chosen].stat().st_size,
         "training_args": RELEASE_ARGS,
         "extra_data": list(EXTRA),
-        "training_data": ["isic2016-256 training split (less validation)", *EXTRA],
+        "training_data": [
+            "isic2016-256 training split (less validation)",
+            *EXTRA,
+            "ham10000-200 less the 1,000 external validation images",
+        ],
         "licence": "CC BY-NC 4.0 (ISIC 2018 Task 1 data): non-commercial, attribution",
         "data_fingerprint": info["data_fingerprint"],
         "encoder_weights": info.get("weights"),
@@ -234,6 +252,44 @@ def ship_int8(run: Path, metadata: dict[str, str], shipped: Path, args: argparse
     int8 = export_int8(run / "best.pt", args.out / "model-int8.onnx", metadata=metadata)
     estimate = QualityModel.from_metadata(OnnxPredictor(shipped).metadata.get("quality"))
     return embed(int8, estimate, args.out / "model-int8-quality.onnx") if estimate else int8
+
+
+def int8_of_shipped(args: argparse.Namespace) -> None:
+    """The int8 file of the shipped model when its checkpoint is not at hand (release v1): the shipped float16
+    file back to float32 weights, quantized with `export --int8`'s recipe on isic2016-256 training images other
+    than the run's validation images (`--split-from`), with the shipped file's metadata and quality estimate."""
+    import onnx
+
+    from lesionseg.export import restore_weights_fp32
+    from lesionseg.predictors import OnnxPredictor
+    from lesionseg.quality import QualityModel
+    from lesionseg.qualityfit import embed
+    from lesionseg.quantize import DEFAULT_RECIPE, quantize_int8, training_images
+
+    proto = onnx.load(str(SHIPPED))
+    restore_weights_fp32(proto)
+    onnx.helper.set_model_props(
+        proto, {p.key: p.value for p in proto.metadata_props if p.key not in ("test_jaccard", "metrics")}
+    )
+    fp32 = args.out / "shipped-fp32.onnx"
+    onnx.save(proto, str(fp32))
+    exclude = frozenset(json.loads(args.split_from.read_text())["val"]) if args.split_from else frozenset()
+    images = training_images(args.shared / "isic2016-256", DEFAULT_RECIPE.images, 128, exclude=exclude)
+    int8 = quantize_int8(fp32, args.out / "shipped-int8.onnx", images, DEFAULT_RECIPE)
+    estimate = QualityModel.from_metadata(OnnxPredictor(SHIPPED).metadata.get("quality"))
+    int8 = embed(int8, estimate, args.out / "shipped-int8-quality.onnx") if estimate else int8
+    scores = score(int8, args.shared / "isic2016-256", args.out)
+    shutil.copy(int8, SHIPPED_INT8)
+    release_json = SHIPPED.parent / "release.json"
+    release = json.loads(release_json.read_text())
+    release["int8"] = {
+        "bytes": SHIPPED_INT8.stat().st_size,
+        "recipe": DEFAULT_RECIPE.describe(),
+        "scores": scores,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    release_json.write_text(json.dumps(release, indent=1))
+    print(json.dumps({k: {m: v for m, v in s.items() if m != "worst"} for k, s in scores.items()}, indent=1))
 
 
 def refit_shipped_quality(args: argparse.Namespace) -> None:
