@@ -605,6 +605,8 @@ def test_a_damaged_cache_is_rebuilt_with_a_note(tiny_data, tmp_path, capsys):
         (["--device", "cuda:7"], "--device cuda:7: PyTorch sees"),
         (["--image-size", "16000"], "multiple of 32 from 32 to 1024"),
         (["--name", "n" * 300], "name is 300 characters"),
+        (["--scale", "1.5"], "scale must be in [0, 1) and colour in [0, 1]"),
+        (["--colour", "-0.1"], "scale must be in [0, 1) and colour in [0, 1]"),
     ],
 )
 def test_option_values_pytorch_would_reject_are_one_line(tiny_data, tmp_path, capsys, argv, message):
@@ -620,6 +622,7 @@ def test_option_values_pytorch_would_reject_are_one_line(tiny_data, tmp_path, ca
         (["predict", "x.jpg", "--out", "o", "--batch-size", "0"], "--batch-size: must be at least 1, got 0"),
         (["serve", "--port", "80000"], "a TCP port is 1 to 65535, got 80000"),
         (["serve", "--port", "-1"], "a TCP port is 1 to 65535, got -1"),
+        (["predict", "x.jpg", "--out", "o", "--precision", "int4"], "--precision: invalid choice: 'int4'"),
     ],
 )
 def test_bad_flags_are_one_line_not_the_usage_block(capsys, argv, message):
