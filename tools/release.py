@@ -4,15 +4,17 @@
         --weights ../shared/weights/mobilenet_v2_imagenet_from_keras_int8.pth --shared ../shared/data
 
 Stages (a rerun resumes or skips what is done):
-1. train: `lesionseg train` with RELEASE_ARGS on the isic2016-256 training split plus the extra folders;
-   validation comes from the isic2016-256 training split only (seeded), so the test split is never seen.
+1. train: `lesionseg train` with RELEASE_ARGS on the isic2016-256 training split plus the extra folders and
+   HAM10000 less its external validation images; validation comes from the isic2016-256 training split only
+   (seeded), so the test split is never seen.
 2. export: ONNX with float32 weights, and with float16 weights (half the size, computed in float32).
 3. score: both ONNX files on the isic2016-256 test split at the stored 256 px resolution, plain and with flip
    TTA + largest component + hole filling, per-image Jaccard with bootstrap 95 % intervals, worst decile;
    the float16 file ships only if its mean per-image Jaccard is within 0.003 of the float32 file's.
 4. quality: the per-image quality estimate fitted on validation images only (the run's own and the external
    HAM10000 validation set, `tools/external_split.py`), embedded in the file, measured once on test.
-5. ship: the file into src/lesionseg/release/ with its metadata (version, data, fingerprint, weights, metrics,
+5. int8: the same checkpoint quantized (`export --int8`'s recipe), with the same metadata and estimate, scored.
+6. ship: both files into src/lesionseg/release/ with their metadata (version, data, fingerprint, weights, metrics,
    command, wall time), release.json beside it, and the ten worst test images as a figure for MODEL_CARD.md.
 """
 
