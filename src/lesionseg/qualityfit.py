@@ -73,14 +73,12 @@ def out_of_fold(x: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> 
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Probability that a positive (poor mask) gets a lower quality than a negative, ties counted half."""
+    """Probability that a positive (a poor mask) gets a lower quality than a negative (scikit-learn's ROC AUC)."""
+    from sklearn.metrics import roc_auc_score
+
     if positive.all() or not positive.any():
         return math.nan
-    from scipy.stats import rankdata
-
-    ranks = rankdata(-scores)  # low quality ranks high
-    n_pos, n_neg = positive.sum(), (~positive).sum()
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(positive, -np.asarray(scores)))
 
 
 def worst_decile(values: np.ndarray) -> float:
