@@ -32,6 +32,7 @@ import numpy as np
 from scipy.stats import bootstrap
 
 from lesionseg.machine import device_name
+from lesionseg.quality import QualityModel
 from lesionseg.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,19 +48,24 @@ RELEASE_ARGS = [
 FP16_TOLERANCE = 0.003
 
 
+def external_split(shared: Path, out: Path) -> Path:
+    """out/ham10000-split: HAM10000's external validation images (external/test) and the rest (train), as links."""
+    from external_split import SPLIT, link
+
+    link(shared / "ham10000-200", out / "ham10000-split", set(json.loads(SPLIT.read_text())["ids"]))
+    return out / "ham10000-split"
+
+
 def train(out: Path, shared: Path, weights: str) -> Path:
     run = out / "train"
     command = [sys.executable, "-m", "lesionseg", "train", "--no-progress"]
     if (run / "config.yaml").is_file():
         command += ["--resume", str(run)]
     else:
-        from external_split import SPLIT, link
-
         command += [*RELEASE_ARGS, "--data", str(shared / "isic2016-256"), "--weights", weights, "--out", str(run)]
         for folder in EXTRA:
             command += ["--extra-data", str(shared / folder)]
-        link(shared / "ham10000-200", out / "ham10000-split", set(json.loads(SPLIT.read_text())["ids"]))
-        command += ["--extra-data", str(out / "ham10000-split" / "train")]
+        command += ["--extra-data", str(external_split(shared, out) / "train")]
     with open(out / "train.log", "a") as log:
         if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
             sys.exit(f"training failed; see {out / 'train.log'}")
@@ -107,10 +113,9 @@ def score(model: Path, data: Path, out: Path) -> dict:
     return scores
 
 
-def fit_quality(model: Path, split: Path, shared: Path, out: Path) -> tuple[Path, dict]:
+def fit_quality(model: Path, split: Path, shared: Path, out: Path) -> tuple[Path, QualityModel, dict]:
     """The quality estimate, fitted on validation images only (the run's own 81, in `split`, and the external
     validation set), embedded in a copy of `model`; its accuracy out of fold on those images, then once on test."""
-    from external_split import SPLIT, link
     from lesionseg.evaluation import evaluate_checkpoint
     from lesionseg.qualityfit import embed, fit, out_of_fold, quality_accuracy, read_evaluations, risk_coverage_figure
 
@@ -118,10 +123,9 @@ def fit_quality(model: Path, split: Path, shared: Path, out: Path) -> tuple[Path
     beside.mkdir(parents=True, exist_ok=True)
     shutil.copy(split, beside / "split.json")  # evaluate --split val reads the split beside the model
     shutil.copy(model, beside / "model.onnx")
-    link(shared / "ham10000-200", out / "ham10000-split", set(json.loads(SPLIT.read_text())["ids"]))
     sets = {
         "isic-val": (shared / "isic2016-256", "val"),
-        "ham10000-external": (out / "ham10000-split" / "external", "test"),
+        "ham10000-external": (external_split(shared, out) / "external", "test"),
     }
     folders = []
     for name, (data, split_name) in sets.items():
@@ -141,11 +145,15 @@ def fit_quality(model: Path, split: Path, shared: Path, out: Path) -> tuple[Path
         f"validation, out of fold ({len(y)})": (validation, y),
     }
     risk_coverage_figure(curves, ROOT / "docs" / "quality_risk_coverage.png")
-    return fitted, {
-        "fitted_on": names,
-        "validation_out_of_fold": quality_accuracy(validation, y),
-        "test": test["quality"],
-    }
+    return (
+        fitted,
+        estimate,
+        {
+            "fitted_on": names,
+            "validation_out_of_fold": quality_accuracy(validation, y),
+            "test": test["quality"],
+        },
+    )
 
 
 def main() -> None:
@@ -155,15 +163,15 @@ def main() -> None:
     parser.add_argument("--weights", required=True, help="the ImageNet MobileNetV2 state_dict the encoder starts from")
     parser.add_argument(
         "--stage",
-        choices=("train", "all", "speed", "quality", "int8"),
+        choices=("train", "all", "speed", "quality"),
         default="all",
         help="train: only train; speed: only time the shipped file (needs an idle machine); quality: refit the "
-        "shipped file's quality estimate (validation images of --split-from); int8: make the shipped file's int8 file",
+        "shipped file's quality estimate (validation images of --split-from)",
     )
     parser.add_argument(
         "--split-from",
         type=Path,
-        help="with --stage quality or int8: the split.json of the shipped run (its validation images)",
+        help="with --stage quality: the split.json of the shipped run (its validation images)",
     )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -172,8 +180,6 @@ def main() -> None:
         return speed(args.shared / "isic2016-256", args.out)
     if args.stage == "quality":
         return refit_shipped_quality(args)
-    if args.stage == "int8":
-        return int8_of_shipped(args)
     run = train(args.out, args.shared, args.weights)
     if args.stage == "train":
         return
@@ -229,9 +235,9 @@ def ship(args: argparse.Namespace, run: Path, start: float) -> None:
         fp16_weights=chosen == "float16",
         metadata={**metadata, "name": f"lesionseg U-Net v{VERSION} (MobileNetV2, 128 px)", "version": f"v{VERSION}"},
     )
-    final, release["quality"] = fit_quality(final, run / "split.json", args.shared, args.out)
+    final, estimate, release["quality"] = fit_quality(final, run / "split.json", args.shared, args.out)
     about = {k: v for k, v in metadata.items() if k not in ("test_jaccard", "metrics")}  # the float file's scores
-    int8 = ship_int8(run, about | {"name": f"lesionseg U-Net v{VERSION}", "version": f"v{VERSION}"}, final, args)
+    int8 = ship_int8(run, about | {"name": f"lesionseg U-Net v{VERSION}", "version": f"v{VERSION}"}, estimate, args)
     release["int8"] = {"bytes": int8.stat().st_size, "scores": score(int8, data, args.out)}
     SHIPPED.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(final, SHIPPED)
@@ -243,62 +249,21 @@ def ship(args: argparse.Namespace, run: Path, start: float) -> None:
     print(f"shipped: {SHIPPED} ({release['bytes'] / 1e6:.1f} MB, {chosen} weights)")
 
 
-def ship_int8(run: Path, metadata: dict[str, str], shipped: Path, args: argparse.Namespace) -> Path:
+def ship_int8(run: Path, metadata: dict[str, str], estimate: QualityModel, args: argparse.Namespace) -> Path:
     """The int8 file (`export --int8`'s default recipe, calibrated on training images) with the shipped file's
     metadata and quality estimate."""
     from lesionseg.export import export_int8
-    from lesionseg.predictors import OnnxPredictor
-    from lesionseg.quality import QualityModel
     from lesionseg.qualityfit import embed
 
     int8 = export_int8(run / "best.pt", args.out / "model-int8.onnx", metadata=metadata)
-    estimate = QualityModel.from_metadata(OnnxPredictor(shipped).metadata.get("quality"))
-    return embed(int8, estimate, args.out / "model-int8-quality.onnx") if estimate else int8
-
-
-def int8_of_shipped(args: argparse.Namespace) -> None:
-    """The int8 file of the shipped model when its checkpoint is not at hand (release v1): the shipped float16
-    file back to float32 weights, quantized with `export --int8`'s recipe on isic2016-256 training images other
-    than the run's validation images (`--split-from`), with the shipped file's metadata and quality estimate."""
-    import onnx
-
-    from lesionseg.export import restore_weights_fp32
-    from lesionseg.predictors import OnnxPredictor
-    from lesionseg.quality import QualityModel
-    from lesionseg.qualityfit import embed
-    from lesionseg.quantize import DEFAULT_RECIPE, quantize_int8, training_images
-
-    proto = onnx.load(str(SHIPPED))
-    restore_weights_fp32(proto)
-    onnx.helper.set_model_props(
-        proto, {p.key: p.value for p in proto.metadata_props if p.key not in ("test_jaccard", "metrics")}
-    )
-    fp32 = args.out / "shipped-fp32.onnx"
-    onnx.save(proto, str(fp32))
-    exclude = frozenset(json.loads(args.split_from.read_text())["val"]) if args.split_from else frozenset()
-    images = training_images(args.shared / "isic2016-256", DEFAULT_RECIPE.images, 128, exclude=exclude)
-    int8 = quantize_int8(fp32, args.out / "shipped-int8.onnx", images, DEFAULT_RECIPE)
-    estimate = QualityModel.from_metadata(OnnxPredictor(SHIPPED).metadata.get("quality"))
-    int8 = embed(int8, estimate, args.out / "shipped-int8-quality.onnx") if estimate else int8
-    scores = score(int8, args.shared / "isic2016-256", args.out)
-    shutil.copy(int8, SHIPPED_INT8)
-    release_json = SHIPPED.parent / "release.json"
-    release = json.loads(release_json.read_text())
-    release["int8"] = {
-        "bytes": SHIPPED_INT8.stat().st_size,
-        "recipe": DEFAULT_RECIPE.describe(),
-        "scores": scores,
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-    }
-    release_json.write_text(json.dumps(release, indent=1))
-    print(json.dumps({k: {m: v for m, v in s.items() if m != "worst"} for k, s in scores.items()}, indent=1))
+    return embed(int8, estimate, args.out / "model-int8-quality.onnx")
 
 
 def refit_shipped_quality(args: argparse.Namespace) -> None:
     """The shipped file with a newly fitted quality estimate, and its figures in release.json."""
     if args.split_from is None:
         sys.exit("--stage quality needs --split-from RUN/split.json (the shipped run's validation images)")
-    fitted, report = fit_quality(SHIPPED, args.split_from, args.shared, args.out)
+    fitted, _, report = fit_quality(SHIPPED, args.split_from, args.shared, args.out)
     shutil.copy(fitted, SHIPPED)
     release_json = SHIPPED.parent / "release.json"
     release = json.loads(release_json.read_text())

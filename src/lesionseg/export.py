@@ -50,19 +50,6 @@ def store_weights_fp16(proto) -> None:
     proto.graph.node.extend(nodes)
 
 
-def restore_weights_fp32(proto) -> None:
-    """Undo `store_weights_fp16`: each float16 weight and its Cast back to float32 become a float32 weight again
-    (the values the float16 file computes with), so the file can be quantized like a float32 export."""
-    from onnx import numpy_helper
-
-    halves = {weight.name: weight for weight in proto.graph.initializer if weight.name.endswith("__fp16")}
-    casts = [node for node in proto.graph.node if node.op_type == "Cast" and node.input[0] in halves]
-    for cast in casts:
-        half = halves[cast.input[0]]
-        half.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(half).astype(np.float32), cast.output[0]))
-        proto.graph.node.remove(cast)
-
-
 def exported_by_lesionseg(path: Path) -> bool:
     import onnx
 
