@@ -3,7 +3,7 @@
 Three folders: (a) the ISIC 2016 test JPEGs at 256 px (from --data), (b) 200 synthetic 765x572 PNGs,
 (c) 100 synthetic 1504x1129 JPEGs. For each, images/s of `run_predict` with default options (masks and rows,
 no overlays) and of the model alone on the same images already at the model's size, batch 32; rounds
-alternate the two, and the ratio is of medians. Target (issue "Segment an archive"): predict >= 80 % of the
+alternate the two, and the ratio is of medians. glibc's thresholds are set as `lesionseg predict` sets them. Target (issue "Segment an archive"): predict >= 80 % of the
 model alone.
 
     .venv/bin/python benchmarks/predict_speed.py --data ../shared/data/isic2016-256 [--rounds 3]
@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from common import default_out, write_result
+from lesionseg.allocator import bound_memory_and_reuse_it
 from lesionseg.pipeline import Pipeline, model_input, read_for_model
 from lesionseg.prediction import run_predict
 from lesionseg.predictors import load_predictor
@@ -65,6 +66,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=default_out("predict-speed"))
     args = parser.parse_args()
+    bound_memory_and_reuse_it()  # as the command does
     pipeline = Pipeline(load_predictor(onnx=args.onnx))
     results = {}
     with tempfile.TemporaryDirectory() as scratch:

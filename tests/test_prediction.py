@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from lesionseg.cli import main
-from lesionseg.pipeline import Pipeline, Segmentation, describe
-from lesionseg.prediction import outline, overlay, run_predict
+from lesionseg.pipeline import Pipeline, Segmentation, as_fixed, describe, to_own_size
+from lesionseg.prediction import mask_png_8bit, outline, overlay, run_predict
 from lesionseg.predictors import TorchPredictor
 
 
@@ -39,12 +39,28 @@ def test_describe_area_bbox_and_probability():
     mask = np.zeros((10, 20), bool)
     mask[2:5, 3:9] = True
     probability = np.where(mask, 0.9, 0.1)
-    row = describe("x.jpg", Segmentation(mask, probability))
+    row = describe("x.jpg", Segmentation(mask, as_fixed(probability)))
     assert row["lesion_pixels"] == 18 and row["lesion_fraction"] == pytest.approx(18 / 200)
     assert (row["bbox_x0"], row["bbox_y0"], row["bbox_x1"], row["bbox_y1"]) == (3, 2, 8, 4)
     assert row["mean_probability"] == pytest.approx(0.9)
-    empty = describe("y.jpg", Segmentation(np.zeros((4, 4), bool), np.zeros((4, 4))))
+    empty = describe("y.jpg", Segmentation(np.zeros((4, 4), bool), as_fixed(np.zeros((4, 4)))))
     assert empty["lesion_pixels"] == 0 and empty["bbox_x0"] is None and empty["mean_probability"] is None
+
+
+def test_the_resize_back_in_fixed_point_is_pillows_float_bilinear():
+    probability = np.random.default_rng(0).random((16, 16), dtype=np.float32)
+    as_float = Image.fromarray(probability, mode="F").resize((75, 41), Image.Resampling.BILINEAR)
+    fixed = to_own_size(probability, 75, 41)
+    assert fixed.dtype == np.int32 and fixed.shape == (41, 75)
+    assert np.abs(Segmentation(fixed > 0, fixed).probability - np.asarray(as_float)).max() < 1e-6
+
+
+def test_the_mask_png_is_8_bit_grayscale_0_and_255(tmp_path):
+    mask = np.random.default_rng(1).random((37, 53)) > 0.5
+    (tmp_path / "m.png").write_bytes(mask_png_8bit(mask))
+    with Image.open(tmp_path / "m.png") as image:
+        assert image.mode == "L" and image.size == (53, 37)
+        assert np.array_equal(np.asarray(image), mask.astype(np.uint8) * 255)
 
 
 def test_overlay_draws_only_the_outline():

@@ -21,7 +21,7 @@ SEARCH = (
     "/usr/lib",
     "/usr/local/lib",
 )
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 REEXECUTED = "_LESIONSEG_ALLOCATOR_REEXECUTED"  # set in the child, so a failed preload never loops
 
 
@@ -74,14 +74,30 @@ def ensure_caching_allocator() -> None:
 
 
 def return_freed_memory_promptly() -> None:
-    """For inference on images up to 60 MP (predict, serve): glibc raises its mmap threshold each time a large
-    block is freed, after which blocks that large come from its heaps and stay there once freed; a service that
-    answered a few such images kept GBs it no longer used. A fixed threshold keeps every array over 1 MiB a
-    mapping of its own, returned to the system when it is freed. Not glibc (or not Linux): nothing to do."""
+    """For the service, which lives on after images up to 60 MP: glibc raises its mmap threshold each time a
+    large block is freed, after which blocks that large come from its heaps and stay there once freed; a service
+    that answered a few such images kept GBs it no longer used. A fixed threshold keeps every array over 1 MiB a
+    mapping of its own, returned to the system when it is freed."""
+    set_malloc_thresholds(mmap=1 << 20)
+
+
+def bound_memory_and_reuse_it() -> None:
+    """For predict, which goes through many ordinary photos and maybe a few at the pixel limit: arrays over
+    8 MiB (Pillow's 16 MiB blocks of a large image among them) are mappings returned when freed, so the peak
+    stays bounded; smaller ones, an ordinary photo's full-size arrays, are reused from the heap instead of the
+    kernel zeroing fresh pages for each image (1 MiB cost 13 ms of system time per 1.7 MP image; glibc's own
+    rising threshold doubled the peak on 60 MP images: benchmarks/README.md, "predict end to end")."""
+    set_malloc_thresholds(mmap=8 << 20, trim=64 << 20)
+
+
+def set_malloc_thresholds(mmap: int, trim: int | None = None) -> None:
+    """glibc's fixed thresholds (not glibc, or not Linux: nothing to do)."""
     import ctypes
 
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+        libc.mallopt(M_MMAP_THRESHOLD, mmap)
+        if trim is not None:
+            libc.mallopt(M_TRIM_THRESHOLD, trim)
     except (OSError, AttributeError):
         pass

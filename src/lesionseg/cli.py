@@ -12,6 +12,7 @@ import os
 import sys
 import time
 
+from lesionseg import allocator
 from lesionseg.config import PRECISIONS, PRESETS, add_config_flags, config_overrides
 from lesionseg.errors import Interrupted, LesionsegError
 from lesionseg.files import shown
@@ -377,13 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     """`argv` None: the process's own command line (the console script, `python -m lesionseg`, torchrun)."""
     args = build_parser().parse_args(argv)
     if argv is None and args.command in TRAINING_COMMANDS:  # re-executes once, before PyTorch is imported
-        from lesionseg.allocator import ensure_caching_allocator
-
-        ensure_caching_allocator()
-    if args.command in ("predict", "serve"):
-        from lesionseg.allocator import return_freed_memory_promptly
-
-        return_freed_memory_promptly()
+        allocator.ensure_caching_allocator()
+    if args.command == "predict":  # glibc's thresholds, measured for each: benchmarks/README.md
+        allocator.bound_memory_and_reuse_it()
+    elif args.command == "serve":
+        allocator.return_freed_memory_promptly()
     try:
         check_named_paths(args)
         if args.command in TORCH_COMMANDS:

@@ -87,7 +87,7 @@ def probabilities_of(
 
 def score_model_resolution(pipeline: Pipeline, probabilities: np.ndarray, cached: CachedSplit) -> MetricAccumulator:
     size = (pipeline.image_size, pipeline.image_size)
-    predicted = torch.stack([torch.from_numpy(pipeline.mask(p[0], size)[0])[None] for p in probabilities])
+    predicted = torch.stack([torch.from_numpy(pipeline.mask(p[0], size))[None] for p in probabilities])
     metrics = MetricAccumulator(pipeline.threshold)
     metrics.update_binary(predicted, cached.masks)
     return metrics
@@ -101,7 +101,7 @@ def score_source_resolution(
     metrics = MetricAccumulator(pipeline.threshold)
     for image_id, p in zip(ids, probabilities):
         truth, _ = inspect_mask(masks[image_id])
-        predicted, _ = pipeline.mask(p[0], (truth.shape[1], truth.shape[0]))
+        predicted = pipeline.mask(p[0], (truth.shape[1], truth.shape[0]))
         metrics.update_binary(torch.from_numpy(predicted)[None, None], torch.from_numpy(truth)[None, None])
     return metrics
 

@@ -105,17 +105,30 @@ def model_input(image: Image.Image, size: int) -> np.ndarray:
     return np.asarray(image).transpose(2, 0, 1)
 
 
+FIXED_POINT = 2**24  # probabilities in units of 2**-24: float32's precision, and Pillow resizes int32 2.5x faster
+
+
+def as_fixed(probability: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] -> int32 in units of 1/FIXED_POINT (exact back to float32)."""
+    return np.rint(probability * FIXED_POINT).astype(np.int32)
+
+
+def as_probability(fixed: np.ndarray) -> np.ndarray:
+    return fixed.astype(np.float32) * (1 / FIXED_POINT)
+
+
 def to_own_size(probability: np.ndarray, width: int, height: int) -> np.ndarray:
-    """(S,S) probabilities -> (height,width) float32, bilinear on pixel centres: the one resize back."""
-    if probability.shape == (height, width):
-        return probability.astype(np.float32, copy=False)
-    return np.asarray(
-        Image.fromarray(probability.astype(np.float32), mode="F").resize((width, height), Image.Resampling.BILINEAR)
-    )
+    """(S,S) probabilities -> (height,width) int32 in units of 1/FIXED_POINT, bilinear on pixel centres: the one
+    resize back. In fixed point because for a 1.7 MP image this resize is most of what predict spends beside
+    the model and its codecs (benchmarks/README.md, "predict end to end")."""
+    fixed = as_fixed(probability)
+    if fixed.shape == (height, width):
+        return fixed
+    return np.asarray(Image.fromarray(fixed).resize((width, height), Image.Resampling.BILINEAR))
 
 
 def refined_mask(probability: np.ndarray, threshold: float, refine: Refinements) -> np.ndarray:
-    """(H,W) probabilities -> boolean mask, post-processed as asked."""
+    """(H,W) probabilities (any scale the threshold shares) -> boolean mask, post-processed as asked."""
     mask = probability >= threshold
     if refine.largest_component and mask.any():
         labels, count = ndimage.label(mask)
@@ -133,9 +146,14 @@ class Segmentation:
     the mask's quality when the model ships one (`lesionseg.quality`)."""
 
     mask: np.ndarray
-    probability: np.ndarray
+    fixed: np.ndarray  # (H,W) int32: the probabilities in units of 1/FIXED_POINT, as they were resized
     name: str = ""
     assessed: Quality | None = None
+
+    @property
+    def probability(self) -> np.ndarray:
+        """(H,W) float32 lesion probabilities, made on request: predict and serve need only the mask."""
+        return as_probability(self.fixed)
 
     @property
     def quality(self) -> float | None:
@@ -175,15 +193,18 @@ class Pipeline:
         """uint8 (B,3,S,S) -> view-averaged probabilities (B,1,S,S) float32, as one batch."""
         return np.asarray(self.predictor(images), dtype=np.float32)
 
-    def mask(self, probability: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-        """(S,S) probabilities -> (mask, probabilities) at `size` = (width, height), refined."""
-        full = to_own_size(probability, *size)
-        return refined_mask(full, self.threshold, self.refine), full
+    def mask(self, probability: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """(S,S) probabilities -> the refined mask at `size` = (width, height)."""
+        return self.result(probability, size, assessed=False).mask
 
-    def result(self, probability: np.ndarray, size: tuple[int, int], name: str = "") -> Segmentation:
+    def result(
+        self, probability: np.ndarray, size: tuple[int, int], name: str = "", assessed: bool = True
+    ) -> Segmentation:
         """(S,S) probabilities -> the image's Segmentation at `size` = (width, height), with its quality estimate."""
-        mask, full = self.mask(probability, size)
-        return Segmentation(mask, full, name, assess(self.quality, probability, self.threshold))
+        fixed = to_own_size(probability, *size)
+        mask = refined_mask(fixed, self.threshold * FIXED_POINT, self.refine)
+        quality = assess(self.quality, probability, self.threshold) if assessed else None
+        return Segmentation(mask, fixed, name, quality)
 
     def segment(
         self, images: list[Image.Image], names: list[str] | None = None, sizes: list[tuple[int, int]] | None = None
@@ -217,7 +238,7 @@ def describe(name: str, result: Segmentation) -> dict[str, Any]:
             bbox_y0=int(rows[0]),
             bbox_x1=int(columns[-1]),
             bbox_y1=int(rows[-1]),
-            mean_probability=float(result.probability.sum(where=mask, dtype=np.float64) / area),
+            mean_probability=float(result.fixed.sum(where=mask, dtype=np.int64)) / FIXED_POINT / area,
         )
     else:
         row.update(bbox_x0=None, bbox_y0=None, bbox_x1=None, bbox_y1=None, mean_probability=None)

@@ -266,7 +266,7 @@ def run_figures(name: str, run_dir: Path, measured: dict[str, float], figures: P
     size = (config.image_size, config.image_size)
     for label, ids in (("predictions", test.ids[:4]), ("worst", worst_cases(run_dir))):
         subset = test.subset([test.ids.index(i) for i in ids])
-        masks = np.stack([pipeline.mask(p[0], size)[0] for p in probabilities_of(pipeline, subset.images)])
+        masks = np.stack([pipeline.mask(p[0], size) for p in probabilities_of(pipeline, subset.images)])
         title = f"{name}: input, ground truth, prediction" + (
             " — the ten worst test images" if label == "worst" else ""
         )
