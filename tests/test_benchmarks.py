@@ -279,3 +279,36 @@ def test_resolution_ceiling_is_perfect_at_the_stored_size_and_soft_masks_lift_it
         smaller["binary_iou_per_image"] < 1.0 and smaller["binary_iou_worst_decile"] <= smaller["binary_iou_per_image"]
     )
     assert smaller["soft_iou_per_image"] >= smaller["binary_iou_per_image"]
+
+
+def test_quality_fit_chooses_the_rows_that_rank_the_held_out_isic_images(tmp_path, monkeypatch):
+    from lesionseg.quality import FEATURES
+
+    quality_fit = load("quality_fit")
+    rng = np.random.default_rng(0)
+
+    def folder(name: str, count: int, signal: bool) -> Path:
+        x = rng.random((count, len(FEATURES)))
+        truth = 0.4 + 0.55 * x[:, 0] if signal else rng.random(count)  # only soft_jaccard carries the truth
+        header = ",".join(["id", "iou_source", *(f"q_{f}" for f in FEATURES)])
+        lines = [",".join([f"ISIC_{name}{n}", str(t), *map(str, row)]) for n, (t, row) in enumerate(zip(truth, x))]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "per_image.csv").write_text("\n".join([header, *lines]) + "\n")
+        return tmp_path / name
+
+    argv = [
+        "quality_fit.py",
+        "--release-val",
+        str(folder("val", 40, True)),
+        "--seed-val",
+        str(folder("val2", 40, True)),
+    ]
+    argv += ["--release-external", str(folder("external", 200, False)), "--folds", str(folder("fold1", 100, True))]
+    argv += ["--test", str(folder("test", 60, True)), "--out", str(tmp_path / "result.json")]
+    monkeypatch.setattr(sys, "argv", argv)
+    quality_fit.main()
+    result = json.loads((tmp_path / "result.json").read_text())["results"]
+    assert result["chosen"] != "as shipped: external"  # the external rows here carry no signal
+    chosen = result["candidates"][result["chosen"]]
+    assert chosen["held_out_isic_val"]["images"] == 80 and chosen["held_out_isic_val"]["spearman"] > 0.9
+    assert chosen["test"]["spearman"] > result["candidates"]["as shipped: external"]["test"]["spearman"]

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from lesionseg.cli import main
+from lesionseg.outputs import Extras
 from lesionseg.pipeline import Pipeline, Segmentation, as_fixed, describe, to_own_size
 from lesionseg.prediction import mask_png_8bit, outline, overlay, run_predict
 from lesionseg.predictors import TorchPredictor
@@ -19,7 +20,7 @@ def test_masks_come_back_at_each_images_own_resolution(tiny_checkpoint, photos, 
         tmp_path / "out",
         batch_size=2,
         progress=False,
-        overlays=True,
+        extras=Extras(overlays="png"),
     )
     assert report.problems == [] and len(report.rows) == 3
     for row in report.rows:
@@ -271,6 +272,25 @@ def test_a_killed_predict_resumes_and_redoes_only_what_is_missing(tiny_checkpoin
     assert main([*argv, "--overwrite"]) == 0 and "segmented 6 image(s)" in capsys.readouterr().out
     assert main([*argv, "--tta"]) == 2  # another model's options: not mixed into one folder
     assert "another model or options (refinements 'plain')" in capsys.readouterr().err
+
+
+def test_jpeg_overlays_and_probability_maps_come_on_request_and_a_rerun_adds_them(tiny_checkpoint, tmp_path, capsys):
+    images, _ = isic_folder(tmp_path)
+    out = tmp_path / "out"
+    argv = ["predict", "--checkpoint", str(tiny_checkpoint), str(images), "--out", str(out), "--no-progress"]
+    assert main(argv) == 0 and not (out / "overlays").exists() and not (out / "probabilities").exists()
+    capsys.readouterr()
+    assert main([*argv, "--overlays", "jpg", "--probabilities"]) == 0
+    assert "segmented 6 image(s)" in capsys.readouterr().out  # the files asked for were missing: redone
+    for row in json.loads((out / "predictions.json").read_text()):
+        mask = np.asarray(Image.open(out / row["mask"])) > 0
+        with Image.open(out / row["overlay"]) as drawn:
+            assert drawn.format == "JPEG" and drawn.size == (row["width"], row["height"])
+        grey = np.asarray(Image.open(out / row["probability_map"]))
+        assert grey.dtype == np.uint8 and grey.shape == mask.shape
+        assert ((grey >= 128) == mask).mean() > 0.99  # the mask is this map at the threshold, 0.5
+    assert main([*argv, "--overlays", "jpg", "--probabilities"]) == 0
+    assert "6 already done" in capsys.readouterr().out
 
 
 def test_two_shards_write_the_same_masks_and_rows_as_one_process(tiny_checkpoint, tmp_path):

@@ -13,7 +13,7 @@ import torch
 
 from lesionseg.allocator import find_library
 from lesionseg.config import build_config
-from lesionseg.training import bf16_is_native, resolve_formats
+from lesionseg.precision import bf16_is_native, resolve_formats
 
 PROBE = (
     "from lesionseg.allocator import ensure_caching_allocator, describe; ensure_caching_allocator(); print(describe())"

@@ -27,6 +27,7 @@ INFERENCE = (
     "rundir",
     "config",
     "cli",
+    "commands",
     "quality",
 )
 TRAINING = ("training", "data", "losses", "models", "weights", "checkpoint", "distributed", "report", "reproduce")

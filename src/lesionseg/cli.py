@@ -7,159 +7,31 @@ PyTorch until a subcommand that needs it runs.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 
 from lesionseg import allocator
-from lesionseg.config import PRECISIONS, PRESETS, add_config_flags, config_overrides
+from lesionseg.commands import (
+    REPRODUCE_SETS,
+    cmd_compare,
+    cmd_download,
+    cmd_evaluate,
+    cmd_export,
+    cmd_merge,
+    cmd_predict,
+    cmd_reproduce,
+    cmd_serve,
+    cmd_summary,
+    cmd_train,
+)
+from lesionseg.config import PRECISIONS, PRESETS, add_config_flags
 from lesionseg.errors import Interrupted, LesionsegError
 from lesionseg.files import shown
+from lesionseg.outputs import OVERLAY_FORMATS
 
 DEBUG_ENV = "LESIONSEG_DEBUG"  # set to 1 for the traceback of an unexpected error
-REPRODUCE_SETS = ("out", "init", "name")  # reproduce decides these per model
 TRAINING_COMMANDS = ("train", "reproduce")  # run under a caching allocator when one is installed
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 TORCH_COMMANDS = ("reproduce", "train", "evaluate", "compare", "summary", "export")
-
-
-def cmd_train(args: argparse.Namespace) -> None:
-    from lesionseg.config import build_config
-    from lesionseg.training import fit, resume_config
-
-    if args.resume:  # the run's own config; other options would make it another run
-        config = resume_config(args.resume)
-    else:
-        overrides = config_overrides(args) | {"out": args.out or f"runs/{args.preset}"}
-        config = build_config(args.preset, **overrides)
-    run_dir = fit(config, progress=not args.no_progress, resume=bool(args.resume), overwrite=args.overwrite)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"trained: {shown(run_dir / 'best.pt')}")
-
-
-def refinements(args: argparse.Namespace):
-    from lesionseg.pipeline import Refinements
-
-    return Refinements(
-        tta=args.tta,
-        rotations=getattr(args, "rotations", False),
-        largest_component=args.largest_component,
-        fill_holes=args.fill_holes,
-    )
-
-
-def cmd_evaluate(args: argparse.Namespace) -> None:
-    from lesionseg.evaluation import evaluate_checkpoint
-
-    result = evaluate_checkpoint(
-        args.checkpoint,
-        args.data,
-        args.split,
-        args.out,
-        refinements(args),
-        args.source_resolution,
-        progress=not args.no_progress,
-    )
-    print(json.dumps({k: v for k, v in result.items() if k.startswith("metrics") or k == "quality"}, indent=2))
-
-
-def cmd_compare(args: argparse.Namespace) -> None:
-    from lesionseg.reproduce import run_compare
-
-    report = run_compare(args.runs, args.out, progress=not args.no_progress)
-    print(report["markdown"])
-    print(f"report: {report['path']}")
-
-
-def cmd_summary(args: argparse.Namespace) -> None:
-    from lesionseg.report import model_summary
-
-    print(model_summary(args.arch, args.image_size, args.batch_size, args.frozen))
-
-
-def cmd_reproduce(args: argparse.Namespace) -> None:
-    from lesionseg.reproduce import run_reproduce
-
-    overrides = {k: v for k, v in config_overrides(args).items() if k not in REPRODUCE_SETS}
-    report = run_reproduce(args.out, progress=not args.no_progress, **overrides)
-    print(report["markdown"])
-    print(f"report: {report['path']}")
-
-
-def cmd_predict(args: argparse.Namespace) -> int:
-    from lesionseg.pipeline import Pipeline
-    from lesionseg.prediction import run_predict
-    from lesionseg.predictors import load_predictor
-
-    pipeline = Pipeline(load_predictor(args.checkpoint, args.onnx, precision=args.precision), refinements(args))
-    from lesionseg.outputs import Shard
-
-    shard = Shard.parse(args.shard)
-    report = run_predict(
-        pipeline,
-        args.inputs,
-        args.out,
-        args.batch_size,
-        progress=not args.no_progress,
-        overlays=args.overlays,
-        overwrite=args.overwrite,
-        shard=shard,
-    )
-    share = f" (shard {shard.index + 1} of {shard.count})" if shard.count > 1 else ""
-    print(
-        f"segmented {len(report.rows) - report.resumed} image(s) into {shown(args.out)}{share}; "
-        f"{report.resumed} already done; {len(report.problems)} skipped"
-    )
-    return 1 if report.problems or not report.rows else 0
-
-
-def cmd_merge(args: argparse.Namespace) -> None:
-    from lesionseg.outputs import merge
-
-    if not os.path.isdir(args.out):
-        raise LesionsegError(f"{shown(args.out)}: predict folder not found")
-    rows = merge(args.out)
-    print(f"joined {len(rows)} row(s) into {shown(os.path.join(args.out, 'predictions.csv'))}")
-
-
-def cmd_export(args: argparse.Namespace) -> None:
-    from lesionseg.export import export_int8, export_onnx
-
-    if args.int8:
-        path = export_int8(args.checkpoint, args.onnx, args.calibration_data, args.calibration_images)
-    else:
-        path = export_onnx(args.checkpoint, args.onnx, fp16_weights=args.fp16_weights)
-    print(f"exported: {path}")
-
-
-def cmd_serve(args: argparse.Namespace) -> None:
-    from lesionseg.pipeline import Pipeline
-    from lesionseg.predictors import load_predictor
-    from lesionseg.serve import run_serve
-
-    if args.host not in LOOPBACK:
-        print(
-            f"lesionseg: WARNING: serving on {args.host}: anyone who can reach this machine can use the service "
-            "(it has no authentication); put it behind a proxy that authenticates, or use --host 127.0.0.1",
-            file=sys.stderr,
-        )
-    start = time.perf_counter()  # a checkpoint is exported for onnxruntime first: about 20 s
-    predictor = load_predictor(args.checkpoint, args.onnx, backend=args.backend, precision=args.precision)
-    pipeline = Pipeline(predictor, refinements(args))
-    print(
-        f"lesionseg: serving {predictor.name} with {type(predictor).__name__}, {pipeline.refine.name} "
-        f"(ready in {time.perf_counter() - start:.0f} s)",
-        file=sys.stderr,
-    )
-    run_serve(pipeline, args.host, args.port, args.max_batch, args.batch_window_ms)
-
-
-def cmd_download(args: argparse.Namespace) -> None:
-    from lesionseg.download import run_download
-
-    dest = run_download(args.dataset, args.dest, progress=not args.no_progress)
-    print(f"ready: lesionseg reproduce --data {dest}")
 
 
 def add_refinements(parser: argparse.ArgumentParser, rotations: bool = False) -> None:
@@ -299,8 +171,21 @@ def add_use_commands(sub) -> None:
     p = sub.add_parser("predict", help="segment images: OUT/masks/<stem>.png and a CSV/JSON row each")
     add_model_source(p)
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--out", required=True, help="output folder (its own layout: masks/, overlays/, predictions.*)")
-    p.add_argument("--overlays", action="store_true", help="also OUT/overlays/<stem>.png: the outline on the image")
+    p.add_argument(
+        "--out", required=True, help="output folder (its own layout: masks/, overlays/, probabilities/, predictions.*)"
+    )
+    p.add_argument(
+        "--overlays",
+        nargs="?",
+        const="png",
+        choices=OVERLAY_FORMATS,
+        help="also OUT/overlays/<stem>.png (or .jpg: --overlays jpg): the outline on the image",
+    )
+    p.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="also OUT/probabilities/<stem>.png: the lesion probability, 8-bit grey at the image's own size",
+    )
     p.add_argument("--overwrite", action="store_true", help="redo images an earlier run into OUT finished")
     p.add_argument(
         "--shard",

@@ -1,7 +1,8 @@
 """predict's output folder: what it writes, what it has written, and how shards join.
 
     OUT/masks/<stem>.png            0/255 at the image's own size (what the ISIC scorer reads)
-    OUT/overlays/<stem>.png         with --overlays
+    OUT/overlays/<stem>.png|.jpg    with --overlays [png|jpg]: the outline on the image
+    OUT/probabilities/<stem>.png    with --probabilities: the lesion probability, 0..255 at the image's own size
     OUT/predictions.json, .csv      one row per image, sorted by mask name, joined from every shard
     OUT/.lesionseg-predict[.K-of-N].jsonl
                                     each process's journal: a header (model and options), then one row per image
@@ -26,9 +27,30 @@ from typing import Any
 from lesionseg.errors import LesionsegError
 from lesionseg.files import shown, write_atomically
 
-MASKS, OVERLAYS = "masks", "overlays"
+MASKS, OVERLAYS, PROBABILITIES = "masks", "overlays", "probabilities"
+OVERLAY_FORMATS = ("png", "jpg")
 RECORD, TABLE = "predictions.json", "predictions.csv"
 JOURNALS = ".lesionseg-predict*.jsonl"
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What predict writes beside each mask, only on request: full-size files cost more than the mask."""
+
+    overlays: str | None = None  # "png" or "jpg" (a photo's outline as JPEG: a fraction of the time and size)
+    probabilities: bool = False
+
+    def names(self, stem: str) -> dict[str, str]:
+        """This image's extra files, by the row key that names each."""
+        names = {}
+        if self.overlays:
+            names["overlay"] = f"{OVERLAYS}/{stem}.{self.overlays}"
+        if self.probabilities:
+            names["probability_map"] = f"{PROBABILITIES}/{stem}.png"
+        return names
+
+    def folders(self) -> list[str]:
+        return [MASKS, *([OVERLAYS] if self.overlays else []), *([PROBABILITIES] if self.probabilities else [])]
 
 
 @dataclass(frozen=True)
@@ -124,15 +146,16 @@ class Written:
         return cls(rows, headers, finished, intended)
 
     def files(self) -> set[str]:
-        named = {row[key] for row in self.rows.values() for key in ("mask", "overlay") if row.get(key)}
+        keys = ("mask", "overlay", "probability_map")
+        named = {row[key] for row in self.rows.values() for key in keys if row.get(key)}
         return named | self.intended
 
-    def complete(self, out: Path, mask: str, source: str, overlays: bool) -> bool:
-        """This image's outputs are all there, from this very source file."""
+    def complete(self, out: Path, mask: str, source: str, extras: Extras, stem: str) -> bool:
+        """This image's outputs are all there, as asked, from this very source file."""
         row = self.rows.get(mask)
         if row is None or row.get("file") != source or not (out / mask).is_file():
             return False
-        return not overlays or bool(row.get("overlay")) and (out / row["overlay"]).is_file()
+        return all(row.get(key) == name and (out / name).is_file() for key, name in extras.names(stem).items())
 
 
 def refuse_foreign(out: Path, planned: list[str], written: Written) -> None:

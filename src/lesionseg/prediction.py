@@ -1,6 +1,6 @@
 """`lesionseg predict`: for each image a mask PNG in OUT/masks/<stem>.png (the image's own size, 0/255, the
-input's file stem: what the ISIC scorer and most pipelines read), an outline overlay on request, and a
-CSV/JSON row, through the one pipeline (`lesionseg.pipeline`).
+input's file stem: what the ISIC scorer and most pipelines read), an outline overlay and a probability map on
+request, and a CSV/JSON row, through the one pipeline (`lesionseg.pipeline`).
 
 predict writes only into its own layout (`lesionseg.outputs`) and keeps a record of what it wrote: a file it
 would write that exists and is not in that record is someone else's, and the run is refused before anything
@@ -34,6 +34,8 @@ from lesionseg.images import IMAGE_SUFFIXES, MAX_PIXELS, PixelBudget, decode_ima
 from lesionseg.outputs import (
     MASKS,
     OVERLAYS,
+    PROBABILITIES,
+    Extras,
     Journal,
     Shard,
     Written,
@@ -42,7 +44,7 @@ from lesionseg.outputs import (
     refuse_foreign,
     refuse_other_model,
 )
-from lesionseg.pipeline import Pipeline, model_input, read_for_model
+from lesionseg.pipeline import Pipeline, Segmentation, model_input, read_for_model
 
 OUTLINE_RGB = (0, 255, 0)
 WORKERS = 2  # decoding and writing threads, beside the model's own
@@ -120,7 +122,7 @@ def walk_folder(folder: Path, skip: set[Path], found: Inputs) -> int:
 
 def collect_inputs(inputs: list[str | os.PathLike], out: Path) -> Inputs:
     """Image files named, or found in named folders; everything that is not segmented is named with its reason."""
-    found, skip = Inputs(), {out.resolve(), (out / MASKS).resolve(), (out / OVERLAYS).resolve()}
+    found, skip = Inputs(), {(out / folder).resolve() for folder in ("", MASKS, OVERLAYS, PROBABILITIES)}
     for item in map(Path, inputs):
         if item.is_dir():
             if not walk_folder(item, skip, found):
@@ -195,20 +197,31 @@ def batches(decoded: Iterator, batch_size: int, problems: list[str]) -> Iterator
         yield batch
 
 
-def write_outputs(item: Decoded, mask: np.ndarray, row: dict[str, Any], out: Path, overlays: bool) -> dict[str, Any]:
-    """One image's mask (and overlay), each written atomically: a killed run leaves no half-written file."""
+def write_outputs(
+    item: Decoded, mask: np.ndarray, grey: Image.Image | None, row: dict[str, Any], out: Path, extras: Extras
+) -> dict[str, Any]:
+    """One image's mask, and the overlay and probability map (`grey`) if asked, each written atomically: a killed
+    run leaves no half-written file."""
     mask_name = f"{MASKS}/{item.stem}.png"
     encoded = mask_png_8bit(mask)
     write_atomically(out / mask_name, lambda handle: handle.write(encoded), "mask")
     row = {**row, "mask": mask_name}
-    if overlays:
-        full = item.kept or decode_image(item.path, shown(item.path))[0]
-        drawn = overlay(full, mask)
-        del full
-        name = f"{OVERLAYS}/{item.stem}.png"
-        write_atomically(out / name, lambda handle: drawn.save(handle, format="PNG"), "overlay")
-        row["overlay"] = name
+    for key, name in extras.names(item.stem).items():
+        image = outlined(item, mask) if key == "overlay" else grey
+        kind = "JPEG" if name.endswith(".jpg") else "PNG"
+        write_atomically(out / name, lambda handle: image.save(handle, format=kind, quality=90), key.replace("_", " "))
+        row[key] = name
     return row
+
+
+def outlined(item: Decoded, mask: np.ndarray) -> Image.Image:
+    """The image with its mask's outline, decoded again at full size unless it was small enough to keep."""
+    return overlay(item.kept or decode_image(item.path, shown(item.path))[0], mask)
+
+
+def probability_image(result: Segmentation) -> Image.Image:
+    """The lesion probability at the image's own size as 8-bit grey: 0..255 for 0..1."""
+    return Image.fromarray((result.probability * 255 + 0.5).astype(np.uint8))
 
 
 def run_predict(
@@ -217,7 +230,7 @@ def run_predict(
     out: str | os.PathLike,
     batch_size: int = 16,
     progress: bool = True,
-    overlays: bool = False,
+    extras: Extras = Extras(),
     overwrite: bool = False,
     shard: Shard = Shard(),
 ) -> PredictReport:
@@ -235,15 +248,15 @@ def run_predict(
     else:
         refuse_other_model(written, header)
     mine = [(path, stem) for path, stem in zip(found.images, stems) if shard.takes(stem)]
-    planned = [name for _, stem in mine for name in output_names(stem, overlays)]
+    planned = [name for _, stem in mine for name in output_names(stem, extras)]
     refuse_foreign(out, planned, written)
     done = (
-        [] if overwrite else [(p, s) for p, s in mine if written.complete(out, f"{MASKS}/{s}.png", shown(p), overlays)]
+        [] if overwrite else [(p, s) for p, s in mine if written.complete(out, f"{MASKS}/{s}.png", shown(p), extras, s)]
     )
     finished = set(done)
     todo = [item for item in mine if item not in finished]
     problems = report_skipped(found)
-    for folder in (MASKS, OVERLAYS) if overlays else (MASKS,):
+    for folder in extras.folders():
         output_folder(out / folder)
     kept = [written.rows[f"{MASKS}/{s}.png"] for _, s in done]
     journal = Journal(out, shard, header, kept)
@@ -251,13 +264,13 @@ def run_predict(
     bar = tqdm(total=len(todo), desc="predict", unit="image", disable=not progress)
     window = 2 * batch_size
     with ThreadPoolExecutor(WORKERS) as decoders, ThreadPoolExecutor(WORKERS) as writers:
-        work = ((path, stem, pipeline.image_size, overlays) for path, stem in todo)
+        work = ((path, stem, pipeline.image_size, bool(extras.overlays)) for path, stem in todo)
         pending: deque = deque()
         for batch in batches(ahead(work, decode_one, decoders, window), batch_size, problems):
             probabilities = pipeline.probabilities(np.stack([item.pixels for item in batch]))
-            journal.intend([name for item in batch for name in output_names(item.stem, overlays)])
+            journal.intend([name for item in batch for name in output_names(item.stem, extras)])
             for item, probability in zip(batch, probabilities):
-                pending.append(writers.submit(finish_one, pipeline, item, probability[0], out, overlays))
+                pending.append(writers.submit(finish_one, pipeline, item, probability[0], out, extras))
                 while len(pending) > window or (pending and pending[0].done()):
                     rows.append(record(pending.popleft().result(), journal, bar))
         while pending:
@@ -268,8 +281,8 @@ def run_predict(
     return PredictReport(rows, problems, len(done))
 
 
-def output_names(stem: str, overlays: bool) -> list[str]:
-    return [f"{MASKS}/{stem}.png", *([f"{OVERLAYS}/{stem}.png"] if overlays else [])]
+def output_names(stem: str, extras: Extras) -> list[str]:
+    return [f"{MASKS}/{stem}.png", *extras.names(stem).values()]
 
 
 def record(row: dict[str, Any], journal: Journal, bar) -> dict[str, Any]:
@@ -278,14 +291,15 @@ def record(row: dict[str, Any], journal: Journal, bar) -> dict[str, Any]:
     return row
 
 
-def finish_one(pipeline: Pipeline, item: Decoded, probability: np.ndarray, out: Path, overlays: bool) -> dict[str, Any]:
+def finish_one(pipeline: Pipeline, item: Decoded, probability: np.ndarray, out: Path, extras: Extras) -> dict[str, Any]:
     """Back to the image's own size, its row, and its files (in a worker thread; both workers together hold at
     most MAX_PIXELS at full size)."""
     with FULL_SIZE.hold(item.size[0] * item.size[1]):
         result = pipeline.result(probability, item.size, shown(item.path))
         row, mask = result.stats, result.mask
+        grey = probability_image(result) if extras.probabilities else None
         del result  # the full-size probabilities are not needed for the files: one large array fewer at a time
-        return write_outputs(item, mask, row, out, overlays)
+        return write_outputs(item, mask, grey, row, out, extras)
 
 
 def report_skipped(found: Inputs) -> list[str]:

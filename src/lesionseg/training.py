@@ -23,7 +23,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from lesionseg import allocator
 from lesionseg.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from lesionseg.config import TrainConfig, read_config, save_config
 from lesionseg.distributed import Process, barrier, init_process, mean_across, resolve_device
@@ -32,6 +31,7 @@ from lesionseg.files import output_folder, remove_stale_temps, shown
 from lesionseg.losses import WeightedSum
 from lesionseg.metrics import MetricAccumulator
 from lesionseg.models import build_model
+from lesionseg.precision import autocast, resolve_formats, warn_if_slow_bf16, what_ran
 from lesionseg.rundir import RunDir
 from lesionseg.runsetup import load_init, make_loaders, run_info, warn_if_init_trained_on_validation
 from lesionseg.weights import FROM_SCRATCH, resolve_weights
@@ -66,51 +66,6 @@ def build_scheduler(config: TrainConfig, optimizer, steps_per_epoch: int) -> tor
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def warn_if_slow_bf16(device: torch.device, amp: bool) -> None:
-    """bfloat16 convolutions are fast only where oneDNN has native bf16 (AVX512-BF16, AMX); elsewhere PyTorch
-    falls back to a generic im2col path about 10x slower than float32 (benchmarks/README.md, "bf16")."""
-    if amp and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        print(
-            "lesionseg: WARNING: --amp on this CPU (no AVX512-BF16 or AMX) runs bfloat16 convolutions on a slow "
-            "path, about 10x slower than float32; train without --amp here",
-            file=sys.stderr,
-        )
-
-
-def bf16_is_native() -> bool:
-    """oneDNN has bfloat16 kernels for this CPU (AVX512-BF16 or AMX)."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_formats(config: TrainConfig, device: torch.device) -> tuple[bool, bool]:
-    """(amp, channels_last) as the config asks, or, where it leaves them open (None), what measured fastest without
-    losing accuracy: bfloat16 on CPUs with native bf16, NHWC on every CPU (benchmarks/README.md, "Training speed")."""
-    on_cpu = device.type == "cpu"
-    amp = config.amp if config.amp is not None else on_cpu and bf16_is_native()
-    channels_last = config.channels_last if config.channels_last is not None else on_cpu
-    return amp, channels_last
-
-
-def what_ran(device: torch.device, amp: bool, channels_last: bool) -> dict[str, Any]:
-    """The numeric settings of the run, for run.json and the log: they change speed, and rounding."""
-    precision = ("bfloat16 autocast" if device.type == "cpu" else "float16 autocast") if amp else "float32"
-    return {
-        "device": str(device),
-        "precision": precision,
-        "memory_format": "channels_last" if channels_last else "contiguous",
-        "allocator": allocator.describe(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "bf16_native": bf16_is_native(),
-        "threads": torch.get_num_threads(),
-        "compiled": False,
-    }
-
-
-def autocast(device: torch.device, enabled: bool):
-    """Mixed precision: bfloat16 on the CPU (no loss scaling needed), float16 on CUDA (with the GradScaler)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16 if device.type == "cpu" else torch.float16, enabled=enabled)
 
 
 def train_one_epoch(
