@@ -15,22 +15,17 @@ A rerun resumes: a fold whose evaluation exists is skipped, a fold whose trainin
 from __future__ import annotations
 
 import argparse
-import hashlib
 import subprocess
 import sys
 from pathlib import Path
 
 from lesionseg.data import find_pairs
+from lesionseg.outputs import share_of as fold_of  # a stable split by image id, as predict's shards
 
 FOLD_ARGS = [
     "--preset", "unet-finetune", "--image-size", "128", "--epochs", "6", "--seed", "0", "--colour", "0.2", "--scale", "0.2"
 ]  # fmt: skip
 SOURCES = (("isic2016-256", "train"), ("isic2018-extra-256", "train"))
-
-
-def fold_of(image_id: str, folds: int) -> int:
-    """A stable fold by image id: the same image lands in the same fold on every machine."""
-    return int.from_bytes(hashlib.sha256(image_id.encode()).digest()[:8], "big") % folds
 
 
 def link_fold(shared: Path, folder: Path, fold: int, folds: int) -> int:

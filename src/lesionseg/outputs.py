@@ -33,6 +33,13 @@ RECORD, TABLE = "predictions.json", "predictions.csv"
 JOURNALS = ".lesionseg-predict*.jsonl"
 
 
+def share_of(stem: str, count: int) -> int:
+    """A stable split by file name into `count` shares: the same image lands in the same share on every machine
+    and every run (predict's shards, the quality estimate's folds)."""
+    digest = hashlib.sha256(stem.encode("utf-8", "surrogateescape")).digest()
+    return int.from_bytes(digest[:8], "big") % count
+
+
 @dataclass(frozen=True)
 class Extras:
     """What predict writes beside each mask, only on request: full-size files cost more than the mask."""
@@ -71,9 +78,7 @@ class Shard:
         return cls(int(k) - 1, int(n))
 
     def takes(self, stem: str) -> bool:
-        """A stable split by file name: the same image goes to the same shard on every machine and every run."""
-        digest = hashlib.sha256(stem.encode("utf-8", "surrogateescape")).digest()
-        return int.from_bytes(digest[:8], "big") % self.count == self.index
+        return share_of(stem, self.count) == self.index
 
     @property
     def journal(self) -> str:
