@@ -203,7 +203,6 @@ def ship(args: argparse.Namespace, run: Path, start: float) -> None:
         "file": SHIPPED.name,
         "weights_storage": chosen,
         "fp16_vs_fp32_jaccard_gap": gap,
-        "bytes": files[chosen].stat().st_size,
         "training_args": RELEASE_ARGS,
         "extra_data": list(EXTRA),
         "training_data": [
@@ -236,6 +235,7 @@ def ship(args: argparse.Namespace, run: Path, start: float) -> None:
         metadata={**metadata, "name": f"lesionseg U-Net v{VERSION} (MobileNetV2, 128 px)", "version": f"v{VERSION}"},
     )
     final, estimate, release["quality"] = fit_quality(final, run / "split.json", args.shared, args.out)
+    release["bytes"] = final.stat().st_size  # the shipped file: weights, metadata and the quality estimate
     about = {k: v for k, v in metadata.items() if k not in ("test_jaccard", "metrics")}  # the float file's scores
     int8 = ship_int8(run, about | {"name": f"lesionseg U-Net v{VERSION}", "version": f"v{VERSION}"}, estimate, args)
     release["int8"] = {"bytes": int8.stat().st_size, "scores": score(int8, data, args.out)}
