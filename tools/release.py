@@ -268,6 +268,7 @@ def refit_shipped_quality(args: argparse.Namespace) -> None:
     release_json = SHIPPED.parent / "release.json"
     release = json.loads(release_json.read_text())
     release["quality"] = report | {"command": " ".join([Path(sys.executable).name, *sys.argv])}
+    release["bytes"] = SHIPPED.stat().st_size  # the new estimate changes the file's size
     release_json.write_text(json.dumps(release, indent=1))
     print(json.dumps(report, indent=1))
 
