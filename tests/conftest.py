@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +11,20 @@ import pytest
 from PIL import Image
 
 from lesionseg.data import OFFICIAL_DIRS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(folder: str, name: str):
+    """A script of tools/ or benchmarks/ as a module; its folder goes on sys.path, as when it runs, so it can
+    import its siblings (common.py, external_split.py)."""
+    where = ROOT / folder
+    if str(where) not in sys.path:
+        sys.path.insert(0, str(where))
+    spec = importlib.util.spec_from_file_location(name, where / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

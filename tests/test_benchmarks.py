@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
@@ -11,20 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import load_script
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def load(name: str):
-    if str(BENCHMARKS) not in sys.path:  # the scripts import their shared helper (common.py) as a sibling
-        sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_rescoring_keeps_the_wall_time_of_the_run_that_trained(tmp_path):
-    unet_vs_smp = load("unet_vs_smp")
+    unet_vs_smp = load_script("benchmarks", "unet_vs_smp")
     (tmp_path / "unet_vs_smp.json").write_text(json.dumps({"wall_seconds": 5518.9}))
     start = time.perf_counter() - 3.0
     kept = unet_vs_smp.wall_seconds(tmp_path, start, rescore_only=True)
@@ -37,7 +29,7 @@ def test_rescoring_keeps_the_wall_time_of_the_run_that_trained(tmp_path):
 
 
 def test_smp_comparison_starts_both_encoders_from_the_named_weights_file():
-    unet_vs_smp = load("unet_vs_smp")
+    unet_vs_smp = load_script("benchmarks", "unet_vs_smp")
     base = ["--data", "d", "--extra-data", "e"]
     for extra, start in (
         ([], []),
@@ -54,7 +46,7 @@ def test_smp_comparison_starts_both_encoders_from_the_named_weights_file():
 
 def test_seed_combiner_refuses_runs_that_differ_in_more_than_the_seed(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    seeds = load("unet_vs_smp_seeds")
+    seeds = load_script("benchmarks", "unet_vs_smp_seeds")
     config = {key: 1 for key in seeds.SAME}
     folders = []
     for name, seed, epochs in (("a", 0, 16), ("b", 1, 12), ("c", 0, 16)):
@@ -137,7 +129,7 @@ def test_serve_load_reports_throughput_latency_and_memory(tiny_checkpoint, tmp_p
         capture_output=True,
         timeout=300,
     )
-    result = load("common").read_result(out)
+    result = load_script("benchmarks", "common").read_result(out)
     assert result["image"] == "64x48 PNG" and result["server_peak_rss_mb"] > 50
     assert [run["clients"] for run in result["runs"]] == [1, 2]
     for run in result["runs"]:
@@ -147,7 +139,7 @@ def test_serve_load_reports_throughput_latency_and_memory(tiny_checkpoint, tmp_p
 
 def test_speed_peaks_name_their_source():
     """The theoretical fp32 peak follows the vector width and FMA pipes; the measured ones run."""
-    speed = load("speed")
+    speed = load_script("benchmarks", "speed")
     zen1 = {"cores": 2, "base_mhz": 2000.0, "isa": "avx2+fma", "family": "23", "model": "1"}
     assert speed.theoretical_peak_gflops(zen1)[0] == pytest.approx(64.0)  # 2 x 2 GHz x 16 FLOP/cycle
     zen4 = {**zen1, "family": "25", "model": "17", "isa": "avx512f"}
@@ -178,7 +170,7 @@ def test_refinements_are_chosen_on_validation_and_reported_on_test(tmp_path, mon
         progress=False,
     )
     monkeypatch.syspath_prepend(str(BENCHMARKS))
-    refinements = load("refinements")
+    refinements = load_script("benchmarks", "refinements")
     result = refinements.choose(run)
     rows = result["candidates"]
     assert list(rows) == [r.name for r in refinements.CANDIDATES]
@@ -190,14 +182,14 @@ def test_refinements_are_chosen_on_validation_and_reported_on_test(tmp_path, mon
 
 
 def test_device_name_says_which_cpu_generation_ran_the_benchmark():
-    name = load("unet_vs_smp").device_name()
+    name = load_script("benchmarks", "unet_vs_smp").device_name()
     assert name.startswith("CPU: ") and name.endswith(" cores")
     if Path("/proc/cpuinfo").is_file():
         assert "(family " in name and " model " in name  # "AMD EPYC" alone covers machines 2x apart in speed
 
 
 def test_paired_differences_of_evaluation_folders_against_the_first(tmp_path):
-    paired = load("paired")
+    paired = load_script("benchmarks", "paired")
     for name, values in (("a", [0.5, 0.6, 0.7]), ("b", [0.6, 0.7, 0.8]), ("c", [0.5, 0.6, 0.7])):
         (tmp_path / name).mkdir()
         rows = "\n".join(f"ISIC_{n},{v},{v - 0.1}" for n, v in enumerate(values))
@@ -215,7 +207,7 @@ def test_paired_differences_of_evaluation_folders_against_the_first(tmp_path):
 
 
 def test_paired_averages_an_entry_over_its_seeds_before_pairing(tmp_path):
-    paired = load("paired")
+    paired = load_script("benchmarks", "paired")
     for name, values in (("base", [0.5, 0.5]), ("seed0", [0.6, 0.4]), ("seed1", [0.8, 0.6]), ("short", [0.5])):
         (tmp_path / name).mkdir()
         rows = "\n".join(f"ISIC_{n},{v}" for n, v in enumerate(values))
@@ -237,7 +229,7 @@ def test_paired_averages_an_entry_over_its_seeds_before_pairing(tmp_path):
 def test_ensemble_of_one_model_twice_is_that_model_and_members_must_share_validation(
     tiny_checkpoint, tmp_path, monkeypatch
 ):
-    ensemble = load("ensemble")
+    ensemble = load_script("benchmarks", "ensemble")
     from lesionseg.evaluation import Refinements, evaluate_checkpoint
 
     data = str(tiny_checkpoint.parents[1] / "data")
@@ -260,7 +252,7 @@ def test_ensemble_of_one_model_twice_is_that_model_and_members_must_share_valida
         ],
     )
     ensemble.main()
-    rows = load("paired").read_per_image(tmp_path / "both")
+    rows = load_script("benchmarks", "paired").read_per_image(tmp_path / "both")
     assert [row["id"] for row in rows] == cached.ids == [row["id"] for row in alone["per_image"]]
     assert [row["iou_source"] for row in rows] == pytest.approx([row["iou_source"] for row in alone["per_image"]])
     for name, val in (("a", ["ISIC_1", "ISIC_2"]), ("b", ["ISIC_1", "ISIC_3"])):
@@ -272,7 +264,7 @@ def test_ensemble_of_one_model_twice_is_that_model_and_members_must_share_valida
 
 
 def test_resolution_ceiling_is_perfect_at_the_stored_size_and_soft_masks_lift_it_below(tiny_data):
-    ceiling = load("resolution_ceiling").ceiling
+    ceiling = load_script("benchmarks", "resolution_ceiling").ceiling
     stored, smaller = ceiling(str(tiny_data), "test", 48), ceiling(str(tiny_data), "test", 32)
     assert stored["images"] == 4 and stored["binary_iou_per_image"] == pytest.approx(1.0)
     assert (
@@ -284,7 +276,7 @@ def test_resolution_ceiling_is_perfect_at_the_stored_size_and_soft_masks_lift_it
 def test_quality_fit_chooses_the_rows_that_rank_the_held_out_isic_images(tmp_path, monkeypatch):
     from lesionseg.quality import FEATURES
 
-    quality_fit = load("quality_fit")
+    quality_fit = load_script("benchmarks", "quality_fit")
     rng = np.random.default_rng(0)
 
     def folder(name: str, count: int, signal: bool) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,19 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+from conftest import load_script
+
 SHARED_HAM = Path(__file__).resolve().parents[2] / "shared" / "data" / "ham10000-200"
 
 
-def external_split():
-    spec = importlib.util.spec_from_file_location("external_split", TOOLS / "external_split.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_draw_keeps_every_lesion_on_one_side_and_is_repeatable():
-    tool = external_split()
+    tool = load_script("tools", "external_split")
     lesions = {f"HAM_{n}": [f"ISIC_{n}_{k}" for k in range(1 + n % 3)] for n in range(200)}
     drawn = tool.draw(lesions, seed=3, min_images=50)
     assert drawn == tool.draw(lesions, seed=3, min_images=50) != tool.draw(lesions, seed=4, min_images=50)
@@ -35,7 +28,7 @@ def test_the_draw_keeps_every_lesion_on_one_side_and_is_repeatable():
 def test_link_makes_folders_that_lesionseg_reads(tmp_path):
     from lesionseg.data import find_pairs
 
-    tool = external_split()
+    tool = load_script("tools", "external_split")
     ham = tmp_path / "ham"
     (ham / "images").mkdir(parents=True)
     (ham / "masks").mkdir()
@@ -56,7 +49,7 @@ def test_link_makes_folders_that_lesionseg_reads(tmp_path):
 
 @pytest.mark.skipif(not SHARED_HAM.is_dir(), reason="the shared HAM10000 copy is not on this machine")
 def test_the_committed_split_is_the_draw_of_whole_lesions():
-    tool = external_split()
+    tool = load_script("tools", "external_split")
     record = json.loads(tool.SPLIT.read_text())
     lesions = tool.lesions_of(SHARED_HAM / "metadata.csv")
     assert record["ids"] == tool.draw(lesions) and len(record["ids"]) >= 1000

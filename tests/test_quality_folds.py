@@ -3,19 +3,9 @@ never saw it, and rows the fit reads."""
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-from conftest import write_dataset, write_plain_pairs
-
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-
-
-def quality_folds():
-    spec = importlib.util.spec_from_file_location("quality_folds", TOOLS / "quality_folds.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script, write_dataset, write_plain_pairs
 
 
 def fake_shared(root: Path) -> Path:
@@ -31,7 +21,7 @@ def names(folder: Path) -> set[str]:
 def test_each_image_is_held_out_by_exactly_one_fold_and_trained_on_by_the_others(tmp_path):
     from lesionseg.data import find_pairs
 
-    tool, shared = quality_folds(), fake_shared(tmp_path / "shared")
+    tool, shared = load_script("tools", "quality_folds"), fake_shared(tmp_path / "shared")
     every = names(shared / "isic2016-256" / "ISBI2016_ISIC_Part1_Training_Data") | names(
         shared / "isic2018-extra-256" / "images"
     )
@@ -50,7 +40,7 @@ def test_each_image_is_held_out_by_exactly_one_fold_and_trained_on_by_the_others
 def test_out_of_fold_trains_each_fold_and_scores_it_on_its_held_out_images(tmp_path, monkeypatch):
     from lesionseg.qualityfit import read_rows
 
-    tool, shared = quality_folds(), fake_shared(tmp_path / "shared")
+    tool, shared = load_script("tools", "quality_folds"), fake_shared(tmp_path / "shared")
     monkeypatch.setenv("LESIONSEG_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(
         tool, "FOLD_ARGS", ["--preset", "model2-finetune", "--image-size", "32", "--epochs", "1", "--batch-size", "4"]
