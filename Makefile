@@ -29,6 +29,7 @@ test: install lint
 lint: install
 	$(BIN)/ruff check src tests benchmarks tools
 	$(BIN)/ruff format --check src tests benchmarks tools
+	$(BIN)/lint-imports
 
 # The released model, rebuilt from ImageNet weights on the shared data (hours on a CPU): train, export, score, ship
 # into src/lesionseg/release/. A rerun resumes training or skips what is done.

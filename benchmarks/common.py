@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from lesionseg.machine import cpu_info, device_name
-from lesionseg.rundir import RunDir
+from lesionseg.train.rundir import RunDir
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -16,9 +16,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from lesionseg.evaluation import images_to_score, pipeline_for, probabilities_of, score_probabilities, write_evaluation
-from lesionseg.pipeline import Refinements
-from lesionseg.rundir import RunDir
+from lesionseg.segment.pipeline import Refinements
+from lesionseg.train.evaluation import (
+    images_to_score,
+    pipeline_for,
+    probabilities_of,
+    score_probabilities,
+    write_evaluation,
+)
+from lesionseg.train.rundir import RunDir
 
 
 def validation_ids(members: list[str]) -> list[str]:

@@ -18,8 +18,8 @@ import argparse
 from pathlib import Path
 
 from common import write_result
-from lesionseg.evaluation import images_to_score, pipeline_for, probabilities_of, score_probabilities
-from lesionseg.metrics import paired_difference
+from lesionseg.train.evaluation import images_to_score, pipeline_for, probabilities_of, score_probabilities
+from lesionseg.train.metrics import paired_difference
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 

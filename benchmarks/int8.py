@@ -22,13 +22,13 @@ from pathlib import Path
 import numpy as np
 
 from common import jaccard, read_result, write_result
-from lesionseg.data import find_pairs
-from lesionseg.evaluation import evaluate_checkpoint
 from lesionseg.images import inspect_mask, read_image
-from lesionseg.metrics import paired_difference
-from lesionseg.pipeline import Pipeline
-from lesionseg.predictors import OnnxPredictor
-from lesionseg.quantize import Int8Recipe, quantize_int8, training_images
+from lesionseg.segment.pipeline import Pipeline
+from lesionseg.segment.predictors import OnnxPredictor
+from lesionseg.train.data import find_pairs
+from lesionseg.train.evaluation import evaluate_checkpoint
+from lesionseg.train.metrics import paired_difference
+from lesionseg.train.quantize import Int8Recipe, quantize_int8, training_images
 
 RECIPES = {
     "naive": Int8Recipe(per_channel=False),

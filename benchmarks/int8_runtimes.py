@@ -22,7 +22,7 @@ Run = Callable[[np.ndarray], np.ndarray]
 
 
 def onnxruntime_run(path: Path, threads: int) -> Run:
-    from lesionseg.predictors import open_session
+    from lesionseg.segment.predictors import open_session
 
     session = open_session(path, threads)
     return lambda x: session.run(None, {"image": x})[0]
@@ -66,8 +66,8 @@ def test_jaccard(runs: dict[str, Run], data: Path, size: int) -> dict[str, float
     """Mean per-image Jaccard of each variant's masks on the test split, at the model's size."""
     import torch
 
-    from lesionseg.data import load_split
-    from lesionseg.metrics import MetricAccumulator
+    from lesionseg.train.data import load_split
+    from lesionseg.train.metrics import MetricAccumulator
 
     test = load_split(data, "test", size, quiet=True)
     x = test.images.numpy().astype(np.float32) / 255

@@ -2,7 +2,7 @@
 
 Any folder `lesionseg evaluate --source-resolution --out DIR` (or variants.py, refinements of a run) wrote will
 do, whatever model it scored: a checkpoint, an exported or shipped `.onnx`. The gap is in per-image Jaccard at
-the stored resolution by default, with a paired bootstrap 95 % interval (`lesionseg.metrics.paired_difference`).
+the stored resolution by default, with a paired bootstrap 95 % interval (`lesionseg.train.metrics.paired_difference`).
 A comma-separated list of folders is one entry scored over several seeds: its per-image scores are averaged over
 the seeds before pairing, and the entry's mean is reported per seed, with their spread and the ratio to the first.
 
@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from common import write_result
-from lesionseg.evaluation import read_per_image
-from lesionseg.metrics import paired_difference
+from lesionseg.train.evaluation import read_per_image
+from lesionseg.train.metrics import paired_difference
 
 
 def labelled(text: str) -> tuple[str, list[Path]]:

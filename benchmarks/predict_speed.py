@@ -22,10 +22,10 @@ import numpy as np
 from PIL import Image
 
 from common import default_out, write_result
-from lesionseg.allocator import bound_memory_and_reuse_it
-from lesionseg.pipeline import Pipeline, model_input, read_for_model
-from lesionseg.prediction import run_predict
-from lesionseg.predictors import load_predictor
+from lesionseg.api import load_predictor
+from lesionseg.segment.pipeline import Pipeline, model_input, read_for_model
+from lesionseg.segment.prediction import run_predict
+from lesionseg.train.allocator import bound_memory_and_reuse_it
 
 
 def synthetic(folder: Path, count: int, size: tuple[int, int], suffix: str) -> Path:

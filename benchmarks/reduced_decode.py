@@ -17,11 +17,11 @@ import numpy as np
 from PIL import Image
 
 from common import jaccard, write_result
-from lesionseg.data import find_pairs
 from lesionseg.images import decode_image, decode_reduced, inspect_mask
-from lesionseg.metrics import paired_difference
-from lesionseg.pipeline import Pipeline
-from lesionseg.predictors import OnnxPredictor
+from lesionseg.segment.pipeline import Pipeline
+from lesionseg.segment.predictors import OnnxPredictor
+from lesionseg.train.data import find_pairs
+from lesionseg.train.metrics import paired_difference
 
 
 def main() -> None:

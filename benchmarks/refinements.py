@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from common import write_result
-from lesionseg.evaluation import Refinements, evaluate_checkpoint
-from lesionseg.metrics import paired_difference
+from lesionseg.train.evaluation import Refinements, evaluate_checkpoint
+from lesionseg.train.metrics import paired_difference
 
 POST = {"largest_component": True, "fill_holes": True}
 CANDIDATES = (

@@ -16,9 +16,9 @@ import argparse
 from pathlib import Path
 
 from common import write_result
-from lesionseg.data import load_split
-from lesionseg.evaluation import score_source_resolution
-from lesionseg.pipeline import Pipeline
+from lesionseg.segment.pipeline import Pipeline
+from lesionseg.train.data import load_split
+from lesionseg.train.evaluation import score_source_resolution
 
 
 class StoredMasks:

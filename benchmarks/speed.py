@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 from common import write_result
-from lesionseg.checkpoint import save_checkpoint
-from lesionseg.config import TrainConfig
-from lesionseg.export import export_onnx
-from lesionseg.losses import WeightedSum
-from lesionseg.models import build_model
-from lesionseg.predictors import OnnxPredictor, TorchPredictor
+from lesionseg.segment.predictors import OnnxPredictor
+from lesionseg.train.checkpoint import save_checkpoint
+from lesionseg.train.config import TrainConfig
+from lesionseg.train.export import export_onnx
+from lesionseg.train.losses import WeightedSum
+from lesionseg.train.models import build_model
+from lesionseg.train.predictor import TorchPredictor
 
 MODELS = {  # label: (arch, decoder attention)
     "seed": ("seed", "none"),
@@ -179,7 +180,7 @@ def upload_seconds(checkpoint: Path, width: int = 1504, height: int = 1129, repe
     from fastapi.testclient import TestClient
     from PIL import Image
 
-    from lesionseg.serve import create_app
+    from lesionseg.segment.serve import create_app
 
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (height, width, 3), dtype=np.uint8)).save(buffer, "JPEG")

@@ -17,9 +17,9 @@ from unittest import mock
 import torch
 
 from common import write_result
-from lesionseg import models
-from lesionseg.losses import WeightedSum
-from lesionseg.models import build_model
+from lesionseg.train import models
+from lesionseg.train.losses import WeightedSum
+from lesionseg.train.models import build_model
 
 MODELS = {"paper": ("seed", "none"), "unet+scse": ("unet", "scse")}
 

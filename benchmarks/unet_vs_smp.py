@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 from common import epoch_seconds, read_result, write_result
-from lesionseg.config import build_config
-from lesionseg.evaluation import Refinements, evaluate_checkpoint, read_per_image
 from lesionseg.machine import device_name
-from lesionseg.metrics import REPORTED, paired_difference
-from lesionseg.reproduce import run_compare
+from lesionseg.train.config import build_config
+from lesionseg.train.evaluation import Refinements, evaluate_checkpoint, read_per_image
+from lesionseg.train.metrics import REPORTED, paired_difference
+from lesionseg.train.reproduce import run_compare
 
 ARCHS = ("unet", "smp-unet")
 REFINEMENTS = (

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from common import read_result, write_result
-from lesionseg.metrics import paired_difference
+from lesionseg.train.metrics import paired_difference
 from unet_vs_smp import ARCHS, REFINEMENTS, per_image_jaccard
 
 SAME = ("data", "extra_data", "epochs", "image_size", "loss", "schedule", "decoder_attention", "weights")

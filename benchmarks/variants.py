@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 from common import best_validation, epoch_seconds, write_result
-from lesionseg.evaluation import Refinements, evaluate_checkpoint
 from lesionseg.machine import device_name
-from lesionseg.metrics import paired_difference
-from lesionseg.rundir import RunDir
+from lesionseg.train.evaluation import Refinements, evaluate_checkpoint
+from lesionseg.train.metrics import paired_difference
+from lesionseg.train.rundir import RunDir
 
 BEST = Refinements(tta=True, largest_component=True, fill_holes=True)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lesionseg.data import OFFICIAL_DIRS
+from lesionseg.train.data import OFFICIAL_DIRS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,8 +80,8 @@ def tiny_data(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A seed-arch model trained one epoch at 32 px on synthetic discs (enough to exercise inference)."""
-    from lesionseg.config import build_config
-    from lesionseg.training import fit
+    from lesionseg.train.config import build_config
+    from lesionseg.train.training import fit
 
     root = tmp_path_factory.mktemp("trained")
     data = write_dataset(root / "data", {"train": 8, "test": 4}, seed=1)

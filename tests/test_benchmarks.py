@@ -152,8 +152,8 @@ def test_speed_peaks_name_their_source():
 def test_refinements_are_chosen_on_validation_and_reported_on_test(tmp_path, monkeypatch):
     """benchmarks/refinements.py: every candidate scored on both splits, the choice read off validation only."""
     from conftest import write_dataset
-    from lesionseg.config import build_config
-    from lesionseg.training import fit
+    from lesionseg.train.config import build_config
+    from lesionseg.train.training import fit
 
     data = write_dataset(tmp_path / "data", {"train": 9, "test": 3}, size=40)
     run = fit(
@@ -230,7 +230,7 @@ def test_ensemble_of_one_model_twice_is_that_model_and_members_must_share_valida
     tiny_checkpoint, tmp_path, monkeypatch
 ):
     ensemble = load_script("benchmarks", "ensemble")
-    from lesionseg.evaluation import Refinements, evaluate_checkpoint
+    from lesionseg.train.evaluation import Refinements, evaluate_checkpoint
 
     data = str(tiny_checkpoint.parents[1] / "data")
     twice, cached, pipeline = ensemble.ensemble_probabilities([str(tiny_checkpoint)] * 2, data, "test", Refinements())
@@ -274,7 +274,7 @@ def test_resolution_ceiling_is_perfect_at_the_stored_size_and_soft_masks_lift_it
 
 
 def test_quality_fit_chooses_the_rows_that_rank_the_held_out_isic_images(tmp_path, monkeypatch):
-    from lesionseg.quality import FEATURES
+    from lesionseg.segment.quality import FEATURES
 
     quality_fit = load_script("benchmarks", "quality_fit")
     rng = np.random.default_rng(0)

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 
 from lesionseg.cli import main
-from lesionseg.data import load_split
 from lesionseg.errors import DataError
+from lesionseg.train.data import load_split
 
 TRAIN_IMAGES = "ISBI2016_ISIC_Part1_Training_Data"
 TRAIN_MASKS = "ISBI2016_ISIC_Part1_Training_GroundTruth"

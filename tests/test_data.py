@@ -4,17 +4,17 @@ import pytest
 import torch
 from PIL import Image
 
-from lesionseg import augmentation
-from lesionseg import data as data_module
-from lesionseg.augmentation import EvalPreset, SegmentationDataset, TrainPreset
-from lesionseg.data import (
+from lesionseg.errors import DataError
+from lesionseg.train import augmentation
+from lesionseg.train import data as data_module
+from lesionseg.train.augmentation import EvalPreset, SegmentationDataset, TrainPreset
+from lesionseg.train.data import (
     find_pairs,
     load_pairs,
     load_split,
     sample_data_dir,
     train_val_indices,
 )
-from lesionseg.errors import DataError
 
 
 def test_official_layout_pairs_images_with_masks(tiny_data):
@@ -145,3 +145,12 @@ def test_dataset_yields_float_pairs(tiny_data):
     assert image.shape == (3, 32, 32) and mask.shape == (1, 32, 32)
     assert image.dtype == mask.dtype == torch.float32
     assert type(image) is torch.Tensor and type(mask) is torch.Tensor
+
+
+def test_a_looping_link_among_the_masks_is_named_not_fatal(tmp_path):
+    from conftest import write_plain_pairs
+
+    root = write_plain_pairs(tmp_path / "d", 3)
+    os.symlink("loop.png", root / "masks" / "loop.png")
+    pairs, problems = find_pairs(root, "train")
+    assert len(pairs) == 3 and any("loop.png" in p and "loops" in p for p in problems)

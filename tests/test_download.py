@@ -8,8 +8,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from lesionseg.data import find_pairs
-from lesionseg.download import DATASETS, Archive, DownloadError, run_download
+from lesionseg.train.data import find_pairs
+from lesionseg.train.download import DATASETS, Archive, DownloadError, run_download
 
 FOLDERS = {
     "ISBI2016_ISIC_Part1_Training_Data": ("ISIC_{}.jpg", 3),
@@ -142,3 +142,35 @@ def test_official_manifest_has_the_four_archives():
     archives = DATASETS["isic2016"]
     assert [a.files for a in archives] == [900, 900, 379, 379]
     assert all(a.url.endswith(f"/{a.folder}.zip") for a in archives)
+
+
+def deflated_zip(folder: str) -> bytes:
+    """A compressed stand-in archive: its members' deflate streams can be damaged without touching its directory."""
+    pattern, count = FOLDERS[folder]
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+        for n in range(count):
+            zf.writestr(f"{folder}/{pattern.format(n)}", bytes(range(256)) * 40 + bytes([n]))
+    return buffer.getvalue()
+
+
+def test_a_damaged_deflate_stream_names_the_archive_and_leaves_nothing(server, tmp_path):
+    name = "ISBI2016_ISIC_Part1_Training_Data.zip"
+    body = bytearray(deflated_zip(name.removesuffix(".zip")))
+    start = body.index(b"ISIC_0.jpg") + len("ISIC_0.jpg")  # the first member's data follows its local header
+    body[start + 5 : start + 40] = b"\xff" * 35
+    server.files[name] = bytes(body)
+    dest = tmp_path / "isic"
+    with pytest.raises(DownloadError, match=f"{name}: not a valid zip"):
+        run_download("isic2016", dest, progress=False, archives=server.archives(record_checksums=False))
+    assert not [p for p in dest.iterdir() if p.name.endswith(".extracting")]
+
+
+def test_a_same_named_folder_of_the_users_is_never_replaced(server, tmp_path):
+    dest = tmp_path / "isic"
+    mine = dest / "ISBI2016_ISIC_Part1_Training_Data"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("my notes")
+    with pytest.raises(DownloadError, match="exists and does not hold the 3 images"):
+        run_download("isic2016", dest, progress=False, archives=server.archives())
+    assert (mine / "notes.txt").read_text() == "my notes"

@@ -7,11 +7,11 @@ import pytest
 from PIL import Image
 
 from conftest import write_dataset
-from lesionseg.config import build_config
 from lesionseg.errors import LesionsegError
-from lesionseg.evaluation import evaluate_checkpoint
-from lesionseg.pipeline import Pipeline, Refinements, refined_mask
-from lesionseg.training import fit
+from lesionseg.segment.pipeline import Pipeline, Refinements, refined_mask
+from lesionseg.train.config import build_config
+from lesionseg.train.evaluation import evaluate_checkpoint
+from lesionseg.train.training import fit
 
 
 class ArrayModel:
@@ -151,8 +151,8 @@ def test_evaluate_val_without_a_split_file_is_one_line_naming_it(full_size_run, 
 def test_evaluate_scores_exactly_the_masks_predict_writes(full_size_run, tmp_path):
     """One pipeline: the per-image Jaccard evaluate reports at the stored size is that of predict's mask files."""
     from lesionseg.cli import main
-    from lesionseg.config import read_config
     from lesionseg.images import inspect_mask
+    from lesionseg.train.config import read_config
 
     data = Path(read_config(full_size_run / "config.yaml").data)
     options = ["--tta", "--largest-component", "--fill-holes"]

@@ -4,12 +4,13 @@ import torch
 from PIL import Image
 
 from lesionseg.cli import main
-from lesionseg.data import load_split
 from lesionseg.errors import LesionsegError
-from lesionseg.export import export_onnx
-from lesionseg.pipeline import Pipeline
-from lesionseg.prediction import run_predict
-from lesionseg.predictors import OnnxPredictor, TorchPredictor
+from lesionseg.segment.pipeline import Pipeline
+from lesionseg.segment.prediction import run_predict
+from lesionseg.segment.predictors import OnnxPredictor
+from lesionseg.train.data import load_split
+from lesionseg.train.export import export_onnx
+from lesionseg.train.predictor import TorchPredictor
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +55,9 @@ def test_export_cli_and_foreign_files(tiny_checkpoint, tmp_path, capsys):
 
 def test_unet_with_scse_attention_exports(tmp_path):
     """The issue-3 model (skips + scSE) goes through the same dynamo export as the paper's."""
-    from lesionseg.checkpoint import save_checkpoint
-    from lesionseg.config import TrainConfig
-    from lesionseg.models import build_model
+    from lesionseg.train.checkpoint import save_checkpoint
+    from lesionseg.train.config import TrainConfig
+    from lesionseg.train.models import build_model
 
     torch.manual_seed(0)
     model = build_model("unet", attention="scse").eval()
@@ -86,7 +87,7 @@ def test_fp16_weights_halve_the_file_and_keep_the_masks(tiny_checkpoint, onnx_mo
 
 
 def test_evaluate_an_onnx_model_needs_data_and_matches_its_checkpoint(tiny_checkpoint, onnx_model, tmp_path, capsys):
-    from lesionseg.evaluation import evaluate_checkpoint
+    from lesionseg.train.evaluation import evaluate_checkpoint
 
     data = torch.load(tiny_checkpoint, weights_only=True)["config"]["data"]
     assert main(["evaluate", str(onnx_model), "--no-progress"]) == 2
@@ -122,8 +123,8 @@ def test_int8_export_is_calibrated_on_training_images_and_close_to_float32(
     already tested above, so this test does not pay for a second one.)"""
     import shutil
 
-    from lesionseg import export
-    from lesionseg.evaluation import evaluate_checkpoint
+    from lesionseg.train import export
+    from lesionseg.train.evaluation import evaluate_checkpoint
 
     monkeypatch.setattr(export, "export_onnx", lambda checkpoint, path, **_: shutil.copy(onnx_model, path))
     int8 = tmp_path / "int8.onnx"
@@ -160,7 +161,7 @@ def test_int8_export_is_calibrated_on_training_images_and_close_to_float32(
 def test_serving_a_checkpoint_runs_it_in_onnxruntime(tiny_checkpoint, onnx_model):
     """`serve --checkpoint` (backend auto) exports in a child process and serves the ONNX model: same name,
     same probabilities as the checkpoint; `--backend torch` keeps PyTorch."""
-    from lesionseg.predictors import load_predictor
+    from lesionseg.api import load_predictor
 
     served = load_predictor(tiny_checkpoint, backend="auto")
     assert isinstance(served, OnnxPredictor) and served.name == TorchPredictor(tiny_checkpoint).name
@@ -176,8 +177,9 @@ def test_precision_runs_an_exported_file_in_openvino_and_agrees_with_onnxruntime
     same checks, name and size as onnxruntime's run; a checkpoint, or a machine without OpenVINO, is one line."""
     import importlib.util
 
-    from lesionseg import predictors
-    from lesionseg.predictors import OpenVinoPredictor, load_predictor
+    from lesionseg.api import load_predictor
+    from lesionseg.segment import predictors
+    from lesionseg.segment.predictors import OpenVinoPredictor
 
     images = np.random.default_rng(2).integers(0, 256, (4, 3, 32, 32), dtype=np.uint8)
     reference = OnnxPredictor(onnx_model)(images)

@@ -26,7 +26,7 @@ def test_the_draw_keeps_every_lesion_on_one_side_and_is_repeatable():
 
 
 def test_link_makes_folders_that_lesionseg_reads(tmp_path):
-    from lesionseg.data import find_pairs
+    from lesionseg.train.data import find_pairs
 
     tool = load_script("tools", "external_split")
     ham = tmp_path / "ham"

@@ -21,13 +21,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from conftest import write_dataset
-from lesionseg.checkpoint import load_checkpoint
 from lesionseg.cli import main
-from lesionseg.data import find_pairs, load_split
 from lesionseg.errors import LesionsegError
 from lesionseg.images import MAX_PIXELS
-from lesionseg.predictors import TorchPredictor
-from lesionseg.serve import create_app
+from lesionseg.segment.serve import create_app
+from lesionseg.train.checkpoint import load_checkpoint
+from lesionseg.train.data import find_pairs, load_split
+from lesionseg.train.predictor import TorchPredictor
 
 
 class RunsCode:
@@ -310,7 +310,7 @@ def test_a_killed_checkpoint_write_leaves_no_temp_file_behind_on_resume(tiny_dat
 
 
 def test_a_diverging_run_stops_with_one_line_and_saves_no_nan_model(tiny_data, tmp_path, capsys, monkeypatch):
-    import lesionseg.training as training
+    import lesionseg.train.training as training
 
     run = tmp_path / "run"
     real = training.train_one_epoch
@@ -388,7 +388,7 @@ def test_an_onnx_model_that_does_not_fit_is_refused_at_load_in_one_line(
 ):
     import resource
 
-    from lesionseg.predictors import OnnxPredictor
+    from lesionseg.segment.predictors import OnnxPredictor
 
     model = onnx_file(tmp_path / "model.onnx", metadata, **kwargs)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -418,7 +418,7 @@ def test_the_memory_bound_refuses_an_allocation_in_the_child_only():
 def test_a_checkpoint_declaring_more_than_a_checkpoint_holds_is_refused_before_it_inflates(
     tiny_checkpoint, monkeypatch, capsys
 ):
-    import lesionseg.checkpoint as checkpoint
+    import lesionseg.train.checkpoint as checkpoint
 
     monkeypatch.setattr(checkpoint, "MAX_CHECKPOINT_BYTES", 1000)
     assert main(["evaluate", str(tiny_checkpoint), "--no-progress"]) == 2
@@ -487,7 +487,7 @@ def test_a_slow_upload_is_timed_out(tiny_checkpoint):
 def test_a_zip_that_inflates_far_beyond_its_size_is_refused_before_extraction(tmp_path):
     import zipfile
 
-    from lesionseg.download import Archive, DownloadError, extract
+    from lesionseg.train.download import Archive, DownloadError, extract
 
     path = tmp_path / "bomb.zip"
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
@@ -503,7 +503,7 @@ def test_a_full_disk_while_extracting_is_one_line_and_leaves_nothing(tmp_path, m
     import errno
     import zipfile
 
-    from lesionseg.download import Archive, DownloadError, extract
+    from lesionseg.train.download import Archive, DownloadError, extract
 
     path = tmp_path / "X.zip"
     with zipfile.ZipFile(path, "w") as archive:
@@ -649,9 +649,9 @@ def test_compare_the_same_run_twice_and_resume_of_a_broken_run_are_one_line(tiny
 
 
 def test_serving_beyond_this_machine_warns_that_there_is_no_authentication(tiny_checkpoint, capsys, monkeypatch):
-    import lesionseg.serve
+    import lesionseg.segment.serve
 
-    monkeypatch.setattr(lesionseg.serve, "run_serve", lambda *args: None)
+    monkeypatch.setattr(lesionseg.segment.serve, "run_serve", lambda *args: None)
     assert main(["serve", "--checkpoint", str(tiny_checkpoint), "--backend", "torch", "--host", "0.0.0.0"]) == 0
     assert "no authentication" in capsys.readouterr().err
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 from segmentation_models_pytorch import losses as smp_losses
 
-from lesionseg.config import parse_loss
 from lesionseg.errors import LesionsegError
-from lesionseg.losses import LOSSES, WeightedSum
+from lesionseg.train.config import parse_loss
+from lesionseg.train.losses import LOSSES, WeightedSum
 
 
 def test_parse_loss():
@@ -42,6 +42,6 @@ def test_dice_is_smp_dice():
 
 
 def test_the_command_line_offers_exactly_the_losses_that_exist():
-    from lesionseg.config import LOSS_NAMES
+    from lesionseg.train.config import LOSS_NAMES
 
     assert set(LOSSES) == set(LOSS_NAMES)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from segmentation_models_pytorch import metrics as smp_metrics
 
-from lesionseg.metrics import MetricAccumulator, confusion_counts, paired_difference, summarize
+from lesionseg.train.metrics import MetricAccumulator, confusion_counts, paired_difference, summarize
 
 BIG = 20.0  # a logit far from the threshold
 
@@ -97,7 +97,7 @@ def test_scores_agree_with_the_isic_challenges_own_scorer(tmp_path):
     from PIL import Image
 
     from lesionseg.images import inspect_mask
-    from lesionseg.metrics import MetricAccumulator
+    from lesionseg.train.metrics import MetricAccumulator
 
     rng = np.random.default_rng(11)
     truth_dir, pred_dir = tmp_path / "truth", tmp_path / "pred"

@@ -7,9 +7,9 @@ import torch
 from torchvision.models import MobileNet_V2_Weights, mobilenet_v2
 
 from lesionseg.errors import WeightsError
-from lesionseg.losses import WeightedSum
-from lesionseg.models import MobileNetV2Encoder, build_model, count_parameters
-from lesionseg.weights import resolve_weights
+from lesionseg.train.losses import WeightedSum
+from lesionseg.train.models import MobileNetV2Encoder, build_model, count_parameters
+from lesionseg.train.weights import resolve_weights
 
 
 def test_parameter_counts_match_the_paper():
@@ -144,7 +144,7 @@ def test_unet_checkpoints_from_before_attention_still_load():
 
 def test_weights_come_from_the_environment_before_torchvision(tmp_path, monkeypatch, offline):
     from lesionseg.files import sha256_of
-    from lesionseg.weights import resolve_weights
+    from lesionseg.train.weights import resolve_weights
 
     reference = mobilenet_v2().state_dict()
     torch.save(reference, tmp_path / "imagenet.pth")
@@ -158,7 +158,7 @@ def test_weights_come_from_the_environment_before_torchvision(tmp_path, monkeypa
 
 
 def test_auto_falls_back_to_scratch_loudly_only_when_nothing_can_be_had(offline, capsys):
-    from lesionseg.weights import resolve_weights
+    from lesionseg.train.weights import resolve_weights
 
     found = resolve_weights("auto")
     assert not found.pretrained and found.source == "none"
@@ -187,8 +187,8 @@ def test_the_shared_imagenet_weights_load_strictly_and_see_images():
 def test_colour_constancy_makes_a_tinted_image_look_like_the_untinted_one():
     """Shades of Gray divides out each image's illuminant: the same scene under a warm light comes out as under a
     white one, and a neutral image is left as it is."""
-    from lesionseg.augmentation import IMAGENET_MEAN, IMAGENET_STD, normalize
-    from lesionseg.models import shades_of_gray
+    from lesionseg.train.augmentation import IMAGENET_MEAN, IMAGENET_STD, normalize
+    from lesionseg.train.models import shades_of_gray
 
     torch.manual_seed(0)
     scene = torch.rand(1, 3, 32, 32) * 0.6 + 0.2

@@ -7,10 +7,11 @@ import torch
 from PIL import Image
 
 from lesionseg.cli import main
-from lesionseg.outputs import Extras
-from lesionseg.pipeline import Pipeline, Segmentation, as_fixed, describe, to_own_size
-from lesionseg.prediction import mask_png_8bit, outline, overlay, run_predict
-from lesionseg.predictors import TorchPredictor
+from lesionseg.segment.encoders import mask_png_8bit, outline, overlay
+from lesionseg.segment.outputs import Extras
+from lesionseg.segment.pipeline import Pipeline, Segmentation, as_fixed, describe, to_own_size
+from lesionseg.segment.prediction import run_predict
+from lesionseg.train.predictor import TorchPredictor
 
 
 def test_masks_come_back_at_each_images_own_resolution(tiny_checkpoint, photos, tmp_path):
@@ -141,8 +142,9 @@ def test_python_api_segments_paths_pil_images_and_arrays(tiny_checkpoint, photos
     assert np.allclose(many[0].probability, one.probability, atol=1e-5)  # batch size may change the last bits
     # the same statistics `predict` writes, from the same code
     report = run_predict(model.pipeline, [photos / "a.jpg"], tmp_path / "out", progress=False)
-    row = {k: v for k, v in report.rows[0].items() if k not in ("mask", "overlay")}
-    assert one.stats == row
+    row = report.rows[0]
+    assert one.stats == {k: row[k] for k in one.stats}  # beside them: the descriptors, the input's and model's identity
+    assert one.descriptors == {k: row[k] for k in one.descriptors}
     assert many[2].stats["file"] == "image 2" and many[2].stats["width"] == 96
     with pytest.raises(DataError, match="image 0: an array must be HxWx3 uint8"):
         model.segment(np.zeros((10, 10), np.uint8))
@@ -156,7 +158,7 @@ def test_the_readme_example_runs_with_the_released_model(tmp_path, monkeypatch):
     import shutil
     from pathlib import Path
 
-    from lesionseg.data import sample_data_dir
+    from lesionseg.train.data import sample_data_dir
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     example = re.search(r"## Segment\n.*?```python\n(.*?)```", readme, re.S).group(1)
@@ -172,8 +174,8 @@ def test_the_readme_example_runs_with_the_released_model(tmp_path, monkeypatch):
 def test_predict_and_serve_default_to_the_released_model(photos, tmp_path):
     from fastapi.testclient import TestClient
 
-    from lesionseg.predictors import load_predictor
-    from lesionseg.serve import create_app
+    from lesionseg.api import load_predictor
+    from lesionseg.segment.serve import create_app
 
     assert main(["predict", str(photos), "--out", str(tmp_path / "out"), "--no-progress"]) == 0
     assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["a.png", "b.png", "c.png"]
@@ -186,8 +188,8 @@ def test_predict_and_serve_default_to_the_released_model(photos, tmp_path):
 def test_flip_tta_for_users_is_the_average_evaluation_scores(tiny_checkpoint, photos, tmp_path):
     """`load(tta=True)`, `predict --tta` and `evaluate --tta` share one averaging: the mean of the flipped-back views."""
     import lesionseg
-    from lesionseg.evaluation import pipeline_for, probabilities_of
-    from lesionseg.pipeline import Refinements, model_input
+    from lesionseg.segment.pipeline import Refinements, model_input
+    from lesionseg.train.evaluation import pipeline_for, probabilities_of
 
     plain, tta = lesionseg.load(tiny_checkpoint), lesionseg.load(tiny_checkpoint, tta=True)
     assert tta.name == plain.name and tta.version == plain.version
@@ -220,7 +222,12 @@ def test_flip_tta_for_users_is_the_average_evaluation_scores(tiny_checkpoint, ph
         == 0
     )
     written = json.loads((tmp_path / "out" / "predictions.json").read_text())[0]
-    assert written == {**tta.segment(photos / "a.jpg").stats, "mask": "masks/a.png"}
+    result = tta.segment(photos / "a.jpg")
+    assert {k: written[k] for k in [*result.stats, *result.descriptors, "mask"]} == {
+        **result.stats,
+        **result.descriptors,
+        "mask": "masks/a.png",
+    }
 
 
 def isic_folder(folder, count: int = 6, seed: int = 4):

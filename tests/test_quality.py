@@ -10,9 +10,9 @@ from PIL import Image
 from scipy.special import expit
 
 from lesionseg.errors import LesionsegError
-from lesionseg.pipeline import Pipeline
-from lesionseg.quality import FEATURES, QualityModel, assess, features
-from lesionseg.qualityfit import auroc, embed, fit, out_of_fold, quality_accuracy, risk_coverage
+from lesionseg.segment.pipeline import Pipeline
+from lesionseg.segment.quality import FEATURES, QualityModel, assess, features
+from lesionseg.train.qualityfit import auroc, embed, fit, out_of_fold, quality_accuracy, risk_coverage
 
 
 def disc(size: int = 64, radius: float = 18, blur: float = 0.0) -> np.ndarray:
@@ -115,8 +115,8 @@ def test_every_segmentation_carries_the_estimate_when_the_model_ships_one():
 
 def test_an_exported_model_carries_its_estimate_to_predict_and_evaluate(onnx_model, tiny_checkpoint, photos, tmp_path):
     from lesionseg.cli import main
-    from lesionseg.evaluation import evaluate_checkpoint
-    from lesionseg.predictors import OnnxPredictor
+    from lesionseg.segment.predictors import OnnxPredictor
+    from lesionseg.train.evaluation import evaluate_checkpoint
 
     model = fit(*synthetic(), "synthetic")
     with_estimate = embed(onnx_model, model, tmp_path / "with-quality.onnx")
@@ -137,7 +137,7 @@ def test_an_exported_model_carries_its_estimate_to_predict_and_evaluate(onnx_mod
 def test_a_model_with_a_damaged_estimate_is_refused_in_one_line(onnx_model, tmp_path):
     import onnx
 
-    from lesionseg.predictors import OnnxPredictor
+    from lesionseg.segment.predictors import OnnxPredictor
 
     proto = onnx.load(str(onnx_model))
     proto.metadata_props.add(key="quality", value="{not json")
@@ -148,13 +148,13 @@ def test_a_model_with_a_damaged_estimate_is_refused_in_one_line(onnx_model, tmp_
 
 @pytest.fixture(scope="module")
 def onnx_model(tiny_checkpoint, tmp_path_factory):
-    from lesionseg.export import export_onnx
+    from lesionseg.train.export import export_onnx
 
     return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("onnx") / "model.onnx")
 
 
 def test_the_risk_coverage_figure_is_drawn(tmp_path):
-    from lesionseg.qualityfit import risk_coverage_figure
+    from lesionseg.train.qualityfit import risk_coverage_figure
 
     x, y = synthetic()
     quality = out_of_fold(x, y)
@@ -162,3 +162,20 @@ def test_the_risk_coverage_figure_is_drawn(tmp_path):
     assert Image.open(path).size[0] > 800
     kept = risk_coverage(quality, y, coverages=(1.0, 0.8))
     assert kept[1]["mean"] > kept[0]["mean"]  # setting aside the least trusted raises the mean of the rest
+
+
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        ({"coef": [float("nan")] * len(FEATURES)}, "not a finite number"),
+        ({"scale": [0.0] * len(FEATURES)}, "scale is not positive"),
+        ({"review_below": "abc"}, "review_below 'abc'"),
+        ({"intercept": float("inf")}, "not a finite number"),
+    ],
+)
+def test_a_damaged_estimate_is_refused_at_load_never_answered_as_nan(damage, says):
+    """NaN coefficients would answer "quality NaN, no review needed" for every mask."""
+    model = fit(np.random.default_rng(0).random((40, len(FEATURES))), np.linspace(0.3, 1, 40), "test")
+    values = json.loads(model.to_metadata()) | damage
+    with pytest.raises(ValueError, match=says):
+        QualityModel.from_metadata(json.dumps(values))

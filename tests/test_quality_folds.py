@@ -19,7 +19,7 @@ def names(folder: Path) -> set[str]:
 
 
 def test_each_image_is_held_out_by_exactly_one_fold_and_trained_on_by_the_others(tmp_path):
-    from lesionseg.data import find_pairs
+    from lesionseg.train.data import find_pairs
 
     tool, shared = load_script("tools", "quality_folds"), fake_shared(tmp_path / "shared")
     every = names(shared / "isic2016-256" / "ISBI2016_ISIC_Part1_Training_Data") | names(
@@ -38,7 +38,7 @@ def test_each_image_is_held_out_by_exactly_one_fold_and_trained_on_by_the_others
 
 
 def test_out_of_fold_trains_each_fold_and_scores_it_on_its_held_out_images(tmp_path, monkeypatch):
-    from lesionseg.qualityfit import read_rows
+    from lesionseg.train.qualityfit import read_rows
 
     tool, shared = load_script("tools", "quality_folds"), fake_shared(tmp_path / "shared")
     monkeypatch.setenv("LESIONSEG_CACHE", str(tmp_path / "cache"))

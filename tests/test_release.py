@@ -7,7 +7,7 @@ import re
 
 from conftest import ROOT, load_script
 from lesionseg.files import sha256_of
-from lesionseg.predictors import OnnxPredictor, released_model
+from lesionseg.segment.predictors import OnnxPredictor, released_model
 
 
 def shipped_release() -> tuple[dict, float]:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import write_dataset
-from lesionseg.checkpoint import load_checkpoint
 from lesionseg.cli import main
+from lesionseg.train.checkpoint import load_checkpoint
 
 TRAIN = [
     "--preset",

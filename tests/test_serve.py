@@ -12,9 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from lesionseg.predictors import TorchPredictor
-from lesionseg.quality import FEATURES, QualityModel
-from lesionseg.serve import create_app
+from lesionseg.segment.quality import FEATURES, QualityModel
+from lesionseg.segment.serve import create_app
+from lesionseg.train.predictor import TorchPredictor
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_concurrent_requests_share_model_batches(app):
 
 
 def test_batcher_passes_model_errors_to_each_request_and_refuses_when_full():
-    from lesionseg.serve import MicroBatcher, ServerBusy
+    from lesionseg.segment.serve import MicroBatcher, ServerBusy
 
     class Broken:
         image_size, threshold, name, version = 8, 0.5, "broken", "0"
@@ -253,7 +253,7 @@ def test_a_person_segments_images_in_the_page(page_server, tmp_path):
         assert first.locator('[data-field="width"]').text_content() == "120"
         assert first.locator(".review").is_visible() and "Check this mask" in first.locator(".review").text_content()
         assert first.locator('[data-field="quality"]').text_content() == "0.50"
-        assert_no_overlap(first, [".review", "h2", "canvas", "table"])
+        assert_no_overlap(first, [".review", "h2", "canvas", "table.stats"])
         canvas = first.locator("canvas")
         outline = canvas.evaluate(GREEN_PIXELS)
         first.locator("input[value=mask]").check()
@@ -283,12 +283,14 @@ def test_a_person_segments_images_in_the_page(page_server, tmp_path):
 
 def test_serve_tta_serves_the_flip_averaged_model(tiny_checkpoint, monkeypatch, capsys):
     """`serve --tta` hands the server the same view-averaged predictor `predict --tta` uses."""
-    import lesionseg.serve
+    import lesionseg.segment.serve
     from lesionseg.cli import main
-    from lesionseg.pipeline import ViewAveraged
+    from lesionseg.segment.pipeline import ViewAveraged
 
     served = {}
-    monkeypatch.setattr(lesionseg.serve, "run_serve", lambda predictor, *args: served.update(predictor=predictor))
+    monkeypatch.setattr(
+        lesionseg.segment.serve, "run_serve", lambda predictor, *args: served.update(predictor=predictor)
+    )
     main(["serve", "--checkpoint", str(tiny_checkpoint), "--backend", "torch", "--tta"])
     pipeline = served["predictor"]
     assert isinstance(pipeline.predictor, ViewAveraged) and len(pipeline.predictor.views) == 3

@@ -11,13 +11,11 @@ import sys
 import pytest
 import torch
 
-from lesionseg.allocator import find_library
-from lesionseg.config import build_config
-from lesionseg.precision import bf16_is_native, resolve_formats
+from lesionseg.train.allocator import find_library
+from lesionseg.train.config import build_config
+from lesionseg.train.precision import bf16_is_native, resolve_formats
 
-PROBE = (
-    "from lesionseg.allocator import ensure_caching_allocator, describe; ensure_caching_allocator(); print(describe())"
-)
+PROBE = "from lesionseg.train.allocator import ensure_caching_allocator, describe; ensure_caching_allocator(); print(describe())"
 
 
 def probe(**env) -> subprocess.CompletedProcess:

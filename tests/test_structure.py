@@ -1,10 +1,11 @@
-"""The layout the code promises: inference beside training (never on it, and without PyTorch), each training
-option declared once and reachable from the command line, one decoder registry."""
+"""The layout the code promises: two rooms, `segment` (no PyTorch) and `train` (PyTorch), the arrows one way (held
+by import-linter's contracts in pyproject.toml, lazy imports included), each training option declared once and
+reachable from the command line, one decoder registry."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,57 +13,40 @@ from pathlib import Path
 import pytest
 
 from lesionseg.cli import build_parser
-from lesionseg.config import DECODERS, TrainConfig, config_overrides
+from lesionseg.train.config import DECODERS, TrainConfig, config_overrides
 
-PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lesionseg"
-INFERENCE = (
-    "pipeline",
-    "predictors",
-    "api",
-    "prediction",
-    "outputs",
-    "serve",
-    "images",
-    "files",
-    "rundir",
-    "config",
-    "cli",
-    "commands",
-    "quality",
-)
-TRAINING = ("training", "data", "losses", "models", "weights", "checkpoint", "distributed", "report", "reproduce")
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "lesionseg"
 
 
-def imports_of(module: str) -> set[str]:
-    """The lesionseg modules a module imports, anywhere in it (lazy imports inside functions included)."""
-    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lesionseg."):
-            names.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("lesionseg."))
-    return names
+def test_import_linter_holds_the_two_rooms_and_the_layers():
+    """`segment` never imports `train`, torch, torchvision or matplotlib, directly or through anything it imports;
+    and the command line, API, training, segmenting and the shared ground import only downwards."""
+    linter = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
+    done = subprocess.run([linter, "--config", str(ROOT / "pyproject.toml")], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stdout[-3000:]
+    assert "2 kept, 0 broken" in done.stdout
 
 
-@pytest.mark.parametrize("module", ["pipeline", "api", "prediction", "serve", "export", "evaluation", "predictors"])
-def test_no_inference_module_imports_training(module):
-    assert "training" not in imports_of(module)
+def test_every_module_lives_in_a_room():
+    """A contributor knows their room from the path: only the shared ground sits at the top."""
+    top = {p.stem for p in PACKAGE.glob("*.py")}
+    assert top == {"__init__", "__main__", "api", "cli", "commands", "errors", "files", "images", "machine", "version"}
 
 
-def test_the_model_module_does_no_io():
-    source = (PACKAGE / "models.py").read_text()
-    assert not {"download", "weights", "checkpoint", "files"} & imports_of("models")
-    assert "torch.load" not in source and "open(" not in source
-
-
-def test_segmenting_imports_no_pytorch():
-    """What predict, serve and the API load at module level, with `import torch` made to fail."""
-    modules = ", ".join(f"lesionseg.{m}" for m in INFERENCE)
-    code = f"import sys; sys.modules['torch'] = None; import {modules}; print(sorted(sys.modules))"
+def test_segmenting_imports_no_pytorch_at_run_time():
+    """Every segment module, the API and the command line load with `import torch` made to fail."""
+    modules = ", ".join(f"lesionseg.segment.{p.stem}" for p in (PACKAGE / "segment").glob("*.py"))
+    code = f"import sys; sys.modules['torch'] = None; import lesionseg.cli, lesionseg.api, {modules}; print(sorted(sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "torchvision" not in done.stdout and "matplotlib" not in done.stdout
+
+
+def test_the_model_module_does_no_io():
+    source = (PACKAGE / "train" / "models.py").read_text()
+    assert "torch.load" not in source and "open(" not in source
+    assert "lesionseg.train.data" not in source and "lesionseg.files" not in source
 
 
 def test_every_config_field_can_be_set_from_the_command_line(tmp_path):
@@ -131,7 +115,7 @@ def test_train_flags_are_the_config_fields_and_shortcuts():
 
 
 def test_the_decoder_registry_is_what_build_model_and_the_flags_offer():
-    from lesionseg.models import build_model
+    from lesionseg.train.models import build_model
 
     for arch in DECODERS:
         assert build_model(arch).decoder is not None
@@ -142,7 +126,7 @@ def test_the_decoder_registry_is_what_build_model_and_the_flags_offer():
 
 
 def test_a_run_folder_names_its_files_and_reads_its_log(tmp_path):
-    from lesionseg.rundir import RunDir, checkpoint_path
+    from lesionseg.train.rundir import RunDir, checkpoint_path
 
     run = RunDir(tmp_path)
     history = [
@@ -166,7 +150,7 @@ def test_a_run_folder_names_its_files_and_reads_its_log(tmp_path):
 
 
 def test_a_config_with_yaml_aliases_is_one_error_not_gigabytes(tmp_path):
-    from lesionseg.config import ConfigError, read_config
+    from lesionseg.train.config import ConfigError, read_config
 
     bomb = tmp_path / "config.yaml"
     bomb.write_text('a: &a ["x", "x"]\nb: &b [*a, *a]\nc: [*b, *b]\n')

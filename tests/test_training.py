@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from conftest import write_plain_pairs
-from lesionseg import training
-from lesionseg.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from lesionseg.cli import build_parser
-from lesionseg.config import ConfigError, build_config, config_overrides
-from lesionseg.distributed import Process
 from lesionseg.errors import CheckpointError, DataError, Interrupted
-from lesionseg.runsetup import make_loaders
-from lesionseg.training import fit
+from lesionseg.train import training
+from lesionseg.train.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from lesionseg.train.config import ConfigError, build_config, config_overrides
+from lesionseg.train.distributed import Process
+from lesionseg.train.runsetup import make_loaders
+from lesionseg.train.training import fit
 
 
 def tiny_config(data, out, **overrides):
@@ -114,7 +114,7 @@ def test_unreadable_checkpoint_is_named(tmp_path, content):
 
 
 def test_warmup_then_cosine_schedule():
-    from lesionseg.training import build_scheduler
+    from lesionseg.train.training import build_scheduler
 
     config = build_config("unet-finetune", epochs=4, lr=1.0, warmup_epochs=1, weights="none")
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -194,7 +194,7 @@ def test_freeze_bn_keeps_encoder_statistics_while_its_weights_learn(tiny_data, t
 
 
 def test_encoder_learns_at_a_scaled_learning_rate(tiny_data, tmp_path):
-    from lesionseg.models import build_model
+    from lesionseg.train.models import build_model
 
     config = tiny_config(tiny_data, tmp_path / "run", lr=0.01, encoder_lr_scale=0.1)
     model = build_model("seed")

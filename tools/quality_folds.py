@@ -5,7 +5,7 @@ clinics. Here the ISIC 2016 training split and the ISIC 2018 extra pairs are cut
 image id); for each fold a model is trained on the other K-1 folds with the release recipe less HAM10000 (which
 would multiply the cost by five), and `evaluate --source-resolution` scores it on the fold it never saw. Each
 fold's per_image.csv then holds the quality features and the true Jaccard of images no model that made them was
-trained on: rows the estimate can be fitted on (`lesionseg.qualityfit`). No test image is used anywhere.
+trained on: rows the estimate can be fitted on (`lesionseg.train.qualityfit`). No test image is used anywhere.
 
     .venv/bin/python tools/quality_folds.py --shared ../shared/data --weights W.pth --out runs/quality-folds [--folds 5]
 
@@ -19,8 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lesionseg.data import find_pairs
-from lesionseg.outputs import share_of as fold_of  # a stable split by image id, as predict's shards
+from lesionseg.segment.outputs import share_of as fold_of  # a stable split by image id, as predict's shards
+from lesionseg.train.data import find_pairs
 
 FOLD_ARGS = [
     "--preset", "unet-finetune", "--image-size", "128", "--epochs", "6", "--seed", "0", "--colour", "0.2", "--scale", "0.2"
@@ -57,7 +57,7 @@ def train_fold(data: Path, run: Path, weights: str) -> None:
 
 def out_of_fold(shared: Path, weights: str, out: Path, folds: int) -> list[Path]:
     """Each fold's evaluate folder (per_image.csv of the images its model never saw), made if missing."""
-    from lesionseg.evaluation import evaluate_checkpoint
+    from lesionseg.train.evaluation import evaluate_checkpoint
 
     evaluations = []
     for fold in range(folds):

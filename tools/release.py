@@ -32,11 +32,11 @@ import numpy as np
 from scipy.stats import bootstrap
 
 from lesionseg.machine import device_name
-from lesionseg.quality import QualityModel
-from lesionseg.rundir import RunDir
+from lesionseg.segment.quality import QualityModel
+from lesionseg.train.rundir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "src" / "lesionseg" / "release" / "lesionseg-unet.onnx"
+SHIPPED = ROOT / "src" / "lesionseg" / "segment" / "release" / "lesionseg-unet.onnx"
 SHIPPED_INT8 = SHIPPED.with_name("lesionseg-unet-int8.onnx")  # `--precision int8`
 VERSION = "3"
 EXTRA = ("isic2018-extra-256",)  # the extra folders that were measured to help (README, benchmarks/README.md)
@@ -86,9 +86,9 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 def score(model: Path, data: Path, out: Path) -> dict:
     """Test-split scores of an ONNX file at the stored resolution, plain and refined."""
-    from lesionseg.evaluation import evaluate_checkpoint
-    from lesionseg.metrics import REPORTED
-    from lesionseg.pipeline import Refinements
+    from lesionseg.segment.pipeline import Refinements
+    from lesionseg.train.evaluation import evaluate_checkpoint
+    from lesionseg.train.metrics import REPORTED
 
     scores = {}
     for refine in (Refinements(), Refinements(tta=True, largest_component=True, fill_holes=True)):
@@ -113,11 +113,18 @@ def score(model: Path, data: Path, out: Path) -> dict:
     return scores
 
 
+def weights_record(weights: dict | None) -> dict | None:
+    """The encoder's weights by file name and hash: the build machine's path says nothing to anyone else."""
+    if not weights or not weights.get("source"):
+        return weights
+    return {k: v for k, v in weights.items() if k != "source"} | {"name": Path(weights["source"]).name}
+
+
 def fit_quality(model: Path, split: Path, shared: Path, out: Path) -> tuple[Path, QualityModel, dict]:
     """The quality estimate, fitted on validation images only (the run's own 81, in `split`, and the external
-    validation set), embedded in a copy of `model`; its accuracy out of fold on those images, then once on test."""
-    from lesionseg.evaluation import evaluate_checkpoint
-    from lesionseg.qualityfit import embed, fit, out_of_fold, quality_accuracy, read_evaluations, risk_coverage_figure
+    validation set) by `qualityfit.refit`, embedded in a copy of `model`; measured out of fold, then once on test."""
+    from lesionseg.train.evaluation import evaluate_checkpoint
+    from lesionseg.train.qualityfit import refit, risk_coverage_figure
 
     beside = out / "quality"
     beside.mkdir(parents=True, exist_ok=True)
@@ -127,33 +134,18 @@ def fit_quality(model: Path, split: Path, shared: Path, out: Path) -> tuple[Path
         "isic-val": (shared / "isic2016-256", "val"),
         "ham10000-external": (external_split(shared, out) / "external", "test"),
     }
-    folders = []
-    for name, (data, split_name) in sets.items():
-        folders.append(beside / f"eval-{name}")
-        evaluate_checkpoint(
-            beside / "model.onnx", data, split_name, folders[-1], source_resolution=True, progress=False
-        )
-    x, y, names = read_evaluations(folders)
-    estimate, validation = fit(x, y, names), out_of_fold(x, y)
-    fitted = embed(model, estimate, out / f"{model.stem}-quality.onnx")
+    fitted = refit(beside / "model.onnx", sets, beside)
+    shipped = Path(shutil.copy(fitted.model, out / f"{model.stem}-quality.onnx"))
     test = evaluate_checkpoint(
-        fitted, shared / "isic2016-256", "test", beside / "eval-test", source_resolution=True, progress=False
+        shipped, shared / "isic2016-256", "test", beside / "eval-test", source_resolution=True, progress=False
     )
     truth = [row["iou_source"] for row in test["per_image"]]
     curves = {
         "ISIC test (339)": ([row["quality"] for row in test["per_image"]], truth),
-        f"validation, out of fold ({len(y)})": (validation, y),
+        f"validation, out of fold ({len(fitted.truth)})": (fitted.out_of_fold, fitted.truth),
     }
     risk_coverage_figure(curves, ROOT / "docs" / "quality_risk_coverage.png")
-    return (
-        fitted,
-        estimate,
-        {
-            "fitted_on": names,
-            "validation_out_of_fold": quality_accuracy(validation, y),
-            "test": test["quality"],
-        },
-    )
+    return shipped, fitted.estimate, fitted.report | {"test": test["quality"]}
 
 
 def main() -> None:
@@ -187,7 +179,7 @@ def main() -> None:
 
 
 def ship(args: argparse.Namespace, run: Path, start: float) -> None:
-    from lesionseg.export import export_onnx
+    from lesionseg.train.export import export_onnx
 
     info = RunDir(run).read_info()
     data = args.shared / "isic2016-256"
@@ -212,7 +204,7 @@ def ship(args: argparse.Namespace, run: Path, start: float) -> None:
         ],
         "licence": "CC BY-NC 4.0 (ISIC 2018 Task 1 data): non-commercial, attribution",
         "data_fingerprint": info["data_fingerprint"],
-        "encoder_weights": info.get("weights"),
+        "encoder_weights": weights_record(info.get("weights")),
         **RunDir(run).best_validation("val_iou"),
         "train_seconds": RunDir(run).epoch_seconds(),
         "device": device_name(),
@@ -252,8 +244,8 @@ def ship(args: argparse.Namespace, run: Path, start: float) -> None:
 def ship_int8(run: Path, metadata: dict[str, str], estimate: QualityModel, args: argparse.Namespace) -> Path:
     """The int8 file (`export --int8`'s default recipe, calibrated on training images) with the shipped file's
     metadata and quality estimate."""
-    from lesionseg.export import export_int8
-    from lesionseg.qualityfit import embed
+    from lesionseg.train.export import export_int8
+    from lesionseg.train.qualityfit import embed
 
     int8 = export_int8(run / "best.pt", args.out / "model-int8.onnx", metadata=metadata)
     return embed(int8, estimate, args.out / "model-int8-quality.onnx")
@@ -276,7 +268,7 @@ def refit_shipped_quality(args: argparse.Namespace) -> None:
 def speed(data: Path, out: Path, repeats: int = 5) -> None:
     """`lesionseg predict` on every test image, end to end (a fresh process: start-up, decode, resize, model,
     upsample, two PNGs per image), beside the shipped model's own batch-32 throughput, in one run."""
-    from lesionseg.predictors import OnnxPredictor
+    from lesionseg.segment.predictors import OnnxPredictor
 
     images = sorted((data / "ISBI2016_ISIC_Part1_Test_Data").glob("*.jpg"))
     predictor = OnnxPredictor(SHIPPED)
@@ -323,8 +315,8 @@ def worst_figure(worst: list[dict], model: Path, data: Path, path: Path) -> None
     import matplotlib.pyplot as plt
 
     from lesionseg.api import load
-    from lesionseg.data import find_pairs
     from lesionseg.images import inspect_mask
+    from lesionseg.train.data import find_pairs
 
     segmenter = load(model)
     pairs = {pair.id: pair for pair in find_pairs(data, "test")[0]}

@@ -1,12 +1,11 @@
-"""lesionseg: skin-lesion segmentation in dermoscopy images with a MobileNetV2 encoder."""
+"""lesionseg: skin-lesion segmentation in dermoscopy images with a MobileNetV2 encoder.
 
-__version__ = "0.3.0"  # the one place the version is written; pyproject.toml reads it from here
+`lesionseg.segment` segments, reviews and serves without PyTorch; `lesionseg.train` trains, evaluates, exports
+and adapts with it; the command line (`cli`, `commands`), `lesionseg.load()` (`api`) and the shared ground (errors,
+files, images, machine) stay here.
+"""
 
+from lesionseg.api import load
+from lesionseg.version import __version__
 
-def load(model=None, tta=False, largest_component=False, fill_holes=False):
-    """The released model, or an `.onnx` file, checkpoint or run folder: `lesionseg.load().segment("lesion.jpg")`.
-    `tta=True` averages each answer over flips; `largest_component` and `fill_holes` refine each mask.
-    See `lesionseg.api.Segmenter`."""
-    from lesionseg.api import load as load_model
-
-    return load_model(model, tta, largest_component, fill_holes)
+__all__ = ["load", "__version__"]

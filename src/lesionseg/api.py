@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import os
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Union
 
 import numpy as np
 from PIL import Image
 
-from lesionseg.errors import DataError
+from lesionseg.errors import DataError, LesionsegError, require_torch
 from lesionseg.images import check_pixels, checked_pil
-from lesionseg.pipeline import Pipeline, Refinements, Segmentation, read_for_model
-from lesionseg.predictors import load_any
+from lesionseg.segment.pipeline import (
+    Pipeline,
+    Predictor,  # noqa: E402
+    Refinements,
+    Segmentation,
+    read_for_model,
+)
+from lesionseg.segment.predictors import exported_file, released_model
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -52,6 +59,8 @@ class Segmenter:
     def segment(self, images: ImageInput | list[ImageInput], batch_size: int = 16) -> Segmentation | list[Segmentation]:
         """One result for one input, a list for a list. Each has `.mask` (H,W bool, the image's own size),
         `.probability` (H,W float32) and `.stats` (area, bounding box, mean probability)."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise DataError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         results = []
@@ -79,3 +88,38 @@ def load(
     (OpenVINO), for CPUs with int8 or bf16 instructions."""
     refine = Refinements(tta=tta, largest_component=largest_component, fill_holes=fill_holes)
     return Segmenter(Pipeline(load_any(model, precision), refine))
+
+
+def load_predictor(
+    checkpoint: str | os.PathLike | None = None,
+    onnx: str | os.PathLike | None = None,
+    backend: str = "torch",
+    precision: str = "float32",
+) -> Predictor:
+    """A checkpoint, an ONNX file, or with neither the released model (its int8 file for precision "int8").
+    A checkpoint runs in PyTorch, or with backend "onnxruntime" exported and run there ("auto": onnxruntime if
+    installed); only exported files run in int8 or bf16. Training's code is imported only for a checkpoint."""
+    if checkpoint and onnx:
+        raise LesionsegError("give either --checkpoint CKPT or --onnx MODEL, not both")
+    if not checkpoint:
+        return exported_file(Path(onnx) if onnx else released_model(precision), precision)
+    if precision != "float32":
+        raise LesionsegError(
+            f"{checkpoint}: --precision {precision} runs exported files; "
+            f"`lesionseg export {'--int8 ' if precision == 'int8' else ''}--checkpoint ... --onnx FILE` first"
+        )
+    require_torch(f"{checkpoint}: running a checkpoint")
+    from lesionseg.train.predictor import TorchPredictor, exported_predictor
+
+    if backend == "onnxruntime" or (backend == "auto" and find_spec("onnxruntime") is not None):
+        return exported_predictor(checkpoint)
+    return TorchPredictor(checkpoint)
+
+
+def load_any(model: str | os.PathLike | None, precision: str = "float32") -> Predictor:
+    """The released model (None), an `.onnx` file, or a checkpoint / run folder (in PyTorch)."""
+    if model is not None and not str(model).strip():
+        raise LesionsegError("empty model path: pass nothing for the released model, or a file or run folder")
+    if model is None or Path(model).suffix.lower() == ".onnx":
+        return load_predictor(onnx=model, precision=precision)
+    return load_predictor(checkpoint=model, precision=precision)

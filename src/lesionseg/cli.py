@@ -10,28 +10,32 @@ import argparse
 import os
 import sys
 
-from lesionseg import allocator
 from lesionseg.commands import (
     REPRODUCE_SETS,
+    cmd_adapt,
     cmd_compare,
+    cmd_describe,
     cmd_download,
     cmd_evaluate,
     cmd_export,
     cmd_merge,
     cmd_predict,
     cmd_reproduce,
+    cmd_review,
     cmd_serve,
     cmd_summary,
     cmd_train,
 )
-from lesionseg.config import PRECISIONS, PRESETS, add_config_flags
 from lesionseg.errors import Interrupted, LesionsegError
 from lesionseg.files import shown
-from lesionseg.outputs import OVERLAY_FORMATS
+from lesionseg.segment.outputs import OVERLAY_FORMATS
+from lesionseg.segment.predictors import IMAGE_SIZES, PRECISIONS
+from lesionseg.train import allocator
+from lesionseg.train.config import DECODERS, PRESETS, AdaptRecipe, add_config_flags
 
 DEBUG_ENV = "LESIONSEG_DEBUG"  # set to 1 for the traceback of an unexpected error
 TRAINING_COMMANDS = ("train", "reproduce")  # run under a caching allocator when one is installed
-TORCH_COMMANDS = ("reproduce", "train", "evaluate", "compare", "summary", "export")
+TORCH_COMMANDS = ("reproduce", "train", "evaluate", "compare", "summary", "export", "adapt")
 
 
 def add_refinements(parser: argparse.ArgumentParser, rotations: bool = False) -> None:
@@ -69,6 +73,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def image_size(text: str) -> int:
+    value = int(text)
+    if value not in IMAGE_SIZES:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 32 from 32 to 1024, got {value}")
     return value
 
 
@@ -138,9 +149,9 @@ def add_model_commands(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("summary", help="print the model's layer table (shapes, parameters, mult-adds)")
-    p.add_argument("--arch", default="seed")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--arch", default="seed", choices=tuple(DECODERS))
+    p.add_argument("--image-size", type=image_size, default=128, help="a multiple of 32 from 32 to 1024")
+    p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--frozen", action="store_true", help="count the encoder as non-trainable (Model 1)")
     p.set_defaults(func=cmd_summary)
 
@@ -194,6 +205,7 @@ def add_use_commands(sub) -> None:
     )
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--no-progress", action="store_true")
+    add_pixel_size(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("merge", help="join the shards' rows in a predict folder into predictions.csv/.json")
@@ -226,12 +238,52 @@ def add_use_commands(sub) -> None:
     p.set_defaults(func=cmd_download)
 
 
+def add_pixel_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pixel-size",
+        metavar="MM_OR_CSV",
+        help="millimetres per pixel, for sizes in mm: one number, or a CSV with columns image and pixel_mm",
+    )
+
+
+def add_clinic_commands(sub) -> None:
+    """Following one clinic: adapt the model to its masks."""
+    p = sub.add_parser("adapt", help="fine-tune the model to a clinic's masks, measured on masks it holds out")
+    p.add_argument("--data", required=True, help="the clinic's images/ + masks/ (e.g. what `lesionseg review` saved)")
+    p.add_argument("--out", required=True, help="folder for model.onnx, model-int8.onnx, model.pt and adapt.json")
+    p.add_argument("--from", dest="start", help="the model to start from: .onnx, .pt or run folder (default: released)")
+    recipe = AdaptRecipe()
+    p.add_argument("--epochs", type=positive_int, default=recipe.epochs, help="fine-tuning epochs over the masks")
+    p.add_argument("--lr", type=float, default=recipe.lr, help="AdamW learning rate")
+    p.add_argument("--folds", type=positive_int, default=recipe.folds, help="cross-validation folds of the self-check")
+    p.add_argument("--seed", type=int, default=recipe.seed, help="seeds the folds, the batches and the flips")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("describe", help="size, asymmetry, border and colours of masks from anywhere")
+    p.add_argument("--images", required=True, help="folder of images")
+    p.add_argument("--masks", required=True, help="folder of their masks (<stem>.png or <stem>_Segmentation.png)")
+    p.add_argument("--out", default="descriptors.csv", help="the table (.csv; its .json is written beside it)")
+    add_pixel_size(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_describe)
+
+    p = sub.add_parser("review", help="a page over a predict folder: least trusted masks first, accept or correct")
+    p.add_argument("out", help="the folder `lesionseg predict` wrote")
+    p.add_argument("--images", help="where the input images are now, if they moved since predict")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default: this machine only)")
+    p.add_argument("--port", type=port_number, default=8001)
+    add_model_source(p)
+    p.set_defaults(func=cmd_review)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="lesionseg", description="Skin-lesion segmentation with a MobileNetV2 encoder.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_commands(sub)
     add_model_commands(sub)
     add_use_commands(sub)
+    add_clinic_commands(sub)
     return parser
 
 
@@ -244,6 +296,9 @@ NAMED_PATHS = {  # options naming something that must exist, and what it is
     "data": "data folder",
     "extra_data": "data folder",
     "calibration_data": "data folder",
+    "start": "model",
+    "images": "image folder",
+    "masks": "mask folder",
 }
 
 
@@ -271,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_named_paths(args)
         if args.command in TORCH_COMMANDS:
-            from lesionseg.predictors import require_torch
+            from lesionseg.errors import require_torch
 
             require_torch(f"`lesionseg {args.command}`")
         status = args.func(args)

@@ -10,17 +10,18 @@ import os
 import sys
 import time
 
-from lesionseg.config import config_overrides
 from lesionseg.errors import LesionsegError
 from lesionseg.files import shown
+from lesionseg.machine import process_rank
+from lesionseg.train.config import config_overrides
 
 REPRODUCE_SETS = ("out", "init", "name")  # reproduce decides these per model
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from lesionseg.config import build_config
-    from lesionseg.training import fit, resume_config
+    from lesionseg.train.config import build_config
+    from lesionseg.train.training import fit, resume_config
 
     if args.resume:  # the run's own config; other options would make it another run
         config = resume_config(args.resume)
@@ -28,12 +29,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         overrides = config_overrides(args) | {"out": args.out or f"runs/{args.preset}"}
         config = build_config(args.preset, **overrides)
     run_dir = fit(config, progress=not args.no_progress, resume=bool(args.resume), overwrite=args.overwrite)
-    if int(os.environ.get("RANK", 0)) == 0:
+    if process_rank()[0] == 0:
         print(f"trained: {shown(run_dir / 'best.pt')}")
 
 
 def refinements(args: argparse.Namespace):
-    from lesionseg.pipeline import Refinements
+    from lesionseg.segment.pipeline import Refinements
 
     return Refinements(
         tta=args.tta,
@@ -44,7 +45,7 @@ def refinements(args: argparse.Namespace):
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from lesionseg.evaluation import evaluate_checkpoint
+    from lesionseg.train.evaluation import evaluate_checkpoint
 
     result = evaluate_checkpoint(
         args.checkpoint,
@@ -59,7 +60,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from lesionseg.reproduce import run_compare
+    from lesionseg.train.reproduce import run_compare
 
     report = run_compare(args.runs, args.out, progress=not args.no_progress)
     print(report["markdown"])
@@ -67,13 +68,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
-    from lesionseg.report import model_summary
+    from lesionseg.train.report import model_summary
 
     print(model_summary(args.arch, args.image_size, args.batch_size, args.frozen))
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
-    from lesionseg.reproduce import run_reproduce
+    from lesionseg.train.reproduce import run_reproduce
 
     overrides = {k: v for k, v in config_overrides(args).items() if k not in REPRODUCE_SETS}
     report = run_reproduce(args.out, progress=not args.no_progress, **overrides)
@@ -82,12 +83,13 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from lesionseg.pipeline import Pipeline
-    from lesionseg.prediction import run_predict
-    from lesionseg.predictors import load_predictor
+    from lesionseg.api import load_predictor
+    from lesionseg.segment.pipeline import Pipeline
+    from lesionseg.segment.prediction import run_predict
 
     pipeline = Pipeline(load_predictor(args.checkpoint, args.onnx, precision=args.precision), refinements(args))
-    from lesionseg.outputs import Extras, Shard
+    from lesionseg.segment.descriptors import PixelSizes
+    from lesionseg.segment.outputs import Extras, Shard
 
     shard = Shard.parse(args.shard)
     report = run_predict(
@@ -99,6 +101,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         extras=Extras(args.overlays, args.probabilities),
         overwrite=args.overwrite,
         shard=shard,
+        pixel_sizes=PixelSizes(args.pixel_size),
     )
     share = f" (shard {shard.index + 1} of {shard.count})" if shard.count > 1 else ""
     print(
@@ -109,7 +112,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> None:
-    from lesionseg.outputs import merge
+    from lesionseg.segment.outputs import merge
 
     if not os.path.isdir(args.out):
         raise LesionsegError(f"{shown(args.out)}: predict folder not found")
@@ -118,7 +121,7 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from lesionseg.export import export_int8, export_onnx
+    from lesionseg.train.export import export_int8, export_onnx
 
     if args.int8:
         path = export_int8(args.checkpoint, args.onnx, args.calibration_data, args.calibration_images)
@@ -127,17 +130,32 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"exported: {path}")
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
-    from lesionseg.pipeline import Pipeline
-    from lesionseg.predictors import load_predictor
-    from lesionseg.serve import run_serve
-
-    if args.host not in LOOPBACK:
+def warn_if_exposed(host: str) -> None:
+    if host not in LOOPBACK:
         print(
-            f"lesionseg: WARNING: serving on {args.host}: anyone who can reach this machine can use the service "
+            f"lesionseg: WARNING: serving on {host}: anyone who can reach this machine can use the service "
             "(it has no authentication); put it behind a proxy that authenticates, or use --host 127.0.0.1",
             file=sys.stderr,
         )
+
+
+def cmd_review(args: argparse.Namespace) -> None:
+    from lesionseg.api import load_predictor
+    from lesionseg.segment.pipeline import Pipeline
+    from lesionseg.segment.review_app import run_review
+
+    warn_if_exposed(args.host)
+    pipeline = Pipeline(load_predictor(args.checkpoint, args.onnx, precision=args.precision), refinements(args))
+    print(f"lesionseg: reviewing {shown(args.out)} at http://{args.host}:{args.port}/", file=sys.stderr)
+    run_review(args.out, args.images, pipeline, args.host, args.port)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from lesionseg.api import load_predictor
+    from lesionseg.segment.pipeline import Pipeline
+    from lesionseg.segment.serve import run_serve
+
+    warn_if_exposed(args.host)
     start = time.perf_counter()  # a checkpoint is exported for onnxruntime first: about 20 s
     predictor = load_predictor(args.checkpoint, args.onnx, backend=args.backend, precision=args.precision)
     pipeline = Pipeline(predictor, refinements(args))
@@ -150,7 +168,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> None:
-    from lesionseg.download import run_download
+    from lesionseg.train.download import run_download
 
     dest = run_download(args.dataset, args.dest, progress=not args.no_progress)
     print(f"ready: lesionseg reproduce --data {dest}")
+
+
+def cmd_adapt(args: argparse.Namespace) -> None:
+    from lesionseg.train.adapt import run_adapt, summary_line
+    from lesionseg.train.config import AdaptRecipe
+
+    recipe = AdaptRecipe(epochs=args.epochs, lr=args.lr, folds=args.folds, seed=args.seed)
+    say = None if args.no_progress else (lambda text: print(f"lesionseg adapt: {text}", file=sys.stderr))
+    report = run_adapt(args.data, args.out, args.start, recipe, progress=say)
+    print(summary_line(report))
+    print(
+        f"model: {shown(report['files']['onnx'])}"
+        + (f" (int8: {shown(report['files']['int8'])})" if "int8" in report["files"] else "")
+    )
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    from lesionseg.segment.describe import run_describe
+
+    rows, problems = run_describe(args.images, args.masks, args.out, args.pixel_size, progress=not args.no_progress)
+    print(f"described {len(rows)} lesion(s) into {shown(args.out)}; {len(problems)} skipped")
+    return 1 if problems or not rows else 0

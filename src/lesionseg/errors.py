@@ -1,5 +1,7 @@
 """Errors the command line reports as one line, without a traceback."""
 
+from importlib.util import find_spec
+
 
 class LesionsegError(Exception):
     """Base class: a problem the user can fix (bad input, missing file, bad option)."""
@@ -31,3 +33,12 @@ class TrainingError(LesionsegError):
 
 class Interrupted(LesionsegError):
     """Training stopped by Ctrl-C after the last checkpoint was saved."""
+
+
+TRAIN_EXTRA = "pip install 'lesionseg[train]'"
+
+
+def require_torch(what: str) -> None:
+    """A one-line error, not an ImportError, where a light install lacks PyTorch."""
+    if find_spec("torch") is None:
+        raise LesionsegError(f"{what} needs PyTorch, which this installation lacks: {TRAIN_EXTRA}")

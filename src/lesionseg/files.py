@@ -9,13 +9,30 @@ import os
 import re
 import select
 import signal
+import socket
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
 from lesionseg.errors import LesionsegError
+
+try:  # POSIX; where it is missing (Windows) runs are not locked against each other
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+
+def current_umask() -> int:
+    """The process's umask (read once, at import: reading it means setting it, which is not thread-safe)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+FILE_MODE = 0o666 & ~current_umask()  # what open() gives a new file: 0644 under the usual umask 022
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -32,6 +49,8 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], None], what: str = 
             dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
         ) as handle:
             tmp = Path(handle.name)
+            if hasattr(os, "fchmod"):  # a temp file is born 0600; the result is shared like any file the user makes
+                os.fchmod(handle.fileno(), FILE_MODE)
             write(handle)
         os.replace(tmp, path)
     except OSError as exc:
@@ -159,3 +178,45 @@ def remove_stale_temps(folder: Path, name: str) -> None:
     """Temp files a killed `write_atomically` of `folder/name` left behind."""
     for stale in folder.glob(f".{name}.*.tmp"):
         stale.unlink(missing_ok=True)
+
+
+@contextmanager
+def locked(path: Path, what: str, wait: bool = False) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if needed, never deleted: deleting a lock file races). Not
+    waiting, a lock another process holds is one line naming that process; the lock ends with the process, so
+    a killed run never leaves a folder locked."""
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    try:
+        handle = open(path, "a+")
+    except OSError as exc:
+        raise LesionsegError(f"{shown(path)}: cannot create the lock file ({exc.strerror or exc})") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read(200).strip() or "another process"
+            raise LesionsegError(f"{shown(path.parent)}: {what} is in use by {holder}; wait for it to finish") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"lesionseg (pid {os.getpid()} on {socket.gethostname()})")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def held_by_another(path: Path) -> bool:
+    """Whether a live process holds the lock on `path` (a lock file whose process ended is free)."""
+    if fcntl is None or not path.exists():  # pragma: no cover
+        return False
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        return False

@@ -5,11 +5,36 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 VECTOR_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "avx2")
+MAX_PROCESSES = 100_000  # far beyond any cluster; bounds every list made per process or shard
+
+
+def environment_number(name: str, default: int) -> int:
+    """A count from the environment (torchrun's RANK, WORLD_SIZE, LOCAL_RANK): ASCII digits up to
+    MAX_PROCESSES, else one line naming the variable."""
+    from lesionseg.errors import LesionsegError
+
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    if not re.fullmatch(r"[0-9]{1,6}", text.strip()) or int(text) > MAX_PROCESSES:
+        raise LesionsegError(f"{name}={text[:20]!r}: expected a whole number from 0 to {MAX_PROCESSES:,}")
+    return int(text)
+
+
+def process_rank() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun sets them, checked: 0 <= RANK < WORLD_SIZE."""
+    from lesionseg.errors import LesionsegError
+
+    rank, world, local = (environment_number(n, d) for n, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if world < 1 or rank >= world:
+        raise LesionsegError(f"RANK={rank} WORLD_SIZE={world}: expected 0 <= RANK < WORLD_SIZE")
+    return rank, world, local
 
 
 def cpu_info() -> dict[str, Any]:

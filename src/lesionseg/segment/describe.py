@@ -1,0 +1,79 @@
+"""`lesionseg describe --images DIR --masks DIR`: the lesion descriptors of masks from anywhere (an expert's,
+another tool's), one row per image, as predict writes them."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from lesionseg.errors import DataError, LesionsegError
+from lesionseg.files import output_folder, shown, unusable, write_atomically
+from lesionseg.images import IMAGE_SUFFIXES, inspect_mask
+from lesionseg.segment.descriptors import PixelSizes, describe_lesion, picture_of
+from lesionseg.segment.pipeline import read_for_model
+
+READ_SIZE = 512  # images are decoded reduced to at least this (JPEG's draft mode): colours need no more
+
+
+def mask_of(image: Path, masks: Path) -> Path | None:
+    """masks/<stem>.png, or the ISIC name masks/<stem>_Segmentation.png."""
+    for name in (f"{image.stem}.png", f"{image.stem}_Segmentation.png"):
+        if (masks / name).is_file():
+            return masks / name
+    return None
+
+
+def describe_pair(image: Path, mask_path: Path, pixel_mm: float | None) -> dict[str, Any]:
+    picture, (width, height), _ = read_for_model(image, shown(image), READ_SIZE)
+    mask, _ = inspect_mask(mask_path, allow_empty=True)
+    if mask.shape != (height, width):
+        raise DataError(
+            f"{shown(mask_path)}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {width}x{height}"
+        )
+    return {"file": shown(image), "mask": shown(mask_path), "width": width, "height": height} | describe_lesion(
+        picture_of(picture), mask, pixel_mm
+    )
+
+
+def run_describe(images: str | os.PathLike, masks: str | os.PathLike, out: str | os.PathLike,
+                 pixel_size: str | None = None, progress: bool = True) -> tuple[list[dict], list[str]]:  # fmt: skip
+    """Every image of `images` with a mask in `masks`: its descriptors into OUT (.csv, and .json beside it). A
+    pair that cannot be read is named on stderr and left out; an image without a mask is named too."""
+    images, masks, out = Path(images), Path(masks), Path(out)
+    if out.suffix.lower() != ".csv":
+        raise LesionsegError(f"{shown(out)}: the table's name must end in .csv (its .json is written beside it)")
+    output_folder(out.parent)
+    sizes = PixelSizes(pixel_size)
+    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not unusable(p))
+    if not files:
+        raise DataError(f"{shown(images)}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    rows, problems = [], []
+    for image in tqdm(files, desc="describe", unit="image", disable=not progress):
+        mask = mask_of(image, masks)
+        try:
+            if mask is None:
+                raise DataError(f"{shown(image)}: no mask in {shown(masks)} ({image.stem}.png)")
+            rows.append(describe_pair(image, mask, sizes.of(image.stem)))
+        except DataError as exc:
+            problems.append(str(exc))
+            print(f"lesionseg: skipped {exc}", file=sys.stderr)
+    write_table(out, rows)
+    return rows, problems
+
+
+def write_table(out: Path, rows: list[dict[str, Any]]) -> None:
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(out, lambda handle: handle.write(table.getvalue().encode()), "table")
+    text = json.dumps(rows, indent=1, allow_nan=False)
+    write_atomically(out.with_suffix(".json"), lambda handle: handle.write(text.encode()), "table")

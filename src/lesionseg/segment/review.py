@@ -1,0 +1,241 @@
+"""`lesionseg review OUT`: a local page over a predict folder that shows the least trusted masks first and keeps
+the user's accepts and corrections, as a data folder `adapt` and `train` read as it is:
+
+    OUT/review/images/<name>      a link to (or, where links cannot be made, a copy of) each reviewed image
+    OUT/review/masks/<stem>.png   the accepted or corrected mask, 0/255 at the image's own size
+    OUT/review/review.jsonl       one line per save: which mask, accepted or corrected, when, from which model
+
+The model's own masks in OUT/masks are never written. Every request names an image by its place in the list,
+never by a path, so the page can reach only the images of that folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from lesionseg.errors import DataError, LesionsegError
+from lesionseg.files import locked, output_folder, shown, write_atomically
+from lesionseg.images import decode_image, inspect_mask, open_checked
+from lesionseg.segment.encoders import mask_png_8bit
+from lesionseg.segment.outputs import MASKS, PROBABILITIES, RECORD, read_table
+
+REVIEW = "review"
+JOURNAL = "review.jsonl"
+LOCK = ".review.lock"
+PAGE_SIZE = 50  # list items per request: a 10,000-image folder is never sent at once
+MAX_MASK_BYTES = 16 * 2**20  # a 0/255 PNG of the largest image (60 MP) compresses far below this
+ACTIONS = ("accepted", "corrected")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image of the folder, in review order."""
+
+    index: int
+    stem: str
+    row: dict[str, Any]
+
+    @property
+    def quality(self) -> float | None:
+        value = self.row.get("quality")
+        return float(value) if isinstance(value, (int, float)) else None
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.row.get("review"))
+
+
+def review_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flagged first, then by estimated quality, lowest first; masks without an estimate last; ties by name."""
+    return sorted(
+        rows,
+        key=lambda r: (
+            not r.get("review"),
+            r["quality"] if isinstance(r.get("quality"), (int, float)) else 2.0,
+            r["mask"],
+        ),
+    )
+
+
+class ReviewFolder:
+    """A predict folder seen by the review page: its rows in review order and what has been saved so far."""
+
+    def __init__(self, out: str | os.PathLike, images: str | os.PathLike | None = None) -> None:
+        self.out = Path(out)
+        if not (self.out / RECORD).is_file():
+            raise LesionsegError(
+                f"{shown(self.out)}: no {RECORD}: not a folder lesionseg predict finished (run predict, or merge)"
+            )
+        rows = [row for row in read_table(self.out) if isinstance(row.get("file"), str)]
+        if not rows:
+            raise LesionsegError(f"{shown(self.out / RECORD)}: no rows to review")
+        self.items = [Item(n, Path(row["mask"]).stem, row) for n, row in enumerate(review_order(rows))]
+        self.images = Path(images) if images else None
+        self.folder = self.out / REVIEW
+        self.saved: dict[str, dict[str, Any]] = self.read_journal()
+        self.writing = threading.Lock()
+
+    def read_journal(self) -> dict[str, dict[str, Any]]:
+        """The last save of each mask; a line cut short by a kill is ignored."""
+        saved: dict[str, dict[str, Any]] = {}
+        path = self.folder / JOURNAL
+        for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("action") in ACTIONS and isinstance(entry.get("stem"), str):
+                saved[entry["stem"]] = entry
+        return saved
+
+    def item(self, index: int) -> Item:
+        if not 0 <= index < len(self.items):
+            raise DataError(f"no image {index} in this folder of {len(self.items)}")
+        return self.items[index]
+
+    def image_path(self, item: Item) -> Path:
+        """The input image as predict recorded it; else the file of that name under --images."""
+        recorded = Path(item.row["file"])
+        if recorded.is_file():
+            return recorded
+        if self.images and (self.images / recorded.name).is_file():
+            return self.images / recorded.name
+        raise DataError(f"{shown(recorded)}: image not found (pass --images FOLDER where it is now)")
+
+    def summary(self) -> dict[str, Any]:
+        reviewed = sum(1 for item in self.items if item.stem in self.saved)
+        return {
+            "folder": shown(self.out),
+            "total": len(self.items),
+            "flagged": sum(1 for item in self.items if item.flagged),
+            "reviewed": reviewed,
+            "first_open": next((i.index for i in self.items if i.stem not in self.saved), 0),
+            "page_size": PAGE_SIZE,
+        }
+
+    def describe(self, item: Item) -> dict[str, Any]:
+        status = self.saved.get(item.stem, {})
+        return {
+            "index": item.index,
+            "stem": item.stem,
+            "file": item.row.get("file"),
+            "quality": item.quality,
+            "flagged": item.flagged,
+            "width": item.row.get("width"),
+            "height": item.row.get("height"),
+            "status": status.get("action"),
+            "row": {k: v for k, v in item.row.items() if not isinstance(v, (dict, list))},
+        }
+
+    def page(self, offset: int, limit: int) -> dict[str, Any]:
+        limit = max(1, min(limit, PAGE_SIZE))
+        chosen = self.items[max(0, offset) : max(0, offset) + limit]
+        return {**self.summary(), "offset": offset, "items": [self.describe(item) for item in chosen]}
+
+    def image_jpeg(self, item: Item) -> bytes:
+        """The image as the model saw it (EXIF orientation applied), re-encoded for any browser."""
+        image, _ = decode_image(self.image_path(item), shown(self.image_path(item)))
+        buffer = io.BytesIO()
+        image.convert("RGB").save(buffer, format="JPEG", quality=92)
+        return buffer.getvalue()
+
+    def mask_png(self, item: Item) -> bytes:
+        """The saved correction where there is one, else the model's mask."""
+        saved = self.folder / MASKS / f"{item.stem}.png"
+        source = saved if saved.is_file() else self.out / MASKS / f"{item.stem}.png"
+        mask, _ = inspect_mask(source, allow_empty=True)
+        return mask_png_8bit(mask)
+
+    def probability_png(self, item: Item, recompute) -> bytes:
+        """predict's saved probability map, or one recomputed by `recompute(image path) -> (H,W) uint8`."""
+        saved = self.out / PROBABILITIES / f"{item.stem}.png"
+        if saved.is_file():
+            return saved.read_bytes()
+        grey = recompute(self.image_path(item))
+        buffer = io.BytesIO()
+        Image.fromarray(grey).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    def checked_mask(self, item: Item, data: bytes) -> np.ndarray:
+        """A mask the page sent: a PNG of this image's own size, bounded in bytes; lesion where above 127."""
+        name = f"mask for {item.stem}"
+        if len(data) > MAX_MASK_BYTES:
+            raise DataError(f"{name}: {len(data):,} bytes; at most {MAX_MASK_BYTES:,}")
+        with open_checked(io.BytesIO(data), name, "mask") as image:
+            if image.format != "PNG":
+                raise DataError(f"{name}: not a PNG")
+            values = np.asarray(image.convert("L"))
+        size = (item.row.get("width"), item.row.get("height"))
+        if (values.shape[1], values.shape[0]) != size:
+            raise DataError(f"{name}: {values.shape[1]}x{values.shape[0]}, but the image is {size[0]}x{size[1]}")
+        return values > 127
+
+    def save(self, item: Item, mask: np.ndarray, action: str) -> dict[str, Any]:
+        """The mask into OUT/review/masks (atomically), the image linked beside it, one journal line."""
+        with self.writing:
+            output_folder(self.folder / MASKS)
+            output_folder(self.folder / "images")
+            encoded = mask_png_8bit(mask)
+            write_atomically(self.folder / MASKS / f"{item.stem}.png", lambda handle: handle.write(encoded), "mask")
+            link_image(self.image_path(item), self.folder / "images", item.stem)
+            entry = {
+                "stem": item.stem,
+                "action": action,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "quality": item.quality,
+                "lesion_pixels": int(mask.sum()),
+                "model_sha256": item.row.get("model_sha256"),
+            }
+            with open(self.folder / JOURNAL, "a") as handle:
+                handle.write(json.dumps(entry, allow_nan=False) + "\n")
+            self.saved[item.stem] = entry
+        return {**self.summary(), "item": self.describe(item)}
+
+    def accept(self, item: Item) -> dict[str, Any]:
+        mask, _ = inspect_mask(self.out / MASKS / f"{item.stem}.png", allow_empty=True)
+        return self.save(item, mask, "accepted")
+
+
+def link_image(image: Path, folder: Path, stem: str) -> None:
+    """OUT/review/images/<stem><ext>: a link to the image, or a copy where links cannot be made; one per stem."""
+    for old in folder.glob(f"{stem}.*"):
+        if old.stem == stem and old.name != f"{stem}{image.suffix}":
+            old.unlink()
+    target = folder / f"{stem}{image.suffix}"
+    if target.is_symlink() or target.exists():
+        return
+    try:
+        target.symlink_to(image.resolve())
+    except OSError:
+        shutil.copyfile(image, target)
+
+
+def refined(mask: np.ndarray, operation: str) -> np.ndarray:
+    """The page's two clean-ups, by scipy: fill enclosed holes, or keep the largest connected piece."""
+    if operation == "fill_holes":
+        return ndimage.binary_fill_holes(mask)
+    if operation == "largest":
+        labels, count = ndimage.label(mask)
+        if count <= 1:
+            return mask
+        sizes = ndimage.sum_labels(mask, labels, index=range(1, count + 1))
+        return labels == 1 + int(np.argmax(sizes))
+    raise DataError(f"unknown operation {operation!r}; choose fill_holes or largest")
+
+
+def holding(folder: ReviewFolder):
+    """One review page per folder at a time: two would interleave their journals."""
+    output_folder(folder.folder)
+    return locked(folder.folder / LOCK, "the review of this folder")

@@ -1,0 +1,105 @@
+"""The review page's service: a FastAPI app over one `ReviewFolder`, on loopback unless told otherwise."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, Response
+
+from lesionseg.errors import LesionsegError
+from lesionseg.files import shown
+from lesionseg.segment.encoders import mask_png_8bit
+from lesionseg.segment.pipeline import Pipeline, model_input, read_for_model, to_own_size
+from lesionseg.segment.review import MAX_MASK_BYTES, ReviewFolder, holding, refined
+
+NO_CACHE = {"Cache-Control": "no-store"}  # a saved correction must show at once, never a cached model mask
+
+
+def recomputer(pipeline: Pipeline) -> Callable[[Path], np.ndarray]:
+    """The probability map of an image at its own size as 8-bit grey, for folders predict wrote without
+    --probabilities (the released model, or the one given to `review`)."""
+
+    def recompute(path: Path) -> np.ndarray:
+        image, size, _ = read_for_model(path, shown(path), pipeline.image_size)
+        probability = pipeline.probabilities(model_input(image, pipeline.image_size)[None])[0, 0]
+        fixed = to_own_size(probability, *size)
+        return (fixed.astype(np.float64) * (255 / 2**24) + 0.5).astype(np.uint8)
+
+    return recompute
+
+
+def create_review_app(folder: ReviewFolder, recompute: Callable[[Path], np.ndarray], threshold: float) -> FastAPI:
+    app = FastAPI(title="lesionseg review", description="Review and correct a predict folder's masks")
+    page = resources.files("lesionseg.segment").joinpath("static", "review.html").read_text()
+
+    def item(index: int):
+        try:
+            return folder.item(index)
+        except LesionsegError as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    def answer(call):
+        """A bad image, mask or request is a 400 with the one-line reason, never a traceback."""
+        try:
+            return call()
+        except LesionsegError as exc:
+            raise HTTPException(400, str(exc)) from None
+
+    @app.get("/", response_class=HTMLResponse)
+    def index() -> str:
+        return page
+
+    @app.get("/api/items")
+    def items(offset: int = 0, limit: int = 50) -> dict:
+        return folder.page(offset, limit) | {"threshold": threshold}
+
+    @app.get("/api/image/{index}")
+    def image(index: int) -> Response:
+        return Response(answer(lambda: folder.image_jpeg(item(index))), media_type="image/jpeg", headers=NO_CACHE)
+
+    @app.get("/api/mask/{index}")
+    def mask(index: int) -> Response:
+        return Response(answer(lambda: folder.mask_png(item(index))), media_type="image/png", headers=NO_CACHE)
+
+    @app.get("/api/probability/{index}")
+    def probability(index: int) -> Response:
+        data = answer(lambda: folder.probability_png(item(index), recompute))
+        return Response(data, media_type="image/png", headers=NO_CACHE)
+
+    async def body(request: Request) -> bytes:
+        data = b""
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_MASK_BYTES:
+                raise HTTPException(413, f"a mask is at most {MAX_MASK_BYTES:,} bytes")
+        return data
+
+    @app.post("/api/save/{index}")
+    async def save(index: int, request: Request) -> dict:
+        data, chosen = await body(request), item(index)
+        return answer(lambda: folder.save(chosen, folder.checked_mask(chosen, data), "corrected"))
+
+    @app.post("/api/accept/{index}")
+    def accept(index: int) -> dict:
+        return answer(lambda: folder.accept(item(index)))
+
+    @app.post("/api/refine/{index}")
+    async def refine(index: int, request: Request, operation: str) -> Response:
+        data, chosen = await body(request), item(index)
+        cleaned = answer(lambda: refined(folder.checked_mask(chosen, data), operation))
+        return Response(mask_png_8bit(cleaned), media_type="image/png")
+
+    return app
+
+
+def run_review(out, images, pipeline: Pipeline, host: str = "127.0.0.1", port: int = 8001) -> None:
+    import uvicorn
+
+    folder = ReviewFolder(out, images)
+    with holding(folder):
+        app = create_review_app(folder, recomputer(pipeline), pipeline.threshold)
+        uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,0 +1,1 @@
+"""Training, evaluation, export, adaptation and quality fitting: everything that needs PyTorch."""

@@ -1,0 +1,166 @@
+"""Lesion descriptors: geometry checked on shapes whose answers are known, colours on painted lesions, and the
+columns wherever a mask is produced (predict, the API, the service, `describe`)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lesionseg.cli import main
+from lesionseg.errors import DataError
+from lesionseg.segment.descriptors import COLOURS_RGB, PixelSizes, describe_lesion, srgb_to_lab
+
+SKIN = (205, 160, 135)
+
+
+def disc(size: int = 200, radius: float = 60, centre=(100, 100)) -> np.ndarray:
+    rows, cols = np.indices((size, size))
+    return (rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= radius**2
+
+
+def painted(mask: np.ndarray, colour) -> np.ndarray:
+    image = np.empty((*mask.shape, 3), np.uint8)
+    image[:] = SKIN
+    image[mask] = colour
+    return image
+
+
+def test_a_disc_is_round_symmetric_and_its_diameter_is_twice_the_radius():
+    mask = disc()
+    d = describe_lesion(painted(mask, COLOURS_RGB["dark_brown"]), mask, pixel_mm=0.05)
+    assert d["area_px"] == mask.sum()
+    assert abs(d["diameter_max_px"] - 121) < 2 and abs(d["diameter_min_px"] - 121) < 2
+    assert abs(d["diameter_max_mm"] - 121 * 0.05) < 0.1
+    assert d["asymmetry_major"] < 0.03 and d["asymmetry_minor"] < 0.03 and d["asymmetry_axes"] == 0
+    assert d["compactness"] > 0.95 and d["solidity"] > 0.98
+    assert d["colours"] == 1 and d["colours_present"] == "dark_brown" and d["colour_dark_brown"] > 0.95
+    assert d["border_abrupt_sectors"] == 8  # dark pigment against skin, cut off sharply all round
+
+
+def test_an_ellipse_has_two_diameters_and_a_lopsided_shape_is_asymmetric():
+    rows, cols = np.indices((200, 300))
+    ellipse = ((rows - 100) / 40) ** 2 + ((cols - 150) / 100) ** 2 <= 1
+    d = describe_lesion(painted(ellipse, COLOURS_RGB["light_brown"]), ellipse)
+    assert abs(d["diameter_max_px"] - 201) < 3 and abs(d["diameter_min_px"] - 81) < 3
+    assert d["asymmetry_axes"] == 0
+    lopsided = disc(size=200, radius=50) | (
+        disc(size=200, radius=30, centre=(100, 160)) & (np.indices((200, 200))[0] < 100)
+    )
+    d = describe_lesion(painted(lopsided, COLOURS_RGB["dark_brown"]), lopsided)
+    assert d["asymmetry_axes"] >= 1 and max(d["asymmetry_major"], d["asymmetry_minor"]) > 0.1
+    assert d["solidity"] < 0.97
+
+
+def test_a_wiggly_border_is_less_compact_than_a_smooth_one():
+    rows, cols = np.indices((240, 240))
+    angle, radius = np.arctan2(rows - 120, cols - 120), np.hypot(rows - 120, cols - 120)
+    wiggly = radius <= 70 + 12 * np.sin(12 * angle)
+    smooth = radius <= 70
+    image = painted(smooth, COLOURS_RGB["dark_brown"])
+    assert describe_lesion(image, wiggly)["compactness"] < describe_lesion(image, smooth)["compactness"] - 0.2
+
+
+@pytest.mark.parametrize("name", list(COLOURS_RGB))
+def test_each_reference_colour_painted_on_skin_is_found(name):
+    mask = disc()
+    d = describe_lesion(painted(mask, COLOURS_RGB[name]), mask)
+    assert d[f"colour_{name}"] > 0.9 and name in d["colours_present"].split()
+
+
+def test_two_colours_are_counted_with_their_shares():
+    mask = disc()
+    image = painted(mask, COLOURS_RGB["light_brown"])
+    image[mask & (np.indices(mask.shape)[1] < 100)] = COLOURS_RGB["blue_gray"]
+    d = describe_lesion(image, mask)
+    assert d["colours"] == 2 and abs(d["colour_blue_gray"] - 0.5) < 0.05 and abs(d["colour_light_brown"] - 0.5) < 0.05
+
+
+def test_the_lab_conversion_is_the_cie_one():
+    assert np.allclose(srgb_to_lab(np.array([255, 255, 255])), [100, 0, 0], atol=0.1)
+    assert np.allclose(srgb_to_lab(np.array([255, 0, 0])), [53.24, 80.09, 67.20], atol=0.2)
+
+
+def test_a_reduced_picture_gives_the_same_shape_answers():
+    mask = disc(size=400, radius=120, centre=(200, 200))
+    full = describe_lesion(painted(mask, COLOURS_RGB["dark_brown"]), mask)
+    reduced = describe_lesion(painted(mask, COLOURS_RGB["dark_brown"])[::4, ::4].copy(), mask)
+    assert reduced["diameter_max_px"] == full["diameter_max_px"] and reduced["colours"] == full["colours"]
+
+
+def test_an_empty_mask_has_area_zero_only():
+    assert describe_lesion(np.zeros((20, 20, 3), np.uint8), np.zeros((20, 20), bool)) == {"area_px": 0}
+
+
+def test_pixel_sizes_from_a_number_or_a_csv(tmp_path):
+    assert PixelSizes("0.02").of("x") == 0.02 and PixelSizes().of("x") is None
+    table = tmp_path / "sizes.csv"
+    table.write_text("image,pixel_mm\nISIC_1.jpg,0.03\n")
+    assert PixelSizes(str(table)).of("ISIC_1") == 0.03 and PixelSizes(str(table)).of("other") is None
+    table.write_text("image,pixel_mm\nISIC_1.jpg,abc\n")
+    with pytest.raises(DataError, match="line 2: pixel_mm 'abc' is not a number"):
+        PixelSizes(str(table))
+    with pytest.raises(DataError, match="not in"):
+        PixelSizes("-1")
+
+
+def test_describe_reads_masks_from_anywhere_and_names_what_it_skips(tmp_path, capsys):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir(), masks.mkdir()
+    mask = disc()
+    Image.fromarray(painted(mask, COLOURS_RGB["dark_brown"])).save(images / "a.png")
+    Image.fromarray(mask.astype(np.uint8) * 255).save(masks / "a_Segmentation.png")
+    Image.fromarray(painted(mask, COLOURS_RGB["red"])).save(images / "b.png")  # no mask
+    Image.fromarray(painted(mask, COLOURS_RGB["red"])).save(images / "c.png")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(masks / "c.png")  # wrong size
+    out = tmp_path / "table.csv"
+    assert (
+        main(
+            [
+                "describe",
+                "--images",
+                str(images),
+                "--masks",
+                str(masks),
+                "--out",
+                str(out),
+                "--pixel-size",
+                "0.05",
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
+    said = capsys.readouterr()
+    assert "described 1 lesion(s)" in said.out and "b.png: no mask" in said.err and "mask is 10x10" in said.err
+    rows = json.loads(out.with_suffix(".json").read_text())
+    assert rows[0]["colours_present"] == "dark_brown" and abs(rows[0]["diameter_max_mm"] - 6.05) < 0.1
+
+
+def test_predict_rows_the_api_and_the_service_carry_the_descriptors(tmp_path):
+    from fastapi.testclient import TestClient
+
+    import lesionseg
+    from lesionseg.api import load_predictor
+    from lesionseg.segment.serve import create_app
+
+    mask = disc(size=160, radius=45, centre=(80, 80))
+    photo = tmp_path / "photos" / "lesion.png"
+    photo.parent.mkdir()
+    Image.fromarray(painted(mask, COLOURS_RGB["dark_brown"])).save(photo)
+    out = tmp_path / "out"
+    assert main(["predict", str(photo.parent), "--out", str(out), "--no-progress", "--pixel-size", "0.1"]) == 0
+    row = json.loads((out / "predictions.json").read_text())[0]
+    assert row["area_px"] == row["lesion_pixels"] and row["diameter_max_mm"] == pytest.approx(
+        row["diameter_max_px"] * 0.1, abs=0.01
+    )
+    result = lesionseg.load().segment(photo)
+    assert result.descriptors["area_px"] == row["area_px"] and "colours" in result.descriptors
+    reply = (
+        TestClient(create_app(load_predictor())).post("/predict", files={"file": ("l.png", photo.read_bytes())}).json()
+    )
+    assert reply["descriptors"]["area_px"] == row["area_px"]
+    assert math.isfinite(reply["descriptors"]["compactness"])
