@@ -34,7 +34,6 @@ from lesionseg.train.adapt import (
     Clinic,
     cross_validate,
     finetune,
-    fold_of,
     jaccard_table,
     load_clinic,
     probabilities,
@@ -117,9 +116,8 @@ def one_draw(start, config, quality, clinic: Clinic, start_table: np.ndarray, ch
     result.update(chosen=verdict.chosen, self_check_gain=verdict.gain, self_check_interval=verdict.interval)
     result["paired_gain_adapt"] = float((scores["adapt"] - scores["start"]).mean())
     if quality is not None:
-        fold = fold_of(len(chosen), min(recipe.folds, len(chosen)), recipe.seed)
         truth_few = np.asarray(verdict.per_image[verdict.chosen])
-        refit, _ = recalibrated(quality, verdict.out_of_fold_maps, verdict.threshold, truth_few, fold)
+        refit, _ = recalibrated(quality, verdict.out_of_fold_maps, verdict.threshold, truth_few, verdict.fold)
         final = tuned if verdict.chosen.startswith("finetune") else start
         maps = probabilities(final, clinic.images[rest])
         result["quality_before"] = quality_figures(quality, maps, verdict.threshold, scores["adapt"])

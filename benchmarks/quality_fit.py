@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from common import write_result
-from lesionseg.train.qualityfit import estimates, fit, out_of_fold, quality_accuracy, read_evaluations, read_rows
+from lesionseg.train.qualityfit import estimates, fit, out_of_fold, read_evaluations, read_rows
+from lesionseg.train.qualitymetrics import quality_accuracy
 
 
 def summary(quality: np.ndarray, truth: np.ndarray) -> dict:

@@ -84,11 +84,12 @@ def test_the_lab_conversion_is_the_cie_one():
     assert np.allclose(srgb_to_lab(np.array([255, 0, 0])), [53.24, 80.09, 67.20], atol=0.2)
 
 
-def test_a_reduced_picture_gives_the_same_shape_answers():
+def test_a_reduced_picture_gives_nearly_the_same_answers():
     mask = disc(size=400, radius=120, centre=(200, 200))
     full = describe_lesion(painted(mask, COLOURS_RGB["dark_brown"]), mask)
     reduced = describe_lesion(painted(mask, COLOURS_RGB["dark_brown"])[::4, ::4].copy(), mask)
-    assert reduced["diameter_max_px"] == full["diameter_max_px"] and reduced["colours"] == full["colours"]
+    assert abs(reduced["diameter_max_px"] - full["diameter_max_px"]) < 0.02 * full["diameter_max_px"]
+    assert reduced["area_px"] == full["area_px"] and reduced["colours"] == full["colours"]
 
 
 def test_an_empty_mask_has_area_zero_only():

@@ -12,7 +12,8 @@ from scipy.special import expit
 from lesionseg.errors import LesionsegError
 from lesionseg.segment.pipeline import Pipeline
 from lesionseg.segment.quality import FEATURES, QualityModel, assess, features
-from lesionseg.train.qualityfit import auroc, embed, fit, out_of_fold, quality_accuracy, risk_coverage
+from lesionseg.train.qualityfit import embed, fit, out_of_fold
+from lesionseg.train.qualitymetrics import auroc, quality_accuracy, risk_coverage
 
 
 def disc(size: int = 64, radius: float = 18, blur: float = 0.0) -> np.ndarray:

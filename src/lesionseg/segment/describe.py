@@ -3,9 +3,6 @@ another tool's), one row per image, as predict writes them."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import os
 import sys
 from pathlib import Path
@@ -14,9 +11,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from lesionseg.errors import DataError, LesionsegError
-from lesionseg.files import output_folder, shown, unusable, write_atomically
+from lesionseg.files import output_folder, shown, unusable
 from lesionseg.images import IMAGE_SUFFIXES, inspect_mask
 from lesionseg.segment.descriptors import PixelSizes, describe_lesion, picture_of
+from lesionseg.segment.outputs import write_table
 from lesionseg.segment.pipeline import read_for_model
 
 READ_SIZE = 512  # images are decoded reduced to at least this (JPEG's draft mode): colours need no more
@@ -66,14 +64,3 @@ def run_describe(images: str | os.PathLike, masks: str | os.PathLike, out: str |
             print(f"lesionseg: skipped {exc}", file=sys.stderr)
     write_table(out, rows)
     return rows, problems
-
-
-def write_table(out: Path, rows: list[dict[str, Any]]) -> None:
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomically(out, lambda handle: handle.write(table.getvalue().encode()), "table")
-    text = json.dumps(rows, indent=1, allow_nan=False)
-    write_atomically(out.with_suffix(".json"), lambda handle: handle.write(text.encode()), "table")

@@ -310,14 +310,19 @@ def refuse_mixed_models(rows: list[dict[str, Any]], out: Path) -> None:
 
 
 def write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
+    write_table(out / TABLE, rows)
+
+
+def write_table(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows as strict JSON (path.json, written first: the record) and as CSV (path), each atomically."""
     text = json.dumps(rows, indent=1, allow_nan=False)
-    write_atomically(out / RECORD, lambda handle: handle.write(text.encode()), RECORD)
+    write_atomically(path.with_suffix(".json"), lambda handle: handle.write(text.encode()), path.stem + ".json")
     fields = list(dict.fromkeys(key for row in rows for key in row))
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
-    write_atomically(out / TABLE, lambda handle: handle.write(table.getvalue().encode()), TABLE)
+    write_atomically(path, lambda handle: handle.write(table.getvalue().encode()), path.name)
 
 
 def merge(out: str | os.PathLike, count: int | None = None) -> list[dict[str, Any]] | None:

@@ -14,6 +14,7 @@ from torch import nn
 from lesionseg.files import claim_output_folder
 from lesionseg.segment.predictors import OnnxPredictor, released_model
 from lesionseg.segment.quality import QualityModel
+from lesionseg.train.clinic import jaccard_table, load_clinic
 from lesionseg.train.config import TrainConfig
 
 REPORT = "adapt.json"
@@ -92,8 +93,6 @@ def save_model(path: Path, model: nn.Module, config: TrainConfig, start: Start) 
 
 def clinic_jaccard(path: Path, data, threshold: float) -> float:
     """Mean Jaccard of an exported file on every pair of `data`, at the images' own size."""
-    from lesionseg.train.adapt import jaccard_table, load_clinic
-
     predictor = OnnxPredictor(path)
     clinic = load_clinic(data, predictor.image_size)
     maps = np.concatenate([predictor(clinic.images[i : i + 32].numpy())[:, 0] for i in range(0, len(clinic.ids), 32)])

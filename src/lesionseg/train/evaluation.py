@@ -30,7 +30,7 @@ from lesionseg.train.checkpoint import load_checkpoint, stored_config
 from lesionseg.train.data import CachedSplit, find_pairs, load_split
 from lesionseg.train.metrics import MetricAccumulator
 from lesionseg.train.predictor import TorchPredictor
-from lesionseg.train.qualityfit import quality_accuracy
+from lesionseg.train.qualitymetrics import quality_accuracy
 from lesionseg.train.rundir import RunDir, checkpoint_path
 
 __all__ = ["Refinements", "evaluate_checkpoint", "pipeline_for", "read_per_image", "score_probabilities"]

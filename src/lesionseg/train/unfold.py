@@ -42,13 +42,13 @@ def initializer_weights(path: Path) -> dict[str, np.ndarray]:
 
 
 def folded_pairs(model: nn.Module) -> dict[str, str]:
-    """{BatchNorm name: the convolution name it follows}: a Conv2d without bias directly before a BatchNorm2d of
-    its width, in module order (torchvision's Conv2dNormActivation, our ConvBlock)."""
+    """{BatchNorm name: the convolution name it follows}: a Conv2d directly before a BatchNorm2d of its width, in
+    module order (torchvision's Conv2dNormActivation, our ConvBlock and UpBlock)."""
     pairs, previous = {}, None
     for name, module in model.named_modules():
         if isinstance(module, nn.BatchNorm2d) and previous is not None:
             conv_name, conv = previous
-            if conv.bias is None and conv.out_channels == module.num_features:
+            if conv.out_channels == module.num_features:
                 pairs[name] = conv_name
         if isinstance(module, nn.Conv2d):
             previous = (name, module)
@@ -68,7 +68,10 @@ def unfolded_state(model: nn.Module, weights: dict[str, np.ndarray]) -> dict[str
             conv = pairs[owner]
             value = {
                 "weight": np.ones(tensor.shape, np.float32),
-                "bias": weights.get(f"{conv}.bias"),
+                # the folded shift: in the convolution's own bias where it has one, else carried by the BatchNorm
+                "bias": weights.get(f"{conv}.bias")
+                if model.get_submodule(conv).bias is None
+                else np.zeros(tensor.shape, np.float32),
                 "running_mean": np.zeros(tensor.shape, np.float32),
                 "running_var": np.full(tensor.shape, 1 - model.get_submodule(owner).eps, np.float32),
                 "num_batches_tracked": np.zeros((), np.int64),

@@ -1,0 +1,55 @@
+"""A clinic's image/mask pairs as adapt uses them, and each image's Jaccard at its own size for many thresholds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lesionseg.errors import DataError
+from lesionseg.images import inspect_mask
+from lesionseg.segment.pipeline import FIXED_POINT, to_own_size
+from lesionseg.train.data import _decode, find_pairs
+
+THRESHOLDS = tuple(np.round(np.arange(0.20, 0.801, 0.025), 3))
+
+
+@dataclass
+class Clinic:
+    """A clinic's pairs: model-size images and masks for training, own-size masks for scoring."""
+
+    ids: list[str]
+    images: torch.Tensor  # (N,3,S,S) uint8
+    masks: torch.Tensor  # (N,1,S,S) float in {0,1}
+    truths: list[np.ndarray]  # (H,W) bool each, the image's own size
+
+
+def load_clinic(data: str | Path, size: int) -> Clinic:
+    """Every pair of DIR (images/ + masks/, or any layout `train` reads); a bad pair stops adapt in one line."""
+    pairs, problems = find_pairs(data, "train")
+    if problems:
+        raise DataError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    cached = _decode(pairs, size)
+    if cached.skipped:
+        raise DataError(
+            cached.skipped[0] + (f" (and {len(cached.skipped) - 1} more)" if len(cached.skipped) > 1 else "")
+        )
+    by_id = {pair.id: pair for pair in pairs}
+    truths = [inspect_mask(by_id[image_id].mask)[0] for image_id in cached.ids]
+    return Clinic(cached.ids, cached.images, cached.masks.float(), truths)
+
+
+def jaccard_table(maps: np.ndarray, truths: list[np.ndarray], thresholds=THRESHOLDS) -> np.ndarray:
+    """(N, T): each image's Jaccard at its own size (the resize `predict` does) at each threshold."""
+    table = np.empty((len(truths), len(thresholds)))
+    cuts = np.asarray(thresholds) * FIXED_POINT
+    for n, (p, truth) in enumerate(zip(maps, truths)):
+        fixed = to_own_size(p, truth.shape[1], truth.shape[0]).ravel()
+        everything, lesion = np.sort(fixed), np.sort(fixed[truth.ravel()])
+        predicted = len(everything) - np.searchsorted(everything, cuts, "left")
+        hit = len(lesion) - np.searchsorted(lesion, cuts, "left")
+        union = predicted + len(lesion) - hit
+        table[n] = np.where(union > 0, hit / np.maximum(union, 1), 1.0)
+    return table

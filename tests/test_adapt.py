@@ -1,0 +1,146 @@
+"""`lesionseg adapt`: the shipped file rebuilt as a trainable model, the self-check that keeps the starting model
+when adapting does not help, the threshold and quality estimate refitted, and bad input refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_plain_pairs
+from lesionseg.cli import main
+from lesionseg.errors import LesionsegError
+from lesionseg.segment.predictors import OnnxPredictor, released_model
+from lesionseg.train.adapt import cross_fitted, fold_of, paired_interval, recalibrated, run_adapt
+from lesionseg.train.clinic import jaccard_table
+from lesionseg.train.config import AdaptRecipe
+from lesionseg.train.unfold import folded_pairs, model_from_onnx, rebuild_gap
+
+QUICK = AdaptRecipe(epochs=1, folds=2, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_onnx(tiny_checkpoint, tmp_path_factory):
+    from lesionseg.train.export import export_onnx
+
+    return export_onnx(tiny_checkpoint, tmp_path_factory.mktemp("tiny") / "tiny.onnx", fp16_weights=True)
+
+
+def test_the_released_file_rebuilds_exactly_as_a_trainable_model():
+    model, config, predictor = model_from_onnx(released_model())
+    assert config.arch == "unet" and config.decoder_attention == "scse" and config.image_size == 128
+    assert len(folded_pairs(model)) > 50  # every BatchNorm the exporter folded
+    assert rebuild_gap(model, predictor, images=2) < 1e-4
+    assert sum(p.requires_grad for p in model.parameters()) > 100
+
+
+def test_an_int8_or_foreign_file_is_refused_in_one_line(tmp_path):
+    from lesionseg.segment.predictors import released_model as shipped
+
+    with pytest.raises(LesionsegError, match="adapt starts from a float file"):
+        model_from_onnx(shipped("int8"))
+
+
+def test_jaccard_per_threshold_matches_a_direct_count():
+    rng = np.random.default_rng(0)
+    maps = rng.random((3, 16, 16)).astype(np.float32)
+    truths = [rng.random((20, 24)) > 0.5 for _ in range(3)]
+    table = jaccard_table(maps, truths, (0.3, 0.5))
+    from lesionseg.segment.pipeline import FIXED_POINT, to_own_size
+
+    fixed = to_own_size(maps[1], 24, 20)
+    predicted = fixed >= 0.5 * FIXED_POINT
+    direct = (predicted & truths[1]).sum() / (predicted | truths[1]).sum()
+    assert table[1, 1] == pytest.approx(direct)
+
+
+def test_thresholds_are_chosen_on_the_other_folds_only():
+    table = np.array([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.1, 0.9]])
+    values, chosen = cross_fitted(table, np.array([0, 0, 1, 1]))
+    assert list(chosen) == [1, 1, 0, 0] and values.tolist() == [0.1, 0.1, 0.1, 0.1]  # no peeking at its own fold
+    low, high = paired_interval(np.array([0.01, 0.02, 0.015, 0.012, 0.018]))
+    assert 0 < low < high
+
+
+def test_the_quality_recalibration_removes_a_constant_bias():
+    from lesionseg.segment.quality import features
+
+    quality = OnnxPredictor(released_model()).quality
+    rng = np.random.default_rng(1)
+    maps = np.stack([np.pad(np.full((40 + n, 40 + n), 0.95), ((10, 78 - n), (10, 78 - n))) for n in range(20)]).astype(
+        np.float32
+    )
+    maps += rng.random(maps.shape).astype(np.float32) * 0.02
+    estimate = np.array([quality.estimate(features(m, 0.5)) for m in maps])
+    truth = np.clip(estimate - 0.08, 0, 1)  # a clinic where the estimate is 0.08 too confident
+    refit, report = recalibrated(quality, maps, 0.5, truth, fold_of(20, 5, 0))
+    after = np.array([refit.estimate(features(m, 0.5)) for m in maps])
+    assert report["chosen"] != "as shipped" and np.abs(after - truth).mean() < 0.02 < np.abs(estimate - truth).mean()
+
+
+def test_adapt_writes_a_model_predict_takes_and_says_what_it_did(tiny_onnx, tmp_path):
+    data = write_plain_pairs(tmp_path / "clinic", 12, size=40)
+    report = run_adapt(data, tmp_path / "out", tiny_onnx, QUICK)
+    assert report["masks"] == 12 and report["chosen"] in ("start", "threshold", "finetune", "finetune+threshold")
+    assert len(report["per_image"]["start"]) == 12 and report["jaccard_after"] >= report["jaccard_before"]
+    model = OnnxPredictor(tmp_path / "out" / "model.onnx")
+    assert model.metadata["adapt_masks"] == "12" and json.loads(model.metadata["adapt_gain"])["masks"] == 12
+    assert float(model.metadata["threshold"]) == report["threshold"]
+    saved = json.loads((tmp_path / "out" / "adapt.json").read_text())
+    assert saved["chosen"] == report["chosen"] and "int8_vs_float" in saved["files"]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(np.full((30, 30, 3), 120, np.uint8)).save(photos / "x.png")
+    assert (
+        main(
+            [
+                "predict",
+                str(photos),
+                "--onnx",
+                str(tmp_path / "out" / "model.onnx"),
+                "--out",
+                str(tmp_path / "p"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+
+
+def test_a_fine_tune_that_does_not_help_is_not_kept(tiny_onnx, tmp_path, monkeypatch):
+    """With a fine-tune that ruins the model, the self-check keeps the starting weights."""
+    from lesionseg.train import adapt
+
+    def ruined(start, images, masks, recipe):
+        model = adapt.copy.deepcopy(start)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(-1)
+        return model.eval()
+
+    monkeypatch.setattr(adapt, "finetune", ruined)
+    data = write_plain_pairs(tmp_path / "clinic", 12, size=40)
+    report = run_adapt(data, tmp_path / "out", tiny_onnx, QUICK)
+    assert not report["chosen"].startswith("finetune")
+    assert report["candidates"]["finetune"] < report["candidates"]["start"]
+
+
+def test_too_few_masks_and_bad_pairs_are_one_line_and_write_nothing(tiny_onnx, tmp_path, capsys):
+    few = write_plain_pairs(tmp_path / "few", 4, size=40)
+    assert main(["adapt", "--data", str(few), "--out", str(tmp_path / "o1"), "--from", str(tiny_onnx)]) == 2
+    assert "adapt needs at least 10" in capsys.readouterr().err
+    assert not (tmp_path / "o1" / "model.onnx").exists()
+    bad = write_plain_pairs(tmp_path / "bad", 12, size=40)
+    Image.fromarray(np.full((10, 10), 255, np.uint8)).save(bad / "masks" / "ISIC_extra0003.png")
+    assert main(["adapt", "--data", str(bad), "--out", str(tmp_path / "o2"), "--from", str(tiny_onnx)]) == 2
+    said = capsys.readouterr().err
+    assert "ISIC_extra0003.png: mask is 10x10 but its image is 40x40" in said and said.count("\n") == 1
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "model.onnx").write_text("my own file")
+    assert main(["adapt", "--data", str(bad), "--out", str(mine), "--from", str(tiny_onnx)]) == 2
+    assert "was not written by lesionseg adapt" in capsys.readouterr().err
+    assert (mine / "model.onnx").read_text() == "my own file"
