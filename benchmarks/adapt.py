@@ -126,20 +126,48 @@ def one_draw(start, config, quality, clinic: Clinic, start_table: np.ndarray, ch
     return result
 
 
+def table(paths: list[Path]) -> str:
+    """The results of several runs as one markdown table: mean over draws, paired gain of adapt's choice."""
+    from common import read_result
+
+    lines = ["| start | reference | N | draws | as it was | threshold | fine-tune | both | adapt chose | adapt | gain (min, max) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for path in paths:
+        result = read_result(path)
+        style = {0.0: "as drawn", -0.15: "15 % tighter", 0.15: "15 % looser"}.get(result["style"], result["style"])
+        for n in sorted({run["n"] for run in result["runs"]}):
+            runs = [run for run in result["runs"] if run["n"] == n]
+            mean = {
+                k: np.mean([run[k] for run in runs])
+                for k in ("start", "threshold", "finetune", "finetune+threshold", "adapt")
+            }
+            gains = [run["paired_gain_adapt"] for run in runs]
+            chosen = ", ".join(run["chosen"] for run in runs)
+            label = "least trusted" if "least-trusted" in path.name else ""
+            lines.append(
+                f"| {result['model']} | {style} | {n}{' ' + label if label else ''} | {len(runs)} | {mean['start']:.4f} | "
+                f"{mean['threshold']:.4f} | {mean['finetune']:.4f} | {mean['finetune+threshold']:.4f} | {chosen} | "
+                f"{mean['adapt']:.4f} | {np.mean(gains):+.4f} ({min(gains):+.4f}, {max(gains):+.4f}) |"
+            )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="the float ONNX file adapt starts from")
-    parser.add_argument("--external", type=Path, required=True, help="images/ + masks/ of the stand-in clinic")
-    parser.add_argument("--metadata", type=Path, required=True, help="HAM10000's metadata.csv (lesion ids)")
+    parser.add_argument("--table", type=Path, nargs="+", help="print the markdown table of these result files")
+    parser.add_argument("--model", help="the float ONNX file adapt starts from")
+    parser.add_argument("--external", type=Path, help="images/ + masks/ of the stand-in clinic")
+    parser.add_argument("--metadata", type=Path, help="HAM10000's metadata.csv (lesion ids)")
     parser.add_argument("--style", type=float, default=0.0, help="area share added to every reference mask")
     parser.add_argument("--n", type=int, nargs="+", default=[10, 25, 50, 100])
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--least-trusted", action="store_true", help="the N lowest quality estimates, not random")
     parser.add_argument("--epochs", type=int, default=AdaptRecipe().epochs)
     parser.add_argument("--lr", type=float, default=AdaptRecipe().lr)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.table:
+        return print(table(args.table))
     start, config, source = model_from_onnx(args.model)
     clinic = load_clinic(args.external, config.image_size)
     clinic.truths = [restyled(t, args.style) for t in clinic.truths]

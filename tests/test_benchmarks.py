@@ -304,3 +304,19 @@ def test_quality_fit_chooses_the_rows_that_rank_the_held_out_isic_images(tmp_pat
     chosen = result["candidates"][result["chosen"]]
     assert chosen["held_out_isic_val"]["images"] == 80 and chosen["held_out_isic_val"]["spearman"] > 0.9
     assert chosen["test"]["spearman"] > result["candidates"]["as shipped: external"]["test"]["spearman"]
+
+
+def test_adapt_benchmark_restyles_masks_by_the_asked_share_of_area():
+    adapt = load_script("benchmarks", "adapt")
+    yy, xx = np.mgrid[:200, :200]
+    mask = (yy - 100) ** 2 + (xx - 100) ** 2 <= 50**2
+    for share in (-0.15, 0.15):
+        assert abs(adapt.restyled(mask, share).sum() / mask.sum() - (1 + share)) < 0.02
+    assert (adapt.restyled(mask, -0.15) <= mask).all() and (adapt.restyled(mask, 0.15) >= mask).all()
+
+
+def test_descriptor_agreement_is_the_shrout_fleiss_icc():
+    descriptors = load_script("benchmarks", "descriptors")
+    a = np.array([9.0, 6, 8, 7, 10, 6])
+    assert descriptors.icc(a, a) == pytest.approx(1.0)
+    assert descriptors.icc(a, a + 5) < descriptors.icc(a, a + 0.5) < 1  # absolute agreement: an offset costs
