@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lesionseg.errors import LesionsegError
+
 VECTOR_FLAGS = ("avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "avx2")
 MAX_PROCESSES = 100_000  # far beyond any cluster; bounds every list made per process or shard
 
@@ -17,8 +19,6 @@ MAX_PROCESSES = 100_000  # far beyond any cluster; bounds every list made per pr
 def environment_number(name: str, default: int) -> int:
     """A count from the environment (torchrun's RANK, WORLD_SIZE, LOCAL_RANK): ASCII digits up to
     MAX_PROCESSES, else one line naming the variable."""
-    from lesionseg.errors import LesionsegError
-
     text = os.environ.get(name)
     if text is None:
         return default
@@ -29,8 +29,6 @@ def environment_number(name: str, default: int) -> int:
 
 def process_rank() -> tuple[int, int, int]:
     """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun sets them, checked: 0 <= RANK < WORLD_SIZE."""
-    from lesionseg.errors import LesionsegError
-
     rank, world, local = (environment_number(n, d) for n, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     if world < 1 or rank >= world:
         raise LesionsegError(f"RANK={rank} WORLD_SIZE={world}: expected 0 <= RANK < WORLD_SIZE")

@@ -23,13 +23,13 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from lesionseg.errors import DataError, LesionsegError
 from lesionseg.files import locked, output_folder, shown, write_atomically
 from lesionseg.images import decode_image, inspect_mask, open_checked
 from lesionseg.segment.encoders import mask_png_8bit
 from lesionseg.segment.outputs import MASKS, PROBABILITIES, RECORD, read_table
+from lesionseg.segment.pipeline import Refinements, refined_mask
 
 REVIEW = "review"
 JOURNAL = "review.jsonl"
@@ -223,16 +223,11 @@ def link_image(image: Path, folder: Path, stem: str) -> None:
 
 
 def refined(mask: np.ndarray, operation: str) -> np.ndarray:
-    """The page's two clean-ups, by scipy: fill enclosed holes, or keep the largest connected piece."""
-    if operation == "fill_holes":
-        return ndimage.binary_fill_holes(mask)
-    if operation == "largest":
-        labels, count = ndimage.label(mask)
-        if count <= 1:
-            return mask
-        sizes = ndimage.sum_labels(mask, labels, index=range(1, count + 1))
-        return labels == 1 + int(np.argmax(sizes))
-    raise DataError(f"unknown operation {operation!r}; choose fill_holes or largest")
+    """The page's two clean-ups, the pipeline's own refinements: fill enclosed holes, or keep the largest piece."""
+    if operation not in ("fill_holes", "largest"):
+        raise DataError(f"unknown operation {operation!r}; choose fill_holes or largest")
+    refine = Refinements(largest_component=operation == "largest", fill_holes=operation == "fill_holes")
+    return refined_mask(mask.astype(np.uint8), 1, refine)
 
 
 def holding(folder: ReviewFolder):

@@ -12,8 +12,8 @@ from fastapi.responses import HTMLResponse, Response
 
 from lesionseg.errors import LesionsegError
 from lesionseg.files import shown
-from lesionseg.segment.encoders import mask_png_8bit
-from lesionseg.segment.pipeline import Pipeline, model_input, read_for_model, to_own_size
+from lesionseg.segment.encoders import mask_png_8bit, probability_image
+from lesionseg.segment.pipeline import Pipeline, model_input, read_for_model
 from lesionseg.segment.review import MAX_MASK_BYTES, ReviewFolder, holding, refined
 
 NO_CACHE = {"Cache-Control": "no-store"}  # a saved correction must show at once, never a cached model mask
@@ -26,8 +26,7 @@ def recomputer(pipeline: Pipeline) -> Callable[[Path], np.ndarray]:
     def recompute(path: Path) -> np.ndarray:
         image, size, _ = read_for_model(path, shown(path), pipeline.image_size)
         probability = pipeline.probabilities(model_input(image, pipeline.image_size)[None])[0, 0]
-        fixed = to_own_size(probability, *size)
-        return (fixed.astype(np.float64) * (255 / 2**24) + 0.5).astype(np.uint8)
+        return np.asarray(probability_image(pipeline.result(probability, size, assessed=False)))
 
     return recompute
 

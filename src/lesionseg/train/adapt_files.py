@@ -16,6 +16,7 @@ from lesionseg.segment.predictors import OnnxPredictor, released_model
 from lesionseg.segment.quality import QualityModel
 from lesionseg.train.clinic import jaccard_table, load_clinic
 from lesionseg.train.config import TrainConfig
+from lesionseg.train.qualityfit import with_metadata
 
 REPORT = "adapt.json"
 WRITES = ("model.onnx", "model-int8.onnx", "model.pt")
@@ -63,21 +64,6 @@ def adapt_metadata(start: Start, report: dict, config: TrainConfig) -> dict[str,
         "adapt_masks": str(report["masks"]),
         "adapt_gain": json.dumps(gain),
     }
-
-
-def with_metadata(onnx_in: Path, props: dict[str, str], quality: QualityModel | None, onnx_out: Path) -> Path:
-    """A copy of an exported file with `props` set (and its quality estimate replaced), written atomically."""
-    import onnx
-
-    from lesionseg.files import write_atomically
-    from lesionseg.segment.quality import METADATA_KEY
-
-    proto = onnx.load(str(onnx_in))
-    merged = {p.key: p.value for p in proto.metadata_props} | props
-    if quality is not None:
-        merged[METADATA_KEY] = quality.to_metadata()
-    onnx.helper.set_model_props(proto, merged)
-    return write_atomically(onnx_out, lambda handle: handle.write(proto.SerializeToString()), "ONNX model")
 
 
 def save_model(path: Path, model: nn.Module, config: TrainConfig, start: Start) -> Path:

@@ -79,18 +79,25 @@ def read_evaluations(evaluations: Sequence[Path], truth: str = "iou_source") -> 
 
 def embed(onnx_in: Path, model: QualityModel, onnx_out: Path) -> Path:
     """A copy of an exported model with the quality estimate in its metadata (written atomically)."""
+    return with_metadata(onnx_in, {}, model, onnx_out)
+
+
+def with_metadata(onnx_in: Path, props: dict[str, str], quality: QualityModel | None, onnx_out: Path) -> Path:
+    """A copy of an exported model with `props` set and, if given, its quality estimate replaced; the entries
+    replaced go to the end, the others keep their order. Written atomically."""
     import onnx
 
     from lesionseg.files import write_atomically
     from lesionseg.segment.quality import METADATA_KEY
 
+    new = props | ({METADATA_KEY: quality.to_metadata()} if quality is not None else {})
     proto = onnx.load(str(onnx_in))
-    kept = [p for p in proto.metadata_props if p.key != METADATA_KEY]
+    kept = [p for p in proto.metadata_props if p.key not in new]
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)
-    proto.metadata_props.add(key=METADATA_KEY, value=model.to_metadata())
-    write_atomically(onnx_out, lambda handle: handle.write(proto.SerializeToString()))
-    return onnx_out
+    for key, value in new.items():
+        proto.metadata_props.add(key=key, value=value)
+    return write_atomically(onnx_out, lambda handle: handle.write(proto.SerializeToString()), "ONNX model")
 
 
 def risk_coverage_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> Path:
