@@ -4,11 +4,13 @@ A stand-in clinic is the external HAM10000 split (1,000 images of whole lesions 
 `tools/external_split.py`) with every reference mask made tighter or looser by a fixed share of its area
 (`--style -0.15`: 15 % less area, by thresholding the distance to the outline), or left as it is (`0`).
 For each N and draw, N images are drawn at random (seeded); adapt's own procedure runs on their masks (its K-fold
-self-check included), and every candidate is scored on the other images of the set, less any image of a lesion
-among the N (HAM10000 holds several images of one lesion): as it was, the threshold alone (chosen on the N),
-the fine-tune alone, both, and what adapt chose. With `--least-trusted`, the N are the N lowest quality
-estimates instead of a random draw. The quality estimate is measured on the same held-out images before and
-after adapt's recalibration. No test split is used anywhere.
+check and decision included), and every lever is scored on the other images of the set, less any image of a lesion
+among the N (HAM10000 holds several images of one lesion): as it was, the threshold alone (chosen on the N), the
+fine-tune (at the start's threshold and at the one fitted on its out-of-fold maps), and what adapt chose. The
+decision is also judged: a "false keep" kept the start where the fine-tune gained more than 0.003 on the held-out
+images, a "false adapt" adopted a lever that lost more than 0.003 there. With `--least-trusted`, the N are the N
+lowest quality estimates instead of a random draw. The quality estimate is measured on the same held-out images
+before and after adapt's recalibration. No test split is used anywhere.
 
     .venv/bin/python benchmarks/adapt.py --model src/lesionseg/segment/release/lesionseg-unet.onnx \
         --external runs/ham10000-split/external/test --metadata ../shared/data/ham10000-200/metadata.csv \
@@ -29,18 +31,14 @@ from scipy.stats import spearmanr
 
 from common import write_result
 from lesionseg.segment.quality import features
-from lesionseg.train.adapt import (
-    THRESHOLDS,
-    Clinic,
-    cross_validate,
-    finetune,
-    jaccard_table,
-    load_clinic,
-    probabilities,
-    recalibrated,
-)
+from lesionseg.train.adapt.calibrate import recalibrated
+from lesionseg.train.adapt.clinic import THRESHOLDS, Clinic, jaccard_table, load_clinic
+from lesionseg.train.adapt.decide import cross_validate
+from lesionseg.train.adapt.finetune import finetune, probabilities
+from lesionseg.train.adapt.unfold import model_from_onnx
 from lesionseg.train.config import AdaptRecipe
-from lesionseg.train.unfold import model_from_onnx
+
+NOTICEABLE = 0.003  # a held-out change smaller than this is neither a gain nor a loss for the decision's rates
 
 
 def restyled(mask: np.ndarray, share: float) -> np.ndarray:
@@ -60,12 +58,6 @@ def restyled(mask: np.ndarray, share: float) -> np.ndarray:
 def lesions_of(metadata: Path) -> dict[str, str]:
     with open(metadata, newline="") as handle:
         return {row["image_id"]: row["lesion_id"] for row in csv.DictReader(handle)}
-
-
-def subset(clinic: Clinic, index: np.ndarray) -> Clinic:
-    return Clinic(
-        [clinic.ids[i] for i in index], clinic.images[index], clinic.masks[index], [clinic.truths[i] for i in index]
-    )
 
 
 def held_out(clinic: Clinic, chosen: np.ndarray, lesion: dict[str, str]) -> np.ndarray:
@@ -88,50 +80,59 @@ def quality_figures(quality, maps: np.ndarray, threshold: float, truth: np.ndarr
 
 
 def one_draw(start, config, quality, clinic: Clinic, start_table: np.ndarray, chosen, rest, recipe) -> dict:
-    """adapt's procedure on the chosen masks; every candidate scored on `rest`."""
+    """adapt's procedure on the chosen masks; every lever scored on `rest`."""
     began = time.perf_counter()
-    few = subset(clinic, chosen)
+    few = clinic.subset(chosen)
     verdict = cross_validate(start, few, config.threshold, recipe)
     tuned = finetune(start, few.images, few.masks, recipe)
-    tuned_table = jaccard_table(probabilities(tuned, clinic.images[rest]), [clinic.truths[i] for i in rest])
+    seconds = time.perf_counter() - began
+    tuned_maps = probabilities(tuned, clinic.images[rest])
+    tuned_table = jaccard_table(tuned_maps, [clinic.truths[i] for i in rest])
     own = own_index(config.threshold)
-    start_on_few = start_table[chosen]
-    cv_tuned = jaccard_table(verdict.maps["finetune"], few.truths)
-    threshold_alone = int(np.argmax(start_on_few.mean(axis=0)))
-    both = int(np.argmax(cv_tuned.mean(axis=0)))
+    fitted = (
+        own_index(verdict.threshold)
+        if verdict.chosen == "finetune"
+        else own_index(THRESHOLDS[int(np.argmax(jaccard_table(verdict.maps["finetune"], few.truths).mean(axis=0)))])
+    )
     scores = {
         "start": start_table[rest, own],
-        "threshold": start_table[rest, threshold_alone],
+        "threshold": start_table[rest, int(np.argmax(start_table[chosen].mean(axis=0)))],
         "finetune": tuned_table[:, own],
-        "finetune+threshold": tuned_table[:, both],
+        "finetune+threshold": tuned_table[:, fitted],
     }
     picked = own_index(verdict.threshold)
     scores["adapt"] = {
         "start": start_table[rest, own],
         "threshold": start_table[rest, picked],
         "finetune": tuned_table[:, picked],
-        "finetune+threshold": tuned_table[:, picked],
     }[verdict.chosen]
     result = {name: float(values.mean()) for name, values in scores.items()}
-    result.update(chosen=verdict.chosen, self_check_gain=verdict.gain, self_check_interval=verdict.interval)
+    held_out_gain = result["finetune+threshold"] - result["start"]
+    result.update(
+        chosen=verdict.chosen,
+        cv_gain_finetune=verdict.gain("finetune"),
+        cv_gain_threshold=verdict.gain("threshold"),
+        false_keep=verdict.chosen == "start" and held_out_gain > NOTICEABLE,
+        false_adapt=verdict.chosen != "start" and result["adapt"] - result["start"] < -NOTICEABLE,
+    )
     result["paired_gain_adapt"] = float((scores["adapt"] - scores["start"]).mean())
     if quality is not None:
-        truth_few = np.asarray(verdict.per_image[verdict.chosen])
-        refit, _ = recalibrated(quality, verdict.out_of_fold_maps, verdict.threshold, truth_few, verdict.fold)
-        final = tuned if verdict.chosen.startswith("finetune") else start
-        maps = probabilities(final, clinic.images[rest])
+        truth_few = verdict.per_image[verdict.chosen]
+        refit, _ = recalibrated(quality, verdict.out_of_fold_maps, verdict.threshold, truth_few)
+        maps = tuned_maps if verdict.chosen == "finetune" else probabilities(start, clinic.images[rest])
         result["quality_before"] = quality_figures(quality, maps, verdict.threshold, scores["adapt"])
         result["quality_after"] = quality_figures(refit, maps, verdict.threshold, scores["adapt"])
-    result["seconds"] = time.perf_counter() - began
+    result["seconds"] = seconds  # the procedure adapt runs (five fold fine-tunes and the final one), not the scoring
     return result
 
 
 def table(paths: list[Path]) -> str:
-    """The results of several runs as one markdown table: mean over draws, paired gain of adapt's choice."""
+    """The results of several runs as one markdown table: mean over draws; adapt's paired gain (worst, best draw);
+    the share of the style's loss recovered; the decision's false keeps and adapts; the quality estimate's error."""
     from common import read_result
 
-    lines = ["| start | reference | N | draws | as it was | threshold | fine-tune | both | adapt chose | adapt | gain (min, max) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| start | reference | N | draws | as it was | threshold | fine-tune | fine-tune + threshold | adapt chose | adapt | gain (worst, best) | recovered (worst) | false keep / adapt | quality MAE before → after |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for path in paths:
         result = read_result(path)
         style = {0.0: "as drawn", -0.15: "15 % tighter", 0.15: "15 % looser"}.get(result["style"], result["style"])
@@ -143,11 +144,21 @@ def table(paths: list[Path]) -> str:
             }
             gains = [run["paired_gain_adapt"] for run in runs]
             chosen = ", ".join(run["chosen"] for run in runs)
-            label = "least trusted" if "least-trusted" in path.name else ""
+            lost = [run["start_as_drawn"] - run["start"] for run in runs]
+            recovered = (
+                f"{np.mean([gain / loss for gain, loss in zip(gains, lost)]):.0%} ({min(gain / loss for gain, loss in zip(gains, lost)):.0%})"
+                if result["style"] != 0
+                else "–"
+            )
+            mistakes = f"{sum(r['false_keep'] for r in runs)} / {sum(r['false_adapt'] for r in runs)}"
+            mae = [(r["quality_before"]["mae"], r["quality_after"]["mae"]) for r in runs if "quality_before" in r]
+            quality = " ".join(f"{b:.3f}→{a:.3f}" for b, a in mae) or "–"
+            label = " least trusted" if "least-trusted" in path.name else ""
             lines.append(
-                f"| {result['model']} | {style} | {n}{' ' + label if label else ''} | {len(runs)} | {mean['start']:.4f} | "
+                f"| {result['model']} | {style} | {n}{label} | {len(runs)} | {mean['start']:.4f} | "
                 f"{mean['threshold']:.4f} | {mean['finetune']:.4f} | {mean['finetune+threshold']:.4f} | {chosen} | "
-                f"{mean['adapt']:.4f} | {np.mean(gains):+.4f} ({min(gains):+.4f}, {max(gains):+.4f}) |"
+                f"{mean['adapt']:.4f} | {np.mean(gains):+.4f} ({min(gains):+.4f}, {max(gains):+.4f}) | {recovered} | "
+                f"{mistakes} | {quality} |"
             )
     return "\n".join(lines)
 
@@ -162,14 +173,16 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=[10, 25, 50, 100])
     parser.add_argument("--draws", type=int, default=3)
     parser.add_argument("--least-trusted", action="store_true", help="the N lowest quality estimates, not random")
-    parser.add_argument("--epochs", type=int, default=AdaptRecipe().epochs)
+    parser.add_argument("--steps", type=int, default=AdaptRecipe().steps)
     parser.add_argument("--lr", type=float, default=AdaptRecipe().lr)
+    parser.add_argument("--encoder-lr-scale", type=float, default=AdaptRecipe().encoder_lr_scale)
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.table:
         return print(table(args.table))
     start, config, source = model_from_onnx(args.model)
     clinic = load_clinic(args.external, config.image_size)
+    as_drawn = jaccard_table(probabilities(start, clinic.images), clinic.truths)[:, own_index(config.threshold)]
     clinic.truths = [restyled(t, args.style) for t in clinic.truths]
     clinic.masks = torch.stack([torch.from_numpy(np.asarray(restyled(m[0].numpy() > 0, args.style), np.float32))[None]
                                 for m in clinic.masks])  # fmt: skip
@@ -178,14 +191,15 @@ def main() -> None:
     estimates = np.array([source.quality.estimate(features(p, config.threshold)) for p in start_maps])
     lesion = lesions_of(args.metadata)
     results = {"model": source.version, "style": args.style, "images": len(clinic.ids), "runs": []}
+    results["recipe"] = {"steps": args.steps, "lr": args.lr, "encoder_lr_scale": args.encoder_lr_scale}
     results["start_on_all"] = float(start_table[:, own_index(config.threshold)].mean())
     for n in args.n:
         for draw in range(args.draws):
-            recipe = AdaptRecipe(epochs=args.epochs, lr=args.lr, seed=draw)
+            recipe = AdaptRecipe(steps=args.steps, lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, seed=draw)
             rng = np.random.default_rng(1000 * n + draw)
             chosen = np.argsort(estimates)[:n] if args.least_trusted else rng.choice(len(clinic.ids), n, replace=False)
             rest = held_out(clinic, chosen, lesion)
-            run = {"n": n, "draw": draw, "scored": len(rest)}
+            run = {"n": n, "draw": draw, "scored": len(rest), "start_as_drawn": float(as_drawn[rest].mean())}
             run.update(one_draw(start, config, source.quality, clinic, start_table, chosen, rest, recipe))
             results["runs"].append(run)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in run.items() if not isinstance(v, dict)})

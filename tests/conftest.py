@@ -107,3 +107,11 @@ def photos(tmp_path) -> Path:
     for name, size in (("a.jpg", 70), ("b.png", 40), ("c.jpeg", 96)):
         Image.fromarray(disc_pair(rng, size)[0]).save(folder / name)
     return folder
+
+
+def local_client(app, **headers):
+    """A test client that calls the app by a loopback name, as the browser on the user's machine does (the app
+    refuses any other Host: DNS rebinding), and posts PNG masks declared as image/png."""
+    from fastapi.testclient import TestClient
+
+    return TestClient(app, base_url="http://127.0.0.1:8001", headers=headers)

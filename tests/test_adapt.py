@@ -14,12 +14,14 @@ from conftest import write_plain_pairs
 from lesionseg.cli import main
 from lesionseg.errors import LesionsegError
 from lesionseg.segment.predictors import OnnxPredictor, released_model
-from lesionseg.train.adapt import cross_fitted, fold_of, paired_interval, recalibrated, run_adapt
-from lesionseg.train.clinic import jaccard_table
+from lesionseg.train.adapt import run_adapt
+from lesionseg.train.adapt.calibrate import recalibrated
+from lesionseg.train.adapt.clinic import jaccard_table
+from lesionseg.train.adapt.decide import LOSS_MARGIN, cross_fitted, decided, paired_interval
+from lesionseg.train.adapt.unfold import folded_pairs, model_from_onnx, rebuild_gap
 from lesionseg.train.config import AdaptRecipe
-from lesionseg.train.unfold import folded_pairs, model_from_onnx, rebuild_gap
 
-QUICK = AdaptRecipe(epochs=1, folds=2, batch_size=4)
+QUICK = AdaptRecipe(steps=3, folds=2, batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -65,27 +67,38 @@ def test_thresholds_are_chosen_on_the_other_folds_only():
     assert 0 < low < high
 
 
-def test_the_quality_recalibration_removes_a_constant_bias():
+def test_the_rule_adopts_unless_a_clear_loss_and_falls_back_in_order():
+    assert decided({"finetune": 0.0, "threshold": 0.02}) == "finetune"  # not a contest: the fine-tune is the default
+    assert decided({"finetune": -LOSS_MARGIN, "threshold": 0.0}) == "finetune"
+    assert decided({"finetune": -0.02, "threshold": -0.001}) == "threshold"
+    assert decided({"finetune": -0.02, "threshold": -0.02}) == "start"
+
+
+def test_the_quality_recalibration_is_one_shift_shrunk_toward_the_shipped_estimate():
     from lesionseg.segment.quality import features
 
     quality = OnnxPredictor(released_model()).quality
     rng = np.random.default_rng(1)
-    maps = np.stack([np.pad(np.full((40 + n, 40 + n), 0.95), ((10, 78 - n), (10, 78 - n))) for n in range(20)]).astype(
+    maps = np.stack([np.pad(np.full((40 + n, 40 + n), 0.95), ((10, 78 - n), (10, 78 - n))) for n in range(25)]).astype(
         np.float32
     )
     maps += rng.random(maps.shape).astype(np.float32) * 0.02
     estimate = np.array([quality.estimate(features(m, 0.5)) for m in maps])
     truth = np.clip(estimate - 0.08, 0, 1)  # a clinic where the estimate is 0.08 too confident
-    refit, report = recalibrated(quality, maps, 0.5, truth, fold_of(20, 5, 0))
+    refit, report = recalibrated(quality, maps, 0.5, truth)
     after = np.array([refit.estimate(features(m, 0.5)) for m in maps])
-    assert report["chosen"] != "as shipped" and np.abs(after - truth).mean() < 0.02 < np.abs(estimate - truth).mean()
+    assert report["measured_shift"] == pytest.approx(-0.08, abs=0.01)
+    assert report["shift"] == pytest.approx(report["measured_shift"] / 2)  # half of it at 25 masks
+    assert np.abs(after - truth).mean() == pytest.approx(0.04, abs=0.01)
+    assert np.argsort(after).tolist() == np.argsort(estimate).tolist()
 
 
 def test_adapt_writes_a_model_predict_takes_and_says_what_it_did(tiny_onnx, tmp_path):
     data = write_plain_pairs(tmp_path / "clinic", 12, size=40)
     report = run_adapt(data, tmp_path / "out", tiny_onnx, QUICK)
-    assert report["masks"] == 12 and report["chosen"] in ("start", "threshold", "finetune", "finetune+threshold")
-    assert len(report["per_image"]["start"]) == 12 and report["jaccard_after"] >= report["jaccard_before"]
+    assert report["masks"] == 12 and report["judged"] == 12 and report["chosen"] in ("start", "threshold", "finetune")
+    assert len(report["per_image"]["start"]) == 12
+    assert report["jaccard_after"] >= report["jaccard_before"] - LOSS_MARGIN
     model = OnnxPredictor(tmp_path / "out" / "model.onnx")
     assert model.metadata["adapt_masks"] == "12" and json.loads(model.metadata["adapt_gain"])["masks"] == 12
     assert float(model.metadata["threshold"]) == report["threshold"]
@@ -110,22 +123,55 @@ def test_adapt_writes_a_model_predict_takes_and_says_what_it_did(tiny_onnx, tmp_
     )
 
 
-def test_a_fine_tune_that_does_not_help_is_not_kept(tiny_onnx, tmp_path, monkeypatch):
-    """With a fine-tune that ruins the model, the self-check keeps the starting weights."""
-    from lesionseg.train import adapt
+def test_a_fine_tune_that_clearly_loses_is_not_kept(tiny_onnx, tmp_path, monkeypatch):
+    """With a fine-tune that ruins the model, the check keeps the starting weights (or its threshold)."""
+    from lesionseg.train.adapt import decide
+
+    class Blind(torch.nn.Module):  # sees no lesion anywhere
+        def forward(self, x):
+            return torch.full((len(x), 1, *x.shape[2:]), -20.0)
 
     def ruined(start, images, masks, recipe):
-        model = adapt.copy.deepcopy(start)
-        with torch.no_grad():
-            for p in model.parameters():
-                p.mul_(-1)
-        return model.eval()
+        return Blind()
 
-    monkeypatch.setattr(adapt, "finetune", ruined)
+    monkeypatch.setattr(decide, "finetune", ruined)
     data = write_plain_pairs(tmp_path / "clinic", 12, size=40)
     report = run_adapt(data, tmp_path / "out", tiny_onnx, QUICK)
-    assert not report["chosen"].startswith("finetune")
-    assert report["candidates"]["finetune"] < report["candidates"]["start"]
+    assert report["chosen"] != "finetune" and report["gains"]["finetune"] < -LOSS_MARGIN
+
+
+def test_a_review_folder_is_taken_as_it_is_and_only_corrections_judge(tiny_onnx, tmp_path):
+    data = write_plain_pairs(tmp_path / "review", 12, size=40)
+    stems = sorted(p.stem for p in (data / "masks").iterdir())
+    lines = [{"stem": stem, "action": "accepted" if n % 3 else "corrected"} for n, stem in enumerate(stems)]
+    (data / "review.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    report = run_adapt(data, tmp_path / "out", tiny_onnx, QUICK)
+    assert report["masks"] == 12 and report["judged"] == 4
+    assert report["per_image"]["corrected"] == [line["action"] == "corrected" for line in lines]
+    everything = [{"stem": stem, "action": "accepted"} for stem in stems]
+    (data / "review.jsonl").write_text("".join(json.dumps(line) + "\n" for line in everything))
+    with pytest.raises(LesionsegError, match="no correction to learn from"):
+        run_adapt(data, tmp_path / "out2", tiny_onnx, QUICK)
+    assert not (tmp_path / "out2" / "model.onnx").exists()
+
+
+def test_an_earlier_adapt_is_replaced_only_when_asked_and_a_killed_one_is_redone(tiny_onnx, tmp_path, capsys):
+    data = write_plain_pairs(tmp_path / "clinic", 12, size=40)
+    out = tmp_path / "out"
+    first = ["adapt", "--data", str(data), "--out", str(out), "--from", str(tiny_onnx), "--steps", "2", "--folds", "2"]
+    assert main([*first, "--no-progress"]) == 0
+    before = (out / "model.onnx").read_bytes()
+    assert main([*first, "--no-progress"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and (out / "model.onnx").read_bytes() == before
+    (out / "adapt.json").write_text(
+        json.dumps({"data": str(data), "masks": 12, "chosen": "finetune", "state": "writing"})
+    )
+    (out / "model.onnx").write_bytes(before[:100])  # killed while writing: its own half-written file
+    assert main([*first, "--no-progress"]) == 0
+    assert "files" in json.loads((out / "adapt.json").read_text())
+    assert main([*first, "--overwrite", "--no-progress"]) == 0
+    assert main([*first, "--steps", "100000"]) == 2
+    assert "steps" in capsys.readouterr().err
 
 
 def test_too_few_masks_and_bad_pairs_are_one_line_and_write_nothing(tiny_onnx, tmp_path, capsys):
@@ -144,3 +190,12 @@ def test_too_few_masks_and_bad_pairs_are_one_line_and_write_nothing(tiny_onnx, t
     assert main(["adapt", "--data", str(bad), "--out", str(mine), "--from", str(tiny_onnx)]) == 2
     assert "was not written by lesionseg adapt" in capsys.readouterr().err
     assert (mine / "model.onnx").read_text() == "my own file"
+
+
+def test_a_file_of_an_unknown_architecture_is_named(tiny_onnx, tmp_path):
+    from lesionseg.train.qualityfit import with_metadata
+
+    strange = with_metadata(tiny_onnx, {"arch": "transformer-xl"}, None, tmp_path / "strange.onnx")
+    with pytest.raises(LesionsegError) as refused:
+        model_from_onnx(strange)
+    assert str(refused.value).startswith(str(strange)) and "\n" not in str(refused.value)

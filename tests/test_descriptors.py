@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import local_client
 from lesionseg.cli import main
 from lesionseg.errors import DataError
 from lesionseg.segment.descriptors import COLOURS_RGB, PixelSizes, describe_lesion, srgb_to_lab
@@ -142,7 +144,6 @@ def test_describe_reads_masks_from_anywhere_and_names_what_it_skips(tmp_path, ca
 
 
 def test_predict_rows_the_api_and_the_service_carry_the_descriptors(tmp_path):
-    from fastapi.testclient import TestClient
 
     import lesionseg
     from lesionseg.api import load_predictor
@@ -161,7 +162,49 @@ def test_predict_rows_the_api_and_the_service_carry_the_descriptors(tmp_path):
     result = lesionseg.load().segment(photo)
     assert result.descriptors["area_px"] == row["area_px"] and "colours" in result.descriptors
     reply = (
-        TestClient(create_app(load_predictor())).post("/predict", files={"file": ("l.png", photo.read_bytes())}).json()
+        local_client(create_app(load_predictor()))
+        .post("/predict", files={"file": ("l.png", photo.read_bytes())})
+        .json()
     )
     assert reply["descriptors"]["area_px"] == row["area_px"]
     assert math.isfinite(reply["descriptors"]["compactness"])
+
+
+def test_a_one_or_two_pixel_lesion_is_symmetric_and_as_long_as_it_is(recwarn):
+    image = np.full((20, 20, 3), 120, np.uint8)
+    for cells, length in (
+        ([(5, 5)], 1.0),
+        ([(5, 5), (5, 6)], 2.0),
+        ([(5, 5), (6, 6)], 2.41),
+        ([(2, 2), (4, 4), (6, 6)], 6.66),
+    ):
+        mask = np.zeros((20, 20), bool)
+        mask[tuple(np.array(cells).T)] = True
+        described = describe_lesion(image, mask)
+        assert described["diameter_max_px"] == pytest.approx(length, abs=0.01)
+        assert described["asymmetry_axes"] == 0 or len(cells) == 3
+    assert not [w for w in recwarn if "numpy" in str(w.filename) or "Degrees of freedom" in str(w.message)]
+
+
+def test_describe_tells_masks_from_images_in_one_folder_and_names_what_it_cannot_read(tmp_path, capsys):
+    both = tmp_path / "both"
+    both.mkdir()
+    image = np.full((40, 50, 3), 200, np.uint8)
+    mask = np.zeros((40, 50), np.uint8)
+    mask[10:30, 10:40] = 255
+    image[mask > 0] = 80
+    for stem in ("a", "b"):
+        Image.fromarray(image).save(both / f"{stem}.jpg")
+        Image.fromarray(mask).save(both / f"{stem}_Segmentation.png")
+    (both / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    os.mkfifo(both / "pipe.png")
+    code = main(
+        ["describe", "--images", str(both), "--masks", str(both), "--out", str(tmp_path / "d.csv"), "--no-progress"]
+    )
+    said = capsys.readouterr()
+    assert "described 2 lesion(s)" in said.out and code == 1  # two described, two named as unreadable
+    assert "gone.jpg: a broken symbolic link" in said.err and "pipe.png: not a regular file" in said.err
+    assert (
+        main(["describe", "--images", str(both / "a.jpg"), "--masks", str(both), "--out", str(tmp_path / "e.csv")]) == 2
+    )
+    assert "not a folder" in capsys.readouterr().err

@@ -17,10 +17,9 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import write_dataset
+from conftest import local_client, write_dataset
 from lesionseg.cli import main
 from lesionseg.errors import LesionsegError
 from lesionseg.images import MAX_PIXELS
@@ -186,7 +185,7 @@ def test_training_skips_a_bomb_in_the_training_folder(tmp_path):
 
 
 def test_serve_answers_413_for_a_bomb_and_keeps_serving(tiny_checkpoint):
-    client = TestClient(create_app(TorchPredictor(tiny_checkpoint)))
+    client = local_client(create_app(TorchPredictor(tiny_checkpoint)))
     response = client.post("/predict", files={"file": ("bomb.png", HOSTILE["bomb.png"][0], "image/png")})
     assert response.status_code == 413 and "bomb.png: 900,000,000 pixels claimed" in response.json()["detail"]
     buffer = io.BytesIO()
@@ -451,7 +450,7 @@ def post_streaming(app, body):
 
     async def post():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as client:
             headers = {"content-type": "multipart/form-data; boundary=x"}
             return await client.post("/predict", content=body(), headers=headers)
 

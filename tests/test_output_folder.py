@@ -240,3 +240,35 @@ def test_an_overlay_jpeg_cannot_hold_is_skipped_by_name_and_the_run_goes_on(onnx
 def test_the_lock_names_its_holder(tmp_path):
     with locked(tmp_path / "x.lock", "the thing"):
         assert "lesionseg (pid" in (tmp_path / "x.lock").read_text()
+
+
+def test_overwrite_with_other_options_is_not_refused_by_its_own_lock(tmp_path, capsys):
+    photos = write_photos(tmp_path / "in", 2)
+    assert predict(photos, "--out", tmp_path / "o") == 0
+    assert predict(photos, "--out", tmp_path / "o", "--tta", "--overwrite") == 0
+    assert "still writing" not in capsys.readouterr().err
+    assert len(rows_of(tmp_path / "o")) == 2
+
+
+def test_the_pixel_size_is_part_of_a_rows_identity_and_every_csv_image_is_accounted_for(tmp_path, capsys):
+    photos = write_photos(tmp_path / "in", 3)
+    (photos / "IMG_0002.jpg").rename(photos / "my lesion.jpg")
+    out = tmp_path / "o"
+    assert predict(photos, "--out", out, "--pixel-size", "0.02") == 0
+    first = {row["file"]: row for row in rows_of(out)}
+    assert {row["pixel_mm"] for row in first.values()} == {0.02}
+    assert predict(photos, "--out", out, "--pixel-size", "0.05") == 0  # another scale: every row redone
+    again = rows_of(out)
+    assert {row["pixel_mm"] for row in again} == {0.05}
+    some = next(iter(first.values()))
+    after = next(row for row in again if row["file"] == some["file"])
+    assert after["diameter_max_mm"] == pytest.approx(some["diameter_max_mm"] * 2.5, rel=0.01)
+    table = tmp_path / "sizes.csv"
+    table.write_text(
+        "\ufeffimage,pixel_mm\r\nmy lesion.jpg,0.1\r\nIMG_0000.jpg,0.1\r\n", encoding="utf-8"
+    )  # Excel's BOM
+    capsys.readouterr()
+    assert predict(photos, "--out", tmp_path / "o2", "--pixel-size", table) == 0
+    sizes = {Path(row["file"]).name: row["pixel_mm"] for row in rows_of(tmp_path / "o2")}
+    assert sizes == {"my lesion.jpg": 0.1, "IMG_0000.jpg": 0.1, "IMG_0001.jpg": None}
+    assert "1 image(s) not in the pixel-size CSV" in capsys.readouterr().err

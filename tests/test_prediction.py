@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import local_client
 from lesionseg.cli import main
 from lesionseg.segment.encoders import mask_png_8bit, outline, overlay
 from lesionseg.segment.outputs import Extras
@@ -172,7 +173,6 @@ def test_the_readme_example_runs_with_the_released_model(tmp_path, monkeypatch):
 
 
 def test_predict_and_serve_default_to_the_released_model(photos, tmp_path):
-    from fastapi.testclient import TestClient
 
     from lesionseg.api import load_predictor
     from lesionseg.segment.serve import create_app
@@ -181,7 +181,7 @@ def test_predict_and_serve_default_to_the_released_model(photos, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out" / "masks").iterdir()) == ["a.png", "b.png", "c.png"]
     predictor = load_predictor()
     assert predictor.metadata["release"] and float(predictor.metadata["test_jaccard"]) > 0.8
-    health = TestClient(create_app(predictor)).get("/health").json()
+    health = local_client(create_app(predictor)).get("/health").json()
     assert health["model"].startswith("lesionseg U-Net") and health["version"] == predictor.version
 
 

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
-from conftest import disc_pair
+from conftest import disc_pair, local_client
 from lesionseg.api import load_predictor
 from lesionseg.cli import main
 from lesionseg.errors import LesionsegError
@@ -39,6 +38,9 @@ def predicted_folder(tmp_path: Path, count: int = 6, probabilities: bool = True)
     extra = ["--probabilities"] if probabilities else []
     assert main(["predict", str(photos), "--out", str(out), "--no-progress", *extra]) == 0
     return out
+
+
+PNG = {"content-type": "image/png"}
 
 
 def app_for(out: Path):
@@ -64,7 +66,7 @@ def test_flagged_first_then_lowest_quality_then_no_estimate():
 def test_saves_go_beside_the_models_masks_as_a_data_folder_adapt_reads(tmp_path):
     out = predicted_folder(tmp_path)
     models = {p.name: p.read_bytes() for p in (out / "masks").iterdir()}
-    client = TestClient(app_for(out))
+    client = local_client(app_for(out))
     page = client.get("/api/items?offset=0&limit=50").json()
     assert page["total"] == 6 and page["reviewed"] == 0 and len(page["items"]) == 6
     qualities = [i["quality"] for i in page["items"] if not i["flagged"]]
@@ -72,7 +74,7 @@ def test_saves_go_beside_the_models_masks_as_a_data_folder_adapt_reads(tmp_path)
     first = page["items"][0]
     mask = np.zeros((first["height"], first["width"]), bool)
     mask[5:20, 5:30] = True
-    reply = client.post("/api/save/0", content=png(mask)).json()
+    reply = client.post("/api/save/0", headers=PNG, content=png(mask)).json()
     assert reply["reviewed"] == 1 and reply["item"]["status"] == "corrected"
     assert client.post("/api/accept/1").json()["reviewed"] == 2
     saved = out / "review" / "masks" / f"{first['stem']}.png"
@@ -85,22 +87,22 @@ def test_saves_go_beside_the_models_masks_as_a_data_folder_adapt_reads(tmp_path)
 
     pairs, problems = find_pairs(out / "review", "train")
     assert len(pairs) == 2 and not problems
-    reopened = TestClient(app_for(out)).get("/api/items").json()
+    reopened = local_client(app_for(out)).get("/api/items").json()
     assert reopened["reviewed"] == 2 and reopened["first_open"] == 2  # resumes where the user stopped
 
 
 def test_bad_masks_and_requests_are_one_line_and_write_nothing(tmp_path):
     out = predicted_folder(tmp_path, count=2)
-    client = TestClient(app_for(out))
+    client = local_client(app_for(out))
     item = client.get("/api/items").json()["items"][0]
-    wrong = client.post("/api/save/0", content=png(np.zeros((7, 9), bool)))
+    wrong = client.post("/api/save/0", headers=PNG, content=png(np.zeros((7, 9), bool)))
     assert wrong.status_code == 400 and f"but the image is {item['width']}x{item['height']}" in wrong.json()["detail"]
-    assert client.post("/api/save/0", content=b"not a png").status_code == 400
-    assert client.post("/api/save/99", content=b"").status_code == 404
-    assert client.post("/api/save/0", content=b"\0" * (17 * 2**20)).status_code == 413
+    assert client.post("/api/save/0", headers=PNG, content=b"not a png").status_code == 400
+    assert client.post("/api/save/99", headers=PNG, content=b"").status_code == 404
+    assert client.post("/api/save/0", headers=PNG, content=b"\0" * (17 * 2**20)).status_code == 413
     assert (
         client.post(
-            "/api/refine/0?operation=explode", content=png(np.zeros((item["height"], item["width"]), bool))
+            "/api/refine/0?operation=explode", headers=PNG, content=png(np.zeros((item["height"], item["width"]), bool))
         ).status_code
         == 400
     )
@@ -109,14 +111,16 @@ def test_bad_masks_and_requests_are_one_line_and_write_nothing(tmp_path):
 
 def test_refinements_fill_holes_and_keep_the_largest_piece(tmp_path):
     out = predicted_folder(tmp_path, count=1)
-    client = TestClient(app_for(out))
+    client = local_client(app_for(out))
     item = client.get("/api/items").json()["items"][0]
     mask = np.zeros((item["height"], item["width"]), bool)
     mask[10:40, 10:40], mask[20:25, 20:25], mask[50:55, 50:55] = True, False, True
     filled = (
         np.asarray(
             Image.open(
-                __import__("io").BytesIO(client.post("/api/refine/0?operation=fill_holes", content=png(mask)).content)
+                __import__("io").BytesIO(
+                    client.post("/api/refine/0?operation=fill_holes", headers=PNG, content=png(mask)).content
+                )
             )
         )
         > 127
@@ -125,7 +129,9 @@ def test_refinements_fill_holes_and_keep_the_largest_piece(tmp_path):
     largest = (
         np.asarray(
             Image.open(
-                __import__("io").BytesIO(client.post("/api/refine/0?operation=largest", content=png(mask)).content)
+                __import__("io").BytesIO(
+                    client.post("/api/refine/0?operation=largest", headers=PNG, content=png(mask)).content
+                )
             )
         )
         > 127
@@ -147,7 +153,7 @@ def test_a_folder_predict_did_not_write_is_refused_and_one_page_per_folder(tmp_p
 
 def test_the_probability_map_is_recomputed_when_predict_did_not_save_it(tmp_path):
     out = predicted_folder(tmp_path, count=1, probabilities=False)
-    client = TestClient(app_for(out))
+    client = local_client(app_for(out))
     item = client.get("/api/items").json()["items"][0]
     grey = np.asarray(Image.open(__import__("io").BytesIO(client.get("/api/probability/0").content)))
     model_mask = np.asarray(Image.open(out / "masks" / f"{item['stem']}.png")) > 127

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 from PIL import Image
 
+from conftest import local_client
 from lesionseg.segment.quality import FEATURES, QualityModel
 from lesionseg.segment.serve import create_app
 from lesionseg.train.predictor import TorchPredictor
@@ -24,7 +24,7 @@ def app(tiny_checkpoint):
 
 @pytest.fixture
 def client(app):
-    return TestClient(app)
+    return local_client(app)
 
 
 def jpeg_bytes(size=(60, 45)) -> bytes:
@@ -69,7 +69,7 @@ def test_concurrent_requests_share_model_batches(app):
     """Eight clients at once: every reply is right and the model ran fewer times than there were requests."""
     from concurrent.futures import ThreadPoolExecutor
 
-    client = TestClient(app)
+    client = local_client(app)
     batcher = app.state.batcher
     calls_before = len(batcher.batch_sizes)
     with ThreadPoolExecutor(8) as pool:
@@ -156,10 +156,10 @@ class DiscPredictor:
 
 
 def test_the_reply_carries_the_quality_estimate_and_the_review_flag(tiny_checkpoint):
-    plain = TestClient(create_app(TorchPredictor(tiny_checkpoint)))
+    plain = local_client(create_app(TorchPredictor(tiny_checkpoint)))
     body = plain.post("/predict", files={"file": ("a.jpg", jpeg_bytes(), "image/jpeg")}).json()
     assert body["quality"] is None and body["review"] is None  # a model without an estimate says so
-    flagged = TestClient(create_app(DiscPredictor()))
+    flagged = local_client(create_app(DiscPredictor()))
     body = flagged.post("/predict", files={"file": ("a.jpg", jpeg_bytes(), "image/jpeg")}).json()
     assert body["quality"] == 0.5 and body["review"] is True
 

@@ -197,6 +197,11 @@ def add_use_commands(sub) -> None:
         action="store_true",
         help="also OUT/probabilities/<stem>.png: the lesion probability, 8-bit grey at the image's own size",
     )
+    p.add_argument(
+        "--dicom-seg",
+        action="store_true",
+        help="also OUT/dicom-seg/<stem>.dcm for each DICOM image: its mask as a DICOM Segmentation ([dicom] extra)",
+    )
     p.add_argument("--overwrite", action="store_true", help="redo images an earlier run into OUT finished")
     p.add_argument(
         "--shard",
@@ -253,10 +258,14 @@ def add_clinic_commands(sub) -> None:
     p.add_argument("--out", required=True, help="folder for model.onnx, model-int8.onnx, model.pt and adapt.json")
     p.add_argument("--from", dest="start", help="the model to start from: .onnx, .pt or run folder (default: released)")
     recipe = AdaptRecipe()
-    p.add_argument("--epochs", type=positive_int, default=recipe.epochs, help="fine-tuning epochs over the masks")
-    p.add_argument("--lr", type=float, default=recipe.lr, help="AdamW learning rate")
+    p.add_argument("--steps", type=positive_int, default=recipe.steps, help="fine-tuning steps (batches), any N masks")
+    p.add_argument("--lr", type=float, default=recipe.lr, help="AdamW learning rate of the decoder")
+    p.add_argument(
+        "--encoder-lr-scale", type=float, default=recipe.encoder_lr_scale, help="the encoder's rate, as a share of --lr"
+    )
     p.add_argument("--folds", type=positive_int, default=recipe.folds, help="cross-validation folds of the self-check")
     p.add_argument("--seed", type=int, default=recipe.seed, help="seeds the folds, the batches and the flips")
+    p.add_argument("--overwrite", action="store_true", help="replace the adapted model already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_adapt)
 

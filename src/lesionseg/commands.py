@@ -98,7 +98,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.out,
         args.batch_size,
         progress=not args.no_progress,
-        extras=Extras(args.overlays, args.probabilities),
+        extras=Extras(args.overlays, args.probabilities, args.dicom_seg),
         overwrite=args.overwrite,
         shard=shard,
         pixel_sizes=PixelSizes(args.pixel_size),
@@ -146,7 +146,6 @@ def cmd_review(args: argparse.Namespace) -> None:
 
     warn_if_exposed(args.host)
     pipeline = Pipeline(load_predictor(args.checkpoint, args.onnx, precision=args.precision), refinements(args))
-    print(f"lesionseg: reviewing {shown(args.out)} at http://{args.host}:{args.port}/", file=sys.stderr)
     run_review(args.out, args.images, pipeline, args.host, args.port)
 
 
@@ -178,9 +177,12 @@ def cmd_adapt(args: argparse.Namespace) -> None:
     from lesionseg.train.adapt import run_adapt, summary_line
     from lesionseg.train.config import AdaptRecipe
 
-    recipe = AdaptRecipe(epochs=args.epochs, lr=args.lr, folds=args.folds, seed=args.seed)
+    recipe = AdaptRecipe(
+        steps=args.steps, lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, folds=args.folds, seed=args.seed
+    )
     say = None if args.no_progress else (lambda text: print(f"lesionseg adapt: {text}", file=sys.stderr))
-    report = run_adapt(args.data, args.out, args.start, recipe, progress=say)
+    say and say(f"starting from {'the released model' if args.start is None else shown(args.start)}")
+    report = run_adapt(args.data, args.out, args.start, recipe, progress=say, overwrite=args.overwrite)
     print(summary_line(report))
     print(
         f"model: {shown(report['files']['onnx'])}"

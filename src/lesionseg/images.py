@@ -18,15 +18,25 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from lesionseg import dicom
 from lesionseg.errors import DataError, ImageTooLargeError, NotAnImageError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 MAX_PIXELS = 60_000_000  # dermoscopy is at most ~6 MP; far larger is a decompression bomb, not a photo
 
 
+def is_image_file(path: Path) -> bool:
+    """Whether `path` is an image lesionseg reads: decided here alone, by its suffix, or by its content for DICOM
+    (whose files often have no suffix at all). Every reader (predict's inputs, describe, training's data) asks."""
+    return path.suffix.lower() in IMAGE_SUFFIXES or (path.is_file() and dicom.is_dicom(path))
+
+
 def open_checked(source: Path | BinaryIO, name: str, what: str = "image") -> Image.Image:
     """Open (header only) under the one policy every path shares: a readable image format whose header
-    claims at most MAX_PIXELS pixels. Nothing is decoded yet, so a bomb costs a few bytes of reading."""
+    claims at most MAX_PIXELS pixels. Nothing is decoded yet, so a bomb costs a few bytes of reading. A DICOM
+    file is checked by its header the same way, then decoded by `lesionseg.dicom`."""
+    if dicom.is_dicom(source):
+        return dicom.read_dicom(source, name, MAX_PIXELS)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit is lower and says more
@@ -80,7 +90,10 @@ def decode(
             im = ImageOps.exif_transpose(im)
             if orientation in (5, 6, 7, 8):  # a quarter turn swaps the sides
                 full_width, full_height = full_height, full_width
+            archive = im.info.get(dicom.INFO_KEY)
             im, converted = to_rgb(im, name)
+            if archive is not None:
+                im.info[dicom.INFO_KEY] = archive
             notes += converted
             return im, notes, (full_width, full_height)
         except Exception as exc:  # truncated data, bad chunks, codec errors: all "cannot read"
@@ -154,27 +167,42 @@ def lesion_above(top: int) -> int:
 
 
 def inspect_mask(path: Path, allow_empty: bool = False) -> tuple[np.ndarray, list[str]]:
-    """A boolean lesion mask from 0/255, 0/1, 16-bit or RGB masks. Lesion is the ISIC scorer's rule for 8-bit
-    masks, value > 128, and its equivalent (above half range) for the others."""
-    with open_checked(path, str(path), "mask") as im:
-        try:
-            values = np.asarray(im)
-        except Exception as exc:
-            raise DataError(f"{path}: cannot read mask ({exc.__class__.__name__}: {exc})") from None
+    """A boolean lesion mask from 0/255, 0/1, 16-bit, colour or palette masks (see `read_mask`)."""
+    return read_mask(path, str(path), allow_empty)
+
+
+def mask_values(image: Image.Image) -> np.ndarray:
+    """The mask's values as it shows them: a palette by the colours it maps to, never by index; transparency
+    (LA, RGBA, PA) is not a value; colour by its brightest channel."""
+    if image.mode in ("P", "PA"):
+        image = image.convert("RGBA")
+    values = np.asarray(image)
     if values.ndim == 3:
-        values = values[..., :3].max(axis=-1)
+        channels = 1 if image.mode in ("LA", "La") else 3
+        values = values[..., :channels].max(axis=-1)
+    return values
+
+
+def read_mask(source: Path | BinaryIO, name: str, allow_empty: bool = False) -> tuple[np.ndarray, list[str]]:
+    """A boolean lesion mask and notes on what was odd. Lesion is the ISIC scorer's rule for 8-bit masks,
+    value > 128, and its equivalent for the others: above half range, or above 0 where the values are 0/1."""
+    with open_checked(source, name, "mask") as im:
+        try:
+            values = mask_values(im)
+        except Exception as exc:
+            raise DataError(f"{name}: cannot read mask ({exc.__class__.__name__}: {exc})") from None
     if values.ndim != 2 or values.dtype.kind not in "biu":
-        raise DataError(f"{path}: cannot read mask (unsupported {values.dtype} pixels)")
+        raise DataError(f"{name}: cannot read mask (unsupported {values.dtype} pixels)")
     top = 1 if values.max() <= 1 else 255 if values.max() <= 255 else 65535
     levels = np.unique(values)
     notes = (
         []
         if set(levels.tolist()) <= {0, top}
-        else [f"{path}: non-binary mask ({len(levels)} levels), lesion where > {lesion_above(top)}"]
+        else [f"{name}: non-binary mask ({len(levels)} levels), lesion where > {lesion_above(top)}"]
     )
     mask = values > lesion_above(top)
     if not (mask.any() or allow_empty):
-        raise DataError(f"{path}: empty mask (no lesion pixel)")
+        raise DataError(f"{name}: empty mask (no lesion pixel)")
     return mask, notes
 
 

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from lesionseg.errors import DataError, LesionsegError
 from lesionseg.files import output_folder, shown, unusable
-from lesionseg.images import IMAGE_SUFFIXES, inspect_mask
+from lesionseg.images import IMAGE_SUFFIXES, inspect_mask, is_image_file
 from lesionseg.segment.descriptors import PixelSizes, describe_lesion, picture_of
 from lesionseg.segment.outputs import write_table
 from lesionseg.segment.pipeline import read_for_model
@@ -26,6 +26,24 @@ def mask_of(image: Path, masks: Path) -> Path | None:
         if (masks / name).is_file():
             return masks / name
     return None
+
+
+def image_files(images: Path, masks: Path) -> tuple[list[Path], list[str]]:
+    """The images to describe, and the files among them that cannot be read (named, never dropped in silence).
+    Where images and masks share a folder, a file that is another image's mask is not an image."""
+    if not images.is_dir():
+        raise DataError(f"{shown(images)}: not a folder (--images names the folder of images)")
+    try:
+        candidates = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES or is_image_file(p))
+    except OSError as exc:
+        raise DataError(f"{shown(images)}: cannot list ({exc.strerror or exc})") from None
+    problems = [f"{shown(p)}: {unusable(p)}" for p in candidates if unusable(p)]
+    readable = [p for p in candidates if not unusable(p)]
+    masks_here = {m.resolve() for p in readable if (m := mask_of(p, masks)) is not None and m.resolve() != p.resolve()}
+    files = [p for p in readable if p.resolve() not in masks_here]
+    if not files:
+        raise DataError(f"{shown(images)}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    return files, problems
 
 
 def describe_pair(image: Path, mask_path: Path, pixel_mm: float | None) -> dict[str, Any]:
@@ -49,10 +67,10 @@ def run_describe(images: str | os.PathLike, masks: str | os.PathLike, out: str |
         raise LesionsegError(f"{shown(out)}: the table's name must end in .csv (its .json is written beside it)")
     output_folder(out.parent)
     sizes = PixelSizes(pixel_size)
-    files = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not unusable(p))
-    if not files:
-        raise DataError(f"{shown(images)}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-    rows, problems = [], []
+    files, problems = image_files(images, masks)
+    for line in problems:
+        print(f"lesionseg: skipped {line}", file=sys.stderr)
+    rows = []
     for image in tqdm(files, desc="describe", unit="image", disable=not progress):
         mask = mask_of(image, masks)
         try:

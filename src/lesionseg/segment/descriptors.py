@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +87,13 @@ def lab_of(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, gain: np.ndarr
 
 def diameters(points: np.ndarray) -> tuple[float, float]:
     """Largest (Feret) and smallest (caliper) width of a point set, from its convex hull."""
-    if len(points) < 3:
-        return float(len(points) > 0), float(len(points) > 0)
+    if len(points) < 3:  # no hull: the span between the points (pixel centres) plus one pixel
+        span = float(np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1)).max()) + 1 if len(points) else 0.0
+        return span, float(len(points) > 0)
     try:
         hull = points[ConvexHull(points).vertices]
-    except QhullError:  # all on a line
-        span = float(np.ptp(points, axis=0).max()) + 1
-        return span, 1.0
+    except QhullError:  # all on a line: its length, one pixel wide
+        return float(np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1)).max()) + 1, 1.0
     largest = float(np.sqrt(((hull[:, None] - hull[None]) ** 2).sum(-1)).max()) + 1
     edges = np.roll(hull, -1, axis=0) - hull
     normals = np.stack([-edges[:, 1], edges[:, 0]], 1) / np.maximum(np.linalg.norm(edges, axis=1, keepdims=True), 1e-9)
@@ -101,7 +102,10 @@ def diameters(points: np.ndarray) -> tuple[float, float]:
 
 
 def asymmetry(mask: np.ndarray, points: np.ndarray) -> list[float]:
-    """For each principal axis (major first), the share of lesion pixels whose mirror image falls outside it."""
+    """For each principal axis (major first), the share of lesion pixels whose mirror image falls outside it.
+    One or two pixels have no principal axes and are symmetric about any line through their centre."""
+    if len(points) < 3:
+        return [0.0, 0.0]
     centre = points.mean(axis=0)
     _, vectors = np.linalg.eigh(np.cov((points - centre).T))
     major, minor = vectors[:, 1], vectors[:, 0]
@@ -257,7 +261,7 @@ class PixelSizes:
         if not path.is_file():
             raise DataError(f"{shown(path)}: neither a pixel size in mm nor a CSV file")
         try:
-            with open(path, newline="") as handle:
+            with open(path, newline="", encoding="utf-8-sig") as handle:  # Excel's "CSV UTF-8" starts with a BOM
                 rows = list(csv.DictReader(handle))
         except (OSError, UnicodeDecodeError, csv.Error) as exc:
             raise DataError(f"{shown(path)}: cannot read ({exc.__class__.__name__})") from None
@@ -266,10 +270,27 @@ class PixelSizes:
         sizes = {}
         for n, row in enumerate(rows, 2):
             try:
-                sizes[Path(row["image"]).stem] = self.checked(float(row["pixel_mm"]), f"{shown(path)} line {n}")
+                sizes[Path((row["image"] or "").strip()).stem] = self.checked(
+                    float(row["pixel_mm"]), f"{shown(path)} line {n}"
+                )
             except (TypeError, ValueError):
                 raise DataError(f"{shown(path)} line {n}: pixel_mm {row['pixel_mm']!r} is not a number") from None
         return sizes
 
-    def of(self, stem: str) -> float | None:
-        return self.by_stem.get(stem, self.constant)
+    def of(self, stem: str, name: str | None = None) -> float | None:
+        """The size for an image, looked up by its file's own stem (spaces and all) or by its output stem."""
+        own = Path(name).stem if name else stem
+        return self.by_stem.get(own, self.by_stem.get(stem, self.constant))
+
+    def tell_missing(self, images: list[tuple[str, str]]) -> None:
+        """Images a pixel-size CSV does not name get no millimetres: said on stderr, never in silence."""
+        if not self.by_stem:
+            return
+        missing = [name for name, stem in images if self.of(stem, name) is None]
+        if missing:
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            print(
+                f"lesionseg: {len(missing)} image(s) not in the pixel-size CSV, measured in pixels only: "
+                f"{', '.join(shown(m) for m in missing[:5])}{more}",
+                file=sys.stderr,
+            )

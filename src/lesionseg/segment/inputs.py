@@ -9,8 +9,8 @@ from pathlib import Path
 
 from lesionseg.errors import DataError
 from lesionseg.files import same_stem, shown, unusable
-from lesionseg.images import IMAGE_SUFFIXES
-from lesionseg.segment.outputs import MASKS, OVERLAYS, PROBABILITIES
+from lesionseg.images import IMAGE_SUFFIXES, is_image_file
+from lesionseg.segment.outputs import DICOM_SEG, MASKS, OVERLAYS, PROBABILITIES
 
 
 @dataclass
@@ -30,7 +30,7 @@ def walk_folder(folder: Path, skip: set[Path], found: Inputs) -> int:
         dirs[:] = sorted(d for d in dirs if Path(root, d).resolve() not in skip)
         for name in sorted(names):
             path = Path(root, name)
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
+            if not is_image_file(path):
                 found.unsupported.append(path)
             elif reason := unusable(path):
                 found.problems.append(f"{shown(path)}: {reason}")
@@ -42,11 +42,11 @@ def walk_folder(folder: Path, skip: set[Path], found: Inputs) -> int:
 
 def collect_inputs(inputs: list[str | os.PathLike], out: Path) -> Inputs:
     """Image files named, or found in named folders; everything that is not segmented is named with its reason."""
-    found, skip = Inputs(), {(out / folder).resolve() for folder in ("", MASKS, OVERLAYS, PROBABILITIES)}
+    found, skip = Inputs(), {(out / folder).resolve() for folder in ("", MASKS, OVERLAYS, PROBABILITIES, DICOM_SEG)}
     for item in map(Path, inputs):
         if item.is_dir():
             if not walk_folder(item, skip, found):
-                found.problems.append(f"{shown(item)}: no image ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+                found.problems.append(f"{shown(item)}: no image ({', '.join(IMAGE_SUFFIXES)}, DICOM) in this folder")
         elif reason := unusable(item):
             found.problems.append(f"{shown(item)}: {reason}")
         else:

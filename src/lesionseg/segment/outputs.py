@@ -39,7 +39,7 @@ from lesionseg.errors import LesionsegError
 from lesionseg.files import held_by_another, locked, shown, write_atomically
 from lesionseg.machine import MAX_PROCESSES, process_rank
 
-MASKS, OVERLAYS, PROBABILITIES = "masks", "overlays", "probabilities"
+MASKS, OVERLAYS, PROBABILITIES, DICOM_SEG = "masks", "overlays", "probabilities", "dicom-seg"
 OVERLAY_FORMATS = ("png", "jpg")
 RECORD, TABLE = "predictions.json", "predictions.csv"
 JOURNALS = ".lesionseg-predict*.jsonl"
@@ -60,6 +60,7 @@ class Extras:
 
     overlays: str | None = None  # "png" or "jpg" (a photo's outline as JPEG: a fraction of the time and size)
     probabilities: bool = False
+    dicom_seg: bool = False  # a DICOM Segmentation for each DICOM input (segment/dicomseg.py)
 
     def names(self, stem: str) -> dict[str, str]:
         """This image's extra files, by the row key that names each."""
@@ -68,10 +69,13 @@ class Extras:
             names["overlay"] = f"{OVERLAYS}/{stem}.{self.overlays}"
         if self.probabilities:
             names["probability_map"] = f"{PROBABILITIES}/{stem}.png"
+        if self.dicom_seg:
+            names["dicom_seg"] = f"{DICOM_SEG}/{stem}.dcm"
         return names
 
     def folders(self) -> list[str]:
-        return [MASKS, *([OVERLAYS] if self.overlays else []), *([PROBABILITIES] if self.probabilities else [])]
+        asked = [(OVERLAYS, self.overlays), (PROBABILITIES, self.probabilities), (DICOM_SEG, self.dicom_seg)]
+        return [MASKS, *(folder for folder, wanted in asked if wanted)]
 
 
 @dataclass(frozen=True)
@@ -243,12 +247,14 @@ def refuse_other_model(written: Written, header: dict[str, Any]) -> None:
             )
 
 
-def forget_other_models(out: Path, written: Written, header: dict[str, Any]) -> None:
+def forget_other_models(out: Path, written: Written, header: dict[str, Any], own_lock: str) -> None:
     """--overwrite: what another model or other options wrote goes, its files, rows and journal with it, so the
-    folder holds one model's results; refused while a run of that other model is still writing."""
+    folder holds one model's results; refused while a run of that other model is still writing (the lock this run
+    holds itself, on its own shard's journal, is not another run's)."""
     others = [name for name, earlier in written.headers.items() if earlier != header]
     for name in others:
-        if held_by_another(out / (name.removesuffix(".jsonl") + ".lock")):
+        lock = name.removesuffix(".jsonl") + ".lock"
+        if lock != own_lock and held_by_another(out / lock):
             raise LesionsegError(f"{name}: a run of another model is still writing into {shown(out)}; wait for it")
     current = (header["model"], header["version"], header["sha256"])
     stale = [row for row in written.rows.values() if model_of(row) != current]

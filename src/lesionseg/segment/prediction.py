@@ -24,10 +24,12 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from lesionseg import dicom
 from lesionseg.errors import DataError, LesionsegError
 from lesionseg.files import held_by_another, locked, output_folder, shown, write_atomically
 from lesionseg.images import MAX_PIXELS, PixelBudget, decode_image
 from lesionseg.segment.descriptors import PixelSizes, describe_lesion, picture_of
+from lesionseg.segment.dicomseg import write_segmentation
 from lesionseg.segment.encoders import mask_png_8bit, overlay, probability_image
 from lesionseg.segment.inputs import Inputs, collect_inputs, output_stems
 from lesionseg.segment.outputs import (
@@ -71,6 +73,7 @@ class Decoded:
     kept: Image.Image | None  # the decoded image, when small enough to keep for its overlay
     identity: dict[str, Any]  # the input's path, size and modification time, as read before decoding
     picture: np.ndarray  # (h,w,3) uint8, at most PICTURE_PIXELS: what colours and borders are read from
+    archive: dict[str, Any] = field(default_factory=dict)  # a DICOM file's UIDs: a row joins back to the archive
 
 
 def decode_one(path: Path, stem: str, size: int, keep: bool, identity: dict[str, Any]) -> Decoded | str:
@@ -81,7 +84,8 @@ def decode_one(path: Path, stem: str, size: int, keep: bool, identity: dict[str,
         return str(exc)
     small = keep and image.size == own_size and own_size[0] * own_size[1] <= KEEP_FOR_OVERLAY
     pixels, picture = model_input(image, size), picture_of(image)
-    return Decoded(path, stem, pixels, own_size, image if small else None, identity, picture)
+    archive = {k: v for k, v in image.info.get(dicom.INFO_KEY, {}).items() if k != "pixel_mm"}
+    return Decoded(path, stem, pixels, own_size, image if small else None, identity, picture, archive)
 
 
 def ahead(items: Iterable, work: Callable, pool: ThreadPoolExecutor, window: int) -> Iterator:
@@ -121,6 +125,9 @@ def write_outputs(
     write_atomically(out / mask_name, lambda handle: handle.write(encoded), "mask")
     row = {**row, "mask": mask_name}
     for key, name in extras.names(item.stem).items():
+        if key == "dicom_seg":
+            row |= dicom_seg_of(item, mask, row, out / name, name)
+            continue
         kind = "JPEG" if name.endswith(".jpg") else "PNG"
         if kind == "JPEG" and max(item.size) > JPEG_MAX_SIDE:
             row[key], row[f"{key}_skipped"] = None, f"JPEG holds at most {JPEG_MAX_SIDE:,} px a side"
@@ -130,6 +137,18 @@ def write_outputs(
         write_atomically(out / name, lambda handle: image.save(handle, format=kind, quality=90), key.replace("_", " "))
         row[key] = name
     return row
+
+
+def dicom_seg_of(item: Decoded, mask: np.ndarray, row: dict[str, Any], target: Path, name: str) -> dict[str, Any]:
+    """The image's DICOM Segmentation where the image is DICOM; else the row says why there is none."""
+    if not item.archive:
+        return {"dicom_seg": None, "dicom_seg_skipped": "not a DICOM image"}
+    try:
+        write_segmentation(item.path, mask, row, target)
+    except DataError as exc:
+        print(f"lesionseg: skipped the DICOM Segmentation of {exc}", file=sys.stderr)
+        return {"dicom_seg": None, "dicom_seg_skipped": str(exc)[:300]}
+    return {"dicom_seg": name}
 
 
 def outlined(item: Decoded, mask: np.ndarray) -> Image.Image:
@@ -161,8 +180,7 @@ def run_predict(
     refuse_foreign(out, planned, Written.read(out))  # before a lock file is made in what may be someone's folder
     with locked(out / shard.lock, f"shard {shard.index + 1} of {shard.count}"):
         with locked(out / FOLDER_LOCK, "the folder", wait=True):
-            plan = plan_run(pipeline, out, mine, extras, overwrite, shard)
-            plan.pixel_sizes = pixel_sizes
+            plan = plan_run(pipeline, out, mine, extras, overwrite, shard, pixel_sizes)
         problems = report_skipped(found)
         rows = list(plan.kept)
         bar = tqdm(total=len(plan.todo), desc="predict", unit="image", disable=not progress)
@@ -181,24 +199,27 @@ class Plan:
     kept: list[dict[str, Any]]
     journal: Journal
     model: dict[str, str]
-    pixel_sizes: PixelSizes = field(default_factory=PixelSizes)
 
 
-def plan_run(pipeline: Pipeline, out: Path, mine: list, extras: Extras, overwrite: bool, shard: Shard) -> Plan:
-    """Read what the folder holds, refuse what would lose or mix anything, and open this shard's journal."""
+def plan_run(
+    pipeline: Pipeline, out: Path, mine: list, extras: Extras, overwrite: bool, shard: Shard, sizes: PixelSizes
+) -> Plan:
+    """Read what the folder holds, refuse what would lose or mix anything, and open this shard's journal. The pixel
+    size an image is measured at is part of its identity: another size redoes its row, never keeps the old mm."""
     refuse_other_counts(out, shard)
     written = Written.read(out)
     header = {"model": pipeline.name, "version": pipeline.version, "sha256": pipeline.sha256}
     header["refinements"] = pipeline.refine.name
     if overwrite:
-        forget_other_models(out, written, header)
+        forget_other_models(out, written, header, shard.lock)
     else:
         refuse_other_model(written, header)
         refuse_replacing(mine, written)
     planned = [name for _, stem in mine for name in output_names(stem, extras)]
     refuse_foreign(out, planned, written)
     remove_debris(out, shard)
-    identities = [input_identity(path) for path, _ in mine]
+    identities = [input_identity(path) | {"pixel_mm": pixel_mm_of(path, stem, sizes)} for path, stem in mine]
+    sizes.tell_missing([(path.name, stem) for path, stem in mine])
     done = set()
     if not overwrite:
         done = {s for (_, s), i in zip(mine, identities) if written.complete(out, f"{MASKS}/{s}.png", i, extras, s)}
@@ -208,6 +229,12 @@ def plan_run(pipeline: Pipeline, out: Path, mine: list, extras: Extras, overwrit
     todo = [(path, stem, identity) for (path, stem), identity in zip(mine, identities) if stem not in done]
     model = {"model": pipeline.name, "model_version": pipeline.version, "model_sha256": pipeline.sha256}
     return Plan(todo, kept, Journal(out, shard, header, kept), model)
+
+
+def pixel_mm_of(path: Path, stem: str, sizes: PixelSizes) -> float | None:
+    """--pixel-size where it says one for this image, else the spacing a DICOM file states, else none."""
+    given = sizes.of(stem, path.name)
+    return given if given is not None else dicom.stated_pixel_mm(path)
 
 
 def refuse_other_counts(out: Path, shard: Shard) -> None:
@@ -258,8 +285,8 @@ def finish_one(
     worker thread; both workers together hold at most MAX_PIXELS at full size)."""
     with FULL_SIZE.hold(item.size[0] * item.size[1]):
         result = pipeline.result(probability, item.size, shown(item.path))
-        lesion = describe_lesion(item.picture, result.mask, plan.pixel_sizes.of(item.stem))
-        row, mask = {**result.stats, **lesion, **item.identity, **plan.model}, result.mask
+        lesion = describe_lesion(item.picture, result.mask, item.identity["pixel_mm"])
+        row, mask = {**result.stats, **lesion, **item.identity, **item.archive, **plan.model}, result.mask
         grey = probability_image(result) if extras.probabilities else None
         del result  # the full-size probabilities are not needed for the files: one large array fewer at a time
         return write_outputs(item, mask, grey, row, out, extras)

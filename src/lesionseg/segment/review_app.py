@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -13,6 +15,7 @@ from fastapi.responses import HTMLResponse, Response
 from lesionseg.errors import LesionsegError
 from lesionseg.files import shown
 from lesionseg.segment.encoders import mask_png_8bit, probability_image
+from lesionseg.segment.guard import LocalOnly, allowed_hosts
 from lesionseg.segment.pipeline import Pipeline, model_input, read_for_model
 from lesionseg.segment.review import MAX_MASK_BYTES, ReviewFolder, holding, refined
 
@@ -31,8 +34,16 @@ def recomputer(pipeline: Pipeline) -> Callable[[Path], np.ndarray]:
     return recompute
 
 
-def create_review_app(folder: ReviewFolder, recompute: Callable[[Path], np.ndarray], threshold: float) -> FastAPI:
+def create_review_app(
+    folder: ReviewFolder,
+    recompute: Callable[[Path], np.ndarray],
+    threshold: float,
+    hosts: frozenset[str] = allowed_hosts("127.0.0.1"),
+    notes: list[str] = (),
+) -> FastAPI:
+    """The page and its API behind the door of `guard.py`: only our own names, only our own page writes."""
     app = FastAPI(title="lesionseg review", description="Review and correct a predict folder's masks")
+    app.add_middleware(LocalOnly, hosts=hosts)
     page = resources.files("lesionseg.segment").joinpath("static", "review.html").read_text()
 
     def item(index: int):
@@ -54,7 +65,7 @@ def create_review_app(folder: ReviewFolder, recompute: Callable[[Path], np.ndarr
 
     @app.get("/api/items")
     def items(offset: int = 0, limit: int = 50) -> dict:
-        return folder.page(offset, limit) | {"threshold": threshold}
+        return folder.page(offset, limit) | {"threshold": threshold, "notes": list(notes), "next": next_steps(folder)}
 
     @app.get("/api/image/{index}")
     def image(index: int) -> Response:
@@ -70,6 +81,10 @@ def create_review_app(folder: ReviewFolder, recompute: Callable[[Path], np.ndarr
         return Response(data, media_type="image/png", headers=NO_CACHE)
 
     async def body(request: Request) -> bytes:
+        """A mask the page posts: declared as a PNG (a cross-site page cannot declare it without a preflight)."""
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "image/png":
+            raise HTTPException(415, f"a mask is sent as image/png, not {kind[:60] or 'an undeclared type'}")
         data = b""
         async for chunk in request.stream():
             data += chunk
@@ -99,6 +114,37 @@ def run_review(out, images, pipeline: Pipeline, host: str = "127.0.0.1", port: i
     import uvicorn
 
     folder = ReviewFolder(out, images)
-    with holding(folder):
-        app = create_review_app(folder, recomputer(pipeline), pipeline.threshold)
+    with holding(folder):  # a refused folder says why before anything says "reviewing"
+        notes = startup_notes(folder, pipeline)
+        app = create_review_app(folder, recomputer(pipeline), pipeline.threshold, allowed_hosts(host), notes)
+        print(f"lesionseg: reviewing {shown(folder.out)} at http://{host}:{port}/", file=sys.stderr)
+        for note in notes:
+            print(f"lesionseg: {note}", file=sys.stderr)
         uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def startup_notes(folder: ReviewFolder, pipeline: Pipeline) -> list[str]:
+    """What the reviewer should know before trusting the page: rows it cannot show, and a page model (its
+    threshold slider, its recomputed maps) that is not the model that made the folder's masks."""
+    notes = []
+    if folder.unreadable:
+        notes.append(f"{folder.unreadable} row(s) of {shown(folder.out)} name no file or mask and are not shown")
+    made_by = {item.row.get("model_sha256") for item in folder.items} - {None}
+    if made_by and made_by != {pipeline.sha256}:
+        notes.append(
+            f"the masks were made by another model than the page's ({pipeline.name}): its threshold slider and "
+            "recomputed maps are that model's; pass the folder's model with --onnx or --checkpoint"
+        )
+    return notes
+
+
+def next_steps(folder: ReviewFolder) -> list[str]:
+    """The two commands that close the loop: adapt to the saved masks, then segment the folder's images again with
+    the adapted model into a new folder (this one, and its review/, stay as they are)."""
+    inputs = sorted({str(Path(item.row["file"]).parent) for item in folder.items})
+    out = shown(folder.out).rstrip("/")
+    return [
+        f"lesionseg adapt --data {shlex.quote(out + '/review')} --out {shlex.quote(out + '-adapt')}",
+        f"lesionseg predict {' '.join(shlex.quote(i) for i in inputs[:3])}{' …' if len(inputs) > 3 else ''} "
+        f"--onnx {shlex.quote(out + '-adapt/model.onnx')} --out {shlex.quote(out + '-adapted')} --probabilities",
+    ]

@@ -30,6 +30,7 @@ from lesionseg.images import MAX_PIXELS, PixelBudget, decode_image, open_checked
 from lesionseg.segment.descriptors import describe_lesion, picture_of
 from lesionseg.segment.encoders import mask_png, png_bytes
 from lesionseg.segment.encoders import overlay as outlined
+from lesionseg.segment.guard import LocalOnly, allowed_hosts
 from lesionseg.segment.pipeline import Pipeline, Predictor, model_input, read_for_model
 from lesionseg.segment.predictors import MAX_NAME
 
@@ -177,6 +178,7 @@ def create_app(
     max_batch: int = 16,
     batch_window_s: float = 0.002,
     upload_timeout_s: float = UPLOAD_TIMEOUT_S,
+    hosts: frozenset[str] = allowed_hosts("127.0.0.1"),
 ) -> FastAPI:
     """The app for a pipeline (its views and refinements), or for a bare predictor with none."""
     if not isinstance(pipeline, Pipeline):
@@ -195,6 +197,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.add_middleware(BoundedUpload, max_bytes=max_upload_bytes + MULTIPART_OVERHEAD, seconds=upload_timeout_s)
+    app.add_middleware(LocalOnly, hosts=hosts)  # added last, so it runs first
     app.state.batcher = batcher
     page = resources.files("lesionseg.segment").joinpath("static", "index.html").read_text()
     full_size = PixelBudget(MAX_PIXELS)
@@ -251,4 +254,5 @@ def run_serve(
 ) -> None:
     import uvicorn
 
-    uvicorn.run(create_app(predictor, max_batch=max_batch, batch_window_s=batch_window_ms / 1000), host=host, port=port)
+    app = create_app(predictor, max_batch=max_batch, batch_window_s=batch_window_ms / 1000, hosts=allowed_hosts(host))
+    uvicorn.run(app, host=host, port=port)

@@ -219,11 +219,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class AdaptRecipe:
-    """`lesionseg adapt`'s fine-tune: gentle enough not to forget what 10,000 images taught (docs/adapt.md has
-    the measurements that chose it)."""
+    """`lesionseg adapt`'s fine-tune: gentle by construction (`adapt/finetune.py` says why; docs/adapt.md has the
+    measurements that chose it). A fixed number of steps, whatever the number of masks."""
 
-    epochs: int = 15
-    lr: float = 1e-4
+    steps: int = 60
+    lr: float = 1e-5
+    encoder_lr_scale: float = 1.0
     weight_decay: float = 1e-4
     batch_size: int = 8
     folds: int = 5
@@ -231,10 +232,17 @@ class AdaptRecipe:
     loss: str = "bce+dice"
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.folds < 2 or self.seed < 0:
-            raise ConfigError("adapt needs epochs and batch_size >= 1, folds >= 2 and a seed >= 0")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"adapt's lr must be a finite number > 0, got {self.lr}")
+        if not (1 <= self.steps <= MAX_ADAPT_STEPS) or self.batch_size < 1 or self.folds < 2 or self.seed < 0:
+            raise ConfigError(
+                f"adapt needs 1 <= steps <= {MAX_ADAPT_STEPS}, batch_size >= 1, folds >= 2 and a seed >= 0"
+            )
+        if not (math.isfinite(self.lr) and 0 < self.lr <= 1):
+            raise ConfigError(f"adapt's lr must be a finite number in (0, 1], got {self.lr}")
+        if not (math.isfinite(self.encoder_lr_scale) and 0 <= self.encoder_lr_scale <= 1):
+            raise ConfigError(f"adapt's encoder_lr_scale must be in [0, 1], got {self.encoder_lr_scale}")
+
+
+MAX_ADAPT_STEPS = 10_000  # a few hours on two cores; more is a training run (`lesionseg train --init`)
 
 
 def optional(hint: Any) -> bool:

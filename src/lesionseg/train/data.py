@@ -25,7 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from lesionseg.errors import DataError
 from lesionseg.files import same_stem, shown, unusable
-from lesionseg.images import IMAGE_SUFFIXES, inspect_mask
+from lesionseg.images import IMAGE_SUFFIXES, inspect_mask, is_image_file
 from lesionseg.segment.pipeline import model_input, read_for_model
 
 OFFICIAL_DIRS = {  # ISIC 2016 Task 1 archive names
@@ -120,7 +120,7 @@ def looping(entry: os.DirEntry) -> bool:
 def find_pairs(data: str | os.PathLike | None, split: str) -> tuple[list[Pair], list[str]]:
     """Every image of a split with its mask, sorted by id, and the files that cannot pair up."""
     images_dir, masks_dir = _split_dirs(resolve_data_dir(data), split)
-    candidates = sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    candidates = sorted(p for p in images_dir.iterdir() if is_image_file(p))
     problems = [f"{shown(p)}: {reason}" for p in candidates if (reason := unusable(p))]
     images = [p for p in candidates if not unusable(p)]
     if not images:

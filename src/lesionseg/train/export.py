@@ -122,10 +122,12 @@ def export_int8(
     calibration_data: str | os.PathLike | None = None,
     calibration_images: int | None = None,
     metadata: dict[str, str] | None = None,
+    calibration_pixels: np.ndarray | None = None,
 ) -> Path:
     """The checkpoint as an int8 ONNX model (`quantize.DEFAULT_RECIPE`), its activation ranges calibrated on
-    training images: from `calibration_data`, else from the folder the checkpoint was trained on; `metadata` as
-    for `export_onnx` (name and version get ", int8")."""
+    training images: `calibration_pixels` (uint8 (N,3,S,S) already in memory, as adapt has them), else drawn from
+    `calibration_data`, else from the folder the checkpoint was trained on; `metadata` as for `export_onnx` (name
+    and version get ", int8")."""
     import tempfile
     from dataclasses import replace
 
@@ -135,9 +137,15 @@ def export_int8(
     check_target(checkpoint, Path(path))
     config = load_model(checkpoint)[1]
     recipe = replace(DEFAULT_RECIPE, images=calibration_images or DEFAULT_RECIPE.images)
-    images = training_images(
-        resolve_data_dir(calibration_data or config.data), recipe.images, config.image_size, cache_dir=config.cache_dir
-    )
+    if calibration_pixels is not None:
+        images = calibration_pixels[: recipe.images]
+    else:
+        images = training_images(
+            resolve_data_dir(calibration_data or config.data),
+            recipe.images,
+            config.image_size,
+            cache_dir=config.cache_dir,
+        )
     with tempfile.TemporaryDirectory() as folder:
         fp32 = export_onnx(checkpoint, Path(folder) / "fp32.onnx", metadata=metadata)
         return quantize_int8(fp32, path, images, recipe)

@@ -11,14 +11,16 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from lesionseg.files import claim_output_folder
+from lesionseg.errors import LesionsegError
+from lesionseg.files import claim_output_folder, shown, write_atomically
 from lesionseg.segment.predictors import OnnxPredictor, released_model
 from lesionseg.segment.quality import QualityModel
-from lesionseg.train.clinic import jaccard_table, load_clinic
+from lesionseg.train.adapt.clinic import Clinic, jaccard_table
 from lesionseg.train.config import TrainConfig
 from lesionseg.train.qualityfit import with_metadata
 
 REPORT = "adapt.json"
+WRITING = "writing"  # adapt.json's state while the model files are being replaced
 WRITES = ("model.onnx", "model-int8.onnx", "model.pt")
 INT8_TOLERANCE = 0.005  # mean Jaccard the int8 twin may lose against the float file on the clinic's masks
 
@@ -33,14 +35,28 @@ class Start:
     quality: QualityModel | None
 
 
-def prepare_out(out: Path) -> Path:
-    """OUT created and checked before any work; a folder holding another command's files is refused."""
-    return claim_output_folder(out, REPORT, {"masks", "chosen"}, WRITES, "adapt")
+def prepare_out(out: Path, overwrite: bool = False) -> Path:
+    """OUT created and checked before any work: a folder holding another command's files is refused, and so is
+    an earlier adapt's finished model unless `overwrite` (a run killed while writing is its own: it is redone)."""
+    out = claim_output_folder(out, REPORT, {"masks", "chosen"}, WRITES, "adapt")
+    if (out / REPORT).exists() and not overwrite and json.loads((out / REPORT).read_text()).get("state") != WRITING:
+        raise LesionsegError(
+            f"{shown(out / REPORT)}: an earlier adapt's model is in this folder; pass --overwrite to replace it, "
+            "or choose another --out"
+        )
+    return out
+
+
+def mark_writing(out: Path, report: dict) -> None:
+    """adapt.json says "writing" before the first model file is replaced: a run killed in the middle leaves a
+    folder the next run knows as its own, never one it calls foreign."""
+    marker = json.dumps({k: report[k] for k in ("data", "masks", "chosen")} | {"state": WRITING})
+    write_atomically(out / REPORT, lambda handle: handle.write(marker.encode()), "adapt report")
 
 
 def starting_model(source: str | Path | None) -> tuple[nn.Module, TrainConfig, Start]:
     """The released float model (None), another exported float file, or a checkpoint / run folder, in PyTorch."""
-    from lesionseg.train.unfold import model_from_onnx
+    from lesionseg.train.adapt.unfold import model_from_onnx
 
     if source is None or Path(source).suffix.lower() == ".onnx":
         path = Path(source) if source else released_model()
@@ -56,8 +72,13 @@ def starting_model(source: str | Path | None) -> tuple[nn.Module, TrainConfig, S
 def adapt_metadata(start: Start, report: dict, config: TrainConfig) -> dict[str, str]:
     """What the adapted file says of itself, read by predict, serve, review and `lesionseg.load()`."""
     gain = {k: report[k] for k in ("jaccard_before", "jaccard_after", "gain_interval", "chosen", "masks")}
+    change = report["jaccard_after"] - report["jaccard_before"]
+    clinic = Path(report["data"]).name or "a clinic"
+    if clinic == "review":  # OUT/review: the folder review saved into is named by its predict folder
+        clinic = Path(report["data"]).resolve().parent.name
     return {
-        "name": f"{start.name} adapted to {Path(report['data']).name or 'a clinic'} ({report['masks']} masks)"[:200],
+        "name": f"{start.name} adapted to {clinic} ({report['masks']} masks, {report['chosen']}, "
+        f"cross-validated gain {change:+.3f})"[:200],
         "version": f"{start.version}, adapted"[:200],
         "threshold": str(config.threshold),
         "adapted_from": start.version[:200],
@@ -77,19 +98,21 @@ def save_model(path: Path, model: nn.Module, config: TrainConfig, start: Start) 
     return path
 
 
-def clinic_jaccard(path: Path, data, threshold: float) -> float:
-    """Mean Jaccard of an exported file on every pair of `data`, at the images' own size."""
+def clinic_jaccard(path: Path, clinic: Clinic, threshold: float) -> float:
+    """Mean Jaccard of an exported file on every pair of the clinic, at the images' own size."""
     predictor = OnnxPredictor(path)
-    clinic = load_clinic(data, predictor.image_size)
-    maps = np.concatenate([predictor(clinic.images[i : i + 32].numpy())[:, 0] for i in range(0, len(clinic.ids), 32)])
+    images = clinic.images.numpy()
+    maps = np.concatenate([predictor(images[i : i + 32])[:, 0] for i in range(0, len(images), 32)])
     return float(jaccard_table(maps, clinic.truths, (threshold,)).mean())
 
 
-def write_models(out: Path, model: nn.Module, config: TrainConfig, start: Start, quality, report: dict, data) -> dict:
+def write_models(out: Path, model: nn.Module, config: TrainConfig, start: Start, quality, report: dict, clinic) -> dict:
     """OUT/model.pt and OUT/model.onnx (float16 weights, the adapt metadata, the recalibrated estimate); and
-    OUT/model-int8.onnx where it stays within INT8_TOLERANCE of the float file on the clinic's masks."""
+    OUT/model-int8.onnx where it stays within INT8_TOLERANCE of the float file on the clinic's masks. The clinic
+    is the one adapt already read: its images calibrate the int8 twin and score both files."""
     from lesionseg.train.export import export_int8, export_onnx
 
+    mark_writing(out, report)
     checkpoint = save_model(out / "model.pt", model, config, start)
     metadata = adapt_metadata(start, report, config)
     target = out / "model.onnx"
@@ -101,8 +124,10 @@ def write_models(out: Path, model: nn.Module, config: TrainConfig, start: Start,
         exported.unlink()
     files = {"onnx": str(target), "checkpoint": str(checkpoint)}
     with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's calibration prints its progress
-        int8 = export_int8(checkpoint, out / ".model-int8-export.onnx", calibration_data=data, metadata=metadata)
-    float_j, int8_j = clinic_jaccard(target, data, config.threshold), clinic_jaccard(int8, data, config.threshold)
+        int8 = export_int8(
+            checkpoint, out / ".model-int8-export.onnx", calibration_pixels=clinic.images.numpy(), metadata=metadata
+        )
+    float_j, int8_j = clinic_jaccard(target, clinic, config.threshold), clinic_jaccard(int8, clinic, config.threshold)
     files["int8_vs_float"] = int8_j - float_j
     if abs(int8_j - float_j) <= INT8_TOLERANCE:
         with_metadata(int8, {}, quality, out / "model-int8.onnx")

@@ -112,6 +112,9 @@ def model_from_onnx(path: str | os.PathLike) -> tuple[nn.Module, TrainConfig, On
     weights = initializer_weights(path)
     try:
         config = config_of(predictor, weights)
+    except LesionsegError as exc:  # an arch or size this version does not know: say which file
+        raise LesionsegError(f"{path}: {exc}; adapt starts from a float file `lesionseg export` wrote") from None
+    try:
         model = build_model(config.arch, None, dropout=0.0, attention=config.decoder_attention)
         model.load_state_dict(unfolded_state(model, weights))
     except (KeyError, ValueError) as exc:

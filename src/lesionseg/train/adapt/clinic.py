@@ -1,4 +1,5 @@
-"""A clinic's image/mask pairs as adapt uses them, and each image's Jaccard at its own size for many thresholds."""
+"""A clinic's image/mask pairs as adapt uses them, read once, and each image's Jaccard at its own size for many
+thresholds."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from lesionseg.errors import DataError
 from lesionseg.images import inspect_mask
 from lesionseg.segment.pipeline import FIXED_POINT, to_own_size
+from lesionseg.segment.review import read_journal
 from lesionseg.train.data import _decode, find_pairs
 
 THRESHOLDS = tuple(np.round(np.arange(0.20, 0.801, 0.025), 3))
@@ -24,6 +26,17 @@ class Clinic:
     images: torch.Tensor  # (N,3,S,S) uint8
     masks: torch.Tensor  # (N,1,S,S) float in {0,1}
     truths: list[np.ndarray]  # (H,W) bool each, the image's own size
+    corrected: np.ndarray  # (N,) bool: a person corrected this mask (review.jsonl), or the folder says nothing
+
+    def subset(self, index: np.ndarray) -> Clinic:
+        """The pairs at `index`, in that order."""
+        return Clinic(
+            [self.ids[i] for i in index],
+            self.images[index],
+            self.masks[index],
+            [self.truths[i] for i in index],
+            self.corrected[index],
+        )
 
 
 def load_clinic(data: str | Path, size: int) -> Clinic:
@@ -38,7 +51,16 @@ def load_clinic(data: str | Path, size: int) -> Clinic:
         )
     by_id = {pair.id: pair for pair in pairs}
     truths = [inspect_mask(by_id[image_id].mask)[0] for image_id in cached.ids]
-    return Clinic(cached.ids, cached.images, cached.masks.float(), truths)
+    return Clinic(cached.ids, cached.images, cached.masks.float(), truths, corrected_flags(data, cached.ids))
+
+
+def corrected_flags(data: str | Path, ids: list[str]) -> np.ndarray:
+    """Which masks a person corrected, where DATA is a review folder (its review.jsonl says); all of them where it
+    is any other data folder. A mask accepted as the model drew it is the model's own output: it teaches no style."""
+    saved = read_journal(Path(data))
+    if not saved:
+        return np.ones(len(ids), bool)
+    return np.array([saved.get(image_id, {}).get("action") != "accepted" for image_id in ids])
 
 
 def jaccard_table(maps: np.ndarray, truths: list[np.ndarray], thresholds=THRESHOLDS) -> np.ndarray:
