@@ -1,5 +1,6 @@
 """How long the review page takes the user: from opening a mask to its saved correction, for the common path
-(threshold tighter, save) and for a brush fix, on 100 real images; and whether a 10,000-image folder stays
+(threshold tighter, save), a brush fix and a click fix (one positive click; the click model redraws the border;
+also its click-to-outline time), on 100 real images (the click model: $LESIONSEG_CLICK_MODEL or the shipped one); and whether a 10,000-image folder stays
 responsive (the list loads in pages of 50; server memory and request times).
 
 The clicks and keys are scripted in a real browser (Playwright + Debian's chromium), so the figures are the
@@ -54,7 +55,7 @@ def timed_reviews(url: str, count: int) -> dict:
     """Each image: wait until it is open, act, save; the time from 'opened' to 'saved' as the page marks them."""
     from playwright.sync_api import sync_playwright
 
-    seconds = {"threshold": [], "brush": []}
+    seconds, outline_ms = {"threshold": [], "brush": [], "click": []}, []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=BROWSER_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 900})
@@ -65,10 +66,18 @@ def timed_reviews(url: str, count: int) -> dict:
         for index in range(count):
             page.wait_for_function(f"performance.getEntriesByName('opened-{index}').length === 1")
             page.wait_for_timeout(150)  # the probability map, fetched after the image
-            path = "threshold" if index % 2 == 0 else "brush"
+            path = ("threshold", "brush", "click")[index % 3]
             if path == "threshold":
                 for _ in range(5):
                     page.keyboard.press(".")
+            elif path == "click":  # one positive click where the brush stroke would start; the model redraws
+                page.keyboard.press("k")
+                box = page.locator("#overlay").bounding_box()
+                page.mouse.click(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.4)
+                page.wait_for_function(f"performance.getEntriesByName('clicked-{index}-1').length === 1")
+                page.keyboard.press("b")
+                marks = [f"performance.getEntriesByName('{m}-{index}-1')[0].startTime" for m in ("click", "clicked")]
+                outline_ms.append(page.evaluate(marks[1]) - page.evaluate(marks[0]))
             else:
                 box = page.locator("#overlay").bounding_box()
                 page.mouse.move(box["x"] + box["width"] * 0.4, box["y"] + box["height"] * 0.4)
@@ -86,6 +95,8 @@ def timed_reviews(url: str, count: int) -> dict:
         **{f"{k}_median_s": float(np.median(v)) for k, v in seconds.items()},
         **{f"{k}_p90_s": float(np.quantile(v, 0.9)) for k, v in seconds.items()},
         "images": count,
+        "click_to_outline_ms_median": float(np.median(outline_ms)) if outline_ms else None,
+        "click_to_outline_ms_p90": float(np.quantile(outline_ms, 0.9)) if outline_ms else None,
     }
 
 
@@ -115,7 +126,7 @@ def large_folder(rows: int, work: Path) -> dict:
     opened = time.perf_counter() - start
     held = tracemalloc.get_traced_memory()[0]
     pipeline = Pipeline(load_predictor())
-    client = TestClient(create_review_app(folder, recomputer(pipeline), 0.5))
+    client = TestClient(create_review_app(folder, recomputer(pipeline), 0.5), base_url="http://127.0.0.1:8001")
     times = []
     for offset in (0, rows // 2, rows - 50):
         start = time.perf_counter()

@@ -115,3 +115,32 @@ def local_client(app, **headers):
     from fastapi.testclient import TestClient
 
     return TestClient(app, base_url="http://127.0.0.1:8001", headers=headers)
+
+
+def fake_click_model(path: Path, size: int = 64) -> Path:
+    """A click model in the shipped file's format that does the obvious thing: the previous mask, plus a disk at
+    each positive click, less one at each negative click. The plumbing is tested with it; the trained model's
+    quality is a benchmark's (benchmarks/clicks.py)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.array([1.0, -1.0, 1.0], np.float32).reshape(1, 3, 1, 1), "weight")
+    low, high = (
+        numpy_helper.from_array(np.array(0.0, np.float32), "low"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "high"),
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["guide", "weight"], ["sum"]), helper.make_node("Clip", ["sum", "low", "high"], ["probability"])],
+        "fake-clicks",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, size, size]),
+         helper.make_tensor_value_info("guide", TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["N", 1, size, size])],
+        [weight, low, high],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    helper.set_model_props(
+        model, {"kind": "clicks", "image_size": str(size), "threshold": "0.5", "name": "fake clicks"}
+    )
+    onnx.save(model, str(path))
+    return path

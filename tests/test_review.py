@@ -100,12 +100,10 @@ def test_bad_masks_and_requests_are_one_line_and_write_nothing(tmp_path):
     assert client.post("/api/save/0", headers=PNG, content=b"not a png").status_code == 400
     assert client.post("/api/save/99", headers=PNG, content=b"").status_code == 404
     assert client.post("/api/save/0", headers=PNG, content=b"\0" * (17 * 2**20)).status_code == 413
-    assert (
-        client.post(
-            "/api/refine/0?operation=explode", headers=PNG, content=png(np.zeros((item["height"], item["width"]), bool))
-        ).status_code
-        == 400
+    unknown = client.post(
+        "/api/tool/explode/0", headers=PNG, content=png(np.zeros((item["height"], item["width"]), bool))
     )
+    assert unknown.status_code == 404 and "the tools are fill_holes, largest, click" in unknown.json()["detail"]
     assert not (out / "review" / "masks").exists() or not list((out / "review" / "masks").iterdir())
 
 
@@ -118,9 +116,7 @@ def test_refinements_fill_holes_and_keep_the_largest_piece(tmp_path):
     filled = (
         np.asarray(
             Image.open(
-                __import__("io").BytesIO(
-                    client.post("/api/refine/0?operation=fill_holes", headers=PNG, content=png(mask)).content
-                )
+                __import__("io").BytesIO(client.post("/api/tool/fill_holes/0", headers=PNG, content=png(mask)).content)
             )
         )
         > 127
@@ -129,9 +125,7 @@ def test_refinements_fill_holes_and_keep_the_largest_piece(tmp_path):
     largest = (
         np.asarray(
             Image.open(
-                __import__("io").BytesIO(
-                    client.post("/api/refine/0?operation=largest", headers=PNG, content=png(mask)).content
-                )
+                __import__("io").BytesIO(client.post("/api/tool/largest/0", headers=PNG, content=png(mask)).content)
             )
         )
         > 127

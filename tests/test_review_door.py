@@ -41,7 +41,7 @@ def test_a_cross_site_write_is_refused_and_nothing_is_written(folder, tmp_path):
     client = local_client(app_for(out))
     blank = blank_of(client)
     for headers in (EVIL, {"origin": "null", **PNG}, {"sec-fetch-site": "cross-site", **PNG}):
-        for url in ("/api/save/0", "/api/accept/0", "/api/refine/0?operation=largest"):
+        for url in ("/api/save/0", "/api/accept/0", "/api/tool/largest/0"):
             refused = client.post(url, headers=headers, content=blank)
             assert refused.status_code == 403 and "another site" in refused.json()["detail"]
     # a no-cors fetch can only send text/plain, a form or multipart: never image/png without a preflight

@@ -12,11 +12,14 @@ from PIL import Image
 
 from lesionseg.errors import DataError, LesionsegError, require_torch
 from lesionseg.images import check_pixels, checked_pil
+from lesionseg.segment.clicks import Clicker
+from lesionseg.segment.descriptors import describe_lesion, picture_of
 from lesionseg.segment.pipeline import (
     Pipeline,
     Predictor,  # noqa: E402
     Refinements,
     Segmentation,
+    model_input,
     read_for_model,
 )
 from lesionseg.segment.predictors import exported_file, released_model
@@ -47,6 +50,7 @@ class Segmenter:
 
     def __init__(self, pipeline: Pipeline) -> None:
         self.pipeline = pipeline
+        self.clicks = Clicker()  # the click model, loaded at the first `refine`
 
     @property
     def name(self) -> str:
@@ -73,6 +77,28 @@ class Segmenter:
                 [im for im, _, _ in opened], [name for _, _, name in opened], [size for _, size, _ in opened]
             )
         return results[0] if single else results
+
+    def refine(
+        self,
+        image: ImageInput,
+        positive: list[tuple[float, float]] | None = None,
+        negative: list[tuple[float, float]] | None = None,
+        mask: np.ndarray | None = None,
+    ) -> Segmentation:
+        """The mask corrected by clicks, (x, y) in the image's own pixels: a positive click adds what the model
+        missed, a negative one removes what it took; `mask` (H,W bool) is the mask they correct (None: from
+        nothing). A result like `segment`'s, from the click model that ships beside the release
+        ($LESIONSEG_CLICK_MODEL names another)."""
+        picture, size, name = as_image(image, 0, self.clicks.image_size)
+        try:
+            probability = self.clicks.corrected(
+                model_input(picture, self.clicks.image_size), size, positive, negative, mask
+            )
+        except DataError as exc:
+            raise DataError(f"{name}: {exc}") from None
+        result = self.pipeline.result(probability, size, name)
+        result.descriptors = describe_lesion(picture_of(picture), result.mask)
+        return result
 
 
 def load(

@@ -25,6 +25,7 @@ from lesionseg.commands import (
     cmd_serve,
     cmd_summary,
     cmd_train,
+    cmd_train_clicks,
 )
 from lesionseg.errors import Interrupted, LesionsegError
 from lesionseg.files import shown
@@ -35,7 +36,7 @@ from lesionseg.train.config import DECODERS, PRESETS, AdaptRecipe, add_config_fl
 
 DEBUG_ENV = "LESIONSEG_DEBUG"  # set to 1 for the traceback of an unexpected error
 TRAINING_COMMANDS = ("train", "reproduce")  # run under a caching allocator when one is installed
-TORCH_COMMANDS = ("reproduce", "train", "evaluate", "compare", "summary", "export", "adapt")
+TORCH_COMMANDS = ("reproduce", "train", "evaluate", "compare", "summary", "export", "adapt", "train-clicks")
 
 
 def add_refinements(parser: argparse.ArgumentParser, rotations: bool = False) -> None:
@@ -268,6 +269,17 @@ def add_clinic_commands(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the adapted model already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("train-clicks", help="train the click model of the review page (resumable, for hours)")
+    p.add_argument("--data", nargs="+", required=True, help="training folders (ISIC layout or images/ + masks/)")
+    p.add_argument("--out", required=True, help="folder for clicks.pt (the whole state), log.jsonl and clicks.onnx")
+    p.add_argument("--steps", type=positive_int, default=3000, help="training steps in all (a resumed run included)")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per step")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    p.add_argument("--export-only", action="store_true", help="export --out's saved state to clicks.onnx now")
+    p.add_argument("--cache-dir", help="where decoded training images are cached (default: beside each folder)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    p.set_defaults(func=cmd_train_clicks)
 
     p = sub.add_parser("describe", help="size, asymmetry, border and colours of masks from anywhere")
     p.add_argument("--images", required=True, help="folder of images")

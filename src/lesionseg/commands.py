@@ -181,13 +181,25 @@ def cmd_adapt(args: argparse.Namespace) -> None:
         steps=args.steps, lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, folds=args.folds, seed=args.seed
     )
     say = None if args.no_progress else (lambda text: print(f"lesionseg adapt: {text}", file=sys.stderr))
-    say and say(f"starting from {'the released model' if args.start is None else shown(args.start)}")
     report = run_adapt(args.data, args.out, args.start, recipe, progress=say, overwrite=args.overwrite)
     print(summary_line(report))
     print(
         f"model: {shown(report['files']['onnx'])}"
         + (f" (int8: {shown(report['files']['int8'])})" if "int8" in report["files"] else "")
     )
+
+
+def cmd_train_clicks(args: argparse.Namespace) -> None:
+    from lesionseg.train.clicks import export_saved, run_train_clicks
+
+    say = None if args.no_progress else (lambda text: print(f"lesionseg train-clicks: {text}", file=sys.stderr))
+    if args.export_only:
+        path = export_saved(args.out)
+    else:
+        path = run_train_clicks(
+            args.data, args.out, args.steps, args.batch_size, args.resume, cache_dir=args.cache_dir, progress=say
+        )
+    print(f"click model: {shown(path)}")
 
 
 def cmd_describe(args: argparse.Namespace) -> int:

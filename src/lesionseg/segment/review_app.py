@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -14,10 +15,11 @@ from fastapi.responses import HTMLResponse, Response
 
 from lesionseg.errors import LesionsegError
 from lesionseg.files import shown
+from lesionseg.segment.clicks import Clicker, parsed_points
 from lesionseg.segment.encoders import mask_png_8bit, probability_image
 from lesionseg.segment.guard import LocalOnly, allowed_hosts
-from lesionseg.segment.pipeline import Pipeline, model_input, read_for_model
-from lesionseg.segment.review import MAX_MASK_BYTES, ReviewFolder, holding, refined
+from lesionseg.segment.pipeline import FIXED_POINT, Pipeline, model_input, read_for_model, to_own_size
+from lesionseg.segment.review import MAX_MASK_BYTES, Item, ReviewFolder, holding, refined
 
 NO_CACHE = {"Cache-Control": "no-store"}  # a saved correction must show at once, never a cached model mask
 
@@ -40,6 +42,7 @@ def create_review_app(
     threshold: float,
     hosts: frozenset[str] = allowed_hosts("127.0.0.1"),
     notes: list[str] = (),
+    clicker: Clicker | None = None,
 ) -> FastAPI:
     """The page and its API behind the door of `guard.py`: only our own names, only our own page writes."""
     app = FastAPI(title="lesionseg review", description="Review and correct a predict folder's masks")
@@ -101,13 +104,49 @@ def create_review_app(
     def accept(index: int) -> dict:
         return answer(lambda: folder.accept(item(index)))
 
-    @app.post("/api/refine/{index}")
-    async def refine(index: int, request: Request, operation: str) -> Response:
+    tools = page_tools(folder, clicker, threshold)
+
+    @app.get("/api/tools")
+    def tool_list() -> dict:
+        """What each tool takes, so the page (or another client) knows how to call it."""
+        return {name: tool.takes for name, tool in tools.items()}
+
+    @app.post("/api/tool/{name}/{index}")
+    async def use_tool(name: str, index: int, request: Request, positive: str = "", negative: str = "") -> Response:
+        """The page's current mask (image/png) through one tool; the tool's mask back, nothing saved."""
+        if name not in tools:
+            raise HTTPException(404, f"no tool {name[:40]!r}; the tools are {', '.join(tools)}")
         data, chosen = await body(request), item(index)
-        cleaned = answer(lambda: refined(folder.checked_mask(chosen, data), operation))
-        return Response(mask_png_8bit(cleaned), media_type="image/png")
+        changed = answer(lambda: tools[name].run(chosen, folder.checked_mask(chosen, data), positive, negative))
+        return Response(mask_png_8bit(changed), media_type="image/png", headers=NO_CACHE)
 
     return app
+
+
+@dataclass(frozen=True)
+class Tool:
+    """One way of changing the page's mask on the server: what it takes, and the change. A new tool is one entry of
+    `page_tools` and one button on the page."""
+
+    takes: str  # "mask", or "mask and clicks"
+    run: Callable[[Item, np.ndarray, str, str], np.ndarray]  # (item, mask, positive, negative) -> mask
+
+
+def page_tools(folder: ReviewFolder, clicker: Clicker | None, threshold: float) -> dict[str, Tool]:
+    """The clean-ups (the pipeline's own refinements) and clicks (the click model, where one is installed)."""
+    tools = {
+        "fill_holes": Tool("mask", lambda item, mask, *_: refined(mask, "fill_holes")),
+        "largest": Tool("mask", lambda item, mask, *_: refined(mask, "largest")),
+    }
+    clicker = clicker or Clicker()
+
+    def click(item: Item, mask: np.ndarray, positive: str, negative: str) -> np.ndarray:
+        points = parsed_points(positive, "positive"), parsed_points(negative, "negative")
+        probability, own = clicker.probability(folder.image_path(item), *points, mask)
+        return to_own_size(probability, *own) >= threshold * FIXED_POINT
+
+    tools["click"] = Tool("mask and clicks", click)
+    return tools
 
 
 def run_review(out, images, pipeline: Pipeline, host: str = "127.0.0.1", port: int = 8001) -> None:

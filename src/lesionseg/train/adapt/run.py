@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lesionseg.errors import LesionsegError
 from lesionseg.files import shown, write_atomically
-from lesionseg.train.adapt.calibrate import recalibrated
+from lesionseg.train.adapt.calibrate import calibration
 from lesionseg.train.adapt.clinic import load_clinic
 from lesionseg.train.adapt.decide import LOSS_MARGIN, cross_validate
 from lesionseg.train.adapt.finetune import finetune
@@ -67,7 +67,7 @@ def run_adapt(
         )
     verdict = cross_validate(model, clinic, config.threshold, recipe, progress)
     truth = verdict.per_image[verdict.chosen]
-    quality, quality_report = recalibrated(source.quality, verdict.out_of_fold_maps, verdict.threshold, truth)
+    quality_report = calibration(source.quality, verdict.out_of_fold_maps, verdict.threshold, truth)
     if verdict.chosen == "finetune":
         if progress:
             progress("the final fine-tune on every mask")
@@ -99,7 +99,7 @@ def run_adapt(
     if progress:
         progress("writing the model files")
     tuned = replace(config, threshold=verdict.threshold)
-    report["files"] = write_models(out, final, tuned, source, quality, report, clinic)
+    report["files"] = write_models(out, final, tuned, source, source.quality, report, clinic)
     report["seconds"] = time.perf_counter() - began
     write_report(out, report)
     return report
