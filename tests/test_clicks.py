@@ -93,7 +93,7 @@ def test_clicks_in_the_browser_add_remove_and_undo(clicks_model, tmp_path):
             browser = launched(p)
             page = browser.new_page(viewport={"width": 1280, "height": 720})
             page.goto(f"http://127.0.0.1:{port}/")
-            page.wait_for_function("document.getElementById('message').textContent === ''")
+            page.wait_for_function("performance.getEntriesByName('opened-0').length === 1")
             page.keyboard.press("k")
             box = page.locator("#overlay").bounding_box()
             lesion = "mask.reduce((a, b) => a + b, 0)"

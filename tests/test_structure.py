@@ -31,7 +31,19 @@ def test_import_linter_holds_the_two_rooms_and_the_layers():
 def test_every_module_lives_in_a_room():
     """A contributor knows their room from the path: only the shared ground sits at the top."""
     top = {p.stem for p in PACKAGE.glob("*.py")}
-    assert top == {"__init__", "__main__", "api", "cli", "commands", "dicom", "errors", "files", "images", "machine", "version"}
+    assert top == {
+        "__init__",
+        "__main__",
+        "api",
+        "cli",
+        "commands",
+        "dicom",
+        "errors",
+        "files",
+        "images",
+        "machine",
+        "version",
+    }
 
 
 def test_segmenting_imports_no_pytorch_at_run_time():

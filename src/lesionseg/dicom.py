@@ -134,6 +134,15 @@ def read_dicom(source: Path | BinaryIO, name: str, max_pixels: int):
         ds = pydicom.dcmread(source)
         if "PixelData" not in ds:
             refuse_no_pixels(ds, name)
+        if baseline_jpeg(ds):  # the frame is a JPEG file: Pillow decodes it at the scale the model needs
+            from pydicom.encaps import generate_frames
+
+            image = Image.open(io.BytesIO(next(generate_frames(ds.PixelData, number_of_frames=1))))
+            if image.size != (int(ds.Columns), int(ds.Rows)) or image.mode != "RGB":
+                raise DataError(f"{name}: its JPEG frame is {image.size[0]}x{image.size[1]} {image.mode}, not the "
+                                f"{ds.Columns}x{ds.Rows} colour image its header states")  # fmt: skip
+            image.info[INFO_KEY] = archive_identity(header)
+            return image
         pixels = ds.pixel_array  # YBR is converted to RGB by pydicom (its default)
     except DataError:
         raise
@@ -148,6 +157,16 @@ def read_dicom(source: Path | BinaryIO, name: str, max_pixels: int):
     image = Image.fromarray(np.ascontiguousarray(pixels), "RGB")
     image.info[INFO_KEY] = archive_identity(header)
     return image
+
+
+def baseline_jpeg(ds) -> bool:
+    """One 8-bit colour frame stored as baseline JPEG: a complete JPEG file Pillow reads as it is (and decodes at a
+    reduced DCT scale, as it does a .jpg), colour-converted as its own markers say."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return str(syntax) == "1.2.840.10008.1.2.4.50" and ds.get("PhotometricInterpretation") in (
+        "YBR_FULL_422",
+        "YBR_FULL",
+    )
 
 
 def stated_pixel_mm(path: Path) -> float | None:

@@ -36,7 +36,20 @@ def allowed_hosts(bound: str, extra: tuple[str, ...] = ()) -> frozenset[str]:
     names = set(LOOPBACK) | {host_name(name) for name in extra}
     if bound not in ANY_ADDRESS:
         names.add(host_name(bound if ":" not in bound or bound.startswith("[") else f"[{bound}]"))
+    else:  # every address: the machine's own name and addresses, which other machines call it by
+        names |= machine_names()
     return frozenset(names - {""})
+
+
+def machine_names() -> set[str]:
+    """This machine's host name and the addresses it resolves to (nothing where the resolver fails)."""
+    import socket
+
+    try:
+        name, aliases, addresses = socket.gethostbyname_ex(socket.gethostname())
+    except OSError:
+        return {socket.gethostname().lower()}
+    return {socket.gethostname().lower(), name.lower(), *(a.lower() for a in aliases), *addresses}
 
 
 def refusal(scope, allowed: frozenset[str]) -> str | None:
