@@ -94,8 +94,15 @@ def test_a_reduced_picture_gives_nearly_the_same_answers():
     assert reduced["area_px"] == full["area_px"] and reduced["colours"] == full["colours"]
 
 
-def test_an_empty_mask_has_area_zero_only():
-    assert describe_lesion(np.zeros((20, 20, 3), np.uint8), np.zeros((20, 20), bool)) == {"area_px": 0}
+def test_every_row_has_every_declared_column():
+    from lesionseg.segment.descriptors import COLUMNS
+
+    empty = describe_lesion(np.zeros((20, 20, 3), np.uint8), np.zeros((20, 20), bool))
+    assert list(empty) == list(COLUMNS) and empty["area_px"] == 0
+    assert all(value is None for name, value in empty.items() if name != "area_px")
+    mask = disc(size=60, radius=20, centre=(30, 30))
+    full = describe_lesion(painted(mask, COLOURS_RGB["dark_brown"]), mask)
+    assert list(full) == list(COLUMNS) and full["area_mm2"] is None and full["diameter_max_px"] > 0
 
 
 def test_pixel_sizes_from_a_number_or_a_csv(tmp_path):

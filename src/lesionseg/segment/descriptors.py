@@ -49,6 +49,32 @@ PRESENT_SHARE = 0.05  # a colour is present where it covers this share (1 % sepa
 # HAM10000 training images, 0.640 against 0.615 AUROC, but counts hair and shadow as black: docs/descriptors.md)
 MAX_POINTS = 2_000  # lesion pixels sampled for colours and asymmetry: shares to about half a percent
 
+# Every descriptor, declared once (as scikit-image's regionprops declares its properties): every row carries every
+# column, None where it cannot be measured (no lesion; no pixel size for the mm columns).
+COLUMNS = {
+    "area_px": "lesion pixels at the image's own size",
+    "diameter_max_px": "largest width (Feret), own pixels",
+    "diameter_min_px": "smallest width (caliper), own pixels",
+    "compactness": "4 pi area / perimeter^2: 1 for a disc, lower for a notched border",
+    "solidity": "area / convex hull area: lower for lobes and bays",
+    "area_mm2": "area in mm^2 (with a pixel size)",
+    "diameter_max_mm": "largest width in mm (with a pixel size)",
+    "diameter_min_mm": "smallest width in mm (with a pixel size)",
+    "asymmetry_major": "share of the lesion outside its mirror image about the major axis",
+    "asymmetry_minor": "the same about the minor axis",
+    "asymmetry_axes": "axes above ASYMMETRIC: the ABCD rule's 0/1/2 (shape only)",
+    "border_step_mean": "mean L* step across the outline, eight sectors",
+    "border_abrupt_sectors": "sectors whose step exceeds ABRUPT_STEP",
+    **{f"colour_{name}": f"share of the lesion nearest to {name.replace('_', ' ')}" for name in COLOURS_RGB},
+    "colours": "how many of the six colours cover at least PRESENT_SHARE",
+    "colours_present": "their names, space-separated",
+}
+
+
+def declared(values: dict[str, Any]) -> dict[str, Any]:
+    """The descriptors in COLUMNS' order, every column present."""
+    return {name: values.get(name) for name in COLUMNS}
+
 
 SRGB_TO_LINEAR = np.where(
     np.arange(256) / 255 <= 0.04045, np.arange(256) / 255 / 12.92, ((np.arange(256) / 255 + 0.055) / 1.055) ** 2.4
@@ -195,13 +221,13 @@ def describe_lesion(image: np.ndarray, mask: np.ndarray, pixel_mm: float | None 
     """(h,w,3) uint8 RGB image (the image, or a reduced decode of it: predict passes what it decoded for the
     model, about 128-256 px) and its (H,W) bool mask at the image's own size -> the descriptors, flat (one table
     column each). Everything is read at the image's resolution (the mask sampled to it), lengths reported in the
-    image's own pixels; the area is counted at the own size. Only `area_px` where the mask is empty."""
+    image's own pixels; the area is counted at the own size. Every column of COLUMNS, None where not measured."""
     area = int(np.count_nonzero(mask))
     if area == 0:
-        return {"area_px": 0}
+        return declared({"area_px": 0})
     small = at_size(mask, image.shape[0], image.shape[1])
     if not small.any():  # a lesion smaller than one pixel of the reduced image
-        return {"area_px": area}
+        return declared({"area_px": area})
     scale = (mask.shape[0] / image.shape[0], mask.shape[1] / image.shape[1])
     out = geometry(small, scale, area, pixel_mm)
     points = np.argwhere(small).astype(np.float64)
@@ -223,7 +249,7 @@ def describe_lesion(image: np.ndarray, mask: np.ndarray, pixel_mm: float | None 
         out[f"colour_{name}"] = round(float(share), 4)
     out["colours"] = int(np.sum(shares >= PRESENT_SHARE))
     out["colours_present"] = " ".join(name for name, share in zip(COLOURS_RGB, shares) if share >= PRESENT_SHARE)
-    return out
+    return declared(out)
 
 
 PICTURE_PIXELS = 16_384  # colours and borders are read from a copy at most this large: plenty for shares
