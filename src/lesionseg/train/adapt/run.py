@@ -16,6 +16,7 @@ from lesionseg.files import shown, write_atomically
 from lesionseg.train.adapt.calibrate import calibration
 from lesionseg.train.adapt.clinic import load_clinic
 from lesionseg.train.adapt.decide import LOSS_MARGIN, cross_validate
+from lesionseg.train.adapt.files import prepare_out, starting_model, write_models
 from lesionseg.train.adapt.finetune import finetune
 from lesionseg.train.config import AdaptRecipe
 
@@ -52,8 +53,6 @@ def run_adapt(
 ) -> dict:
     """Adapt `start` (the released model by default) to the clinic in `data`; write OUT/model.onnx (and its int8
     twin when it stays within 0.005), OUT/model.pt, OUT/adapt.json; return the report."""
-    from lesionseg.train.adapt.files import prepare_out, starting_model, write_models
-
     began = time.perf_counter()
     out = prepare_out(Path(out), overwrite)
     model, config, source = starting_model(start)
