@@ -104,7 +104,7 @@ def create_review_app(
     def accept(index: int) -> dict:
         return answer(lambda: folder.accept(item(index)))
 
-    tools = page_tools(folder, clicker, threshold)
+    tools = page_tools(folder, clicker)
 
     @app.get("/api/tools")
     def tool_list() -> dict:
@@ -132,7 +132,7 @@ class Tool:
     run: Callable[[Item, np.ndarray, str, str], np.ndarray]  # (item, mask, positive, negative) -> mask
 
 
-def page_tools(folder: ReviewFolder, clicker: Clicker | None, threshold: float) -> dict[str, Tool]:
+def page_tools(folder: ReviewFolder, clicker: Clicker | None) -> dict[str, Tool]:
     """The clean-ups (the pipeline's own refinements) and clicks (the click model, where one is installed)."""
     tools = {
         "fill_holes": Tool("mask", lambda item, mask, *_: refined(mask, "fill_holes")),
@@ -143,7 +143,7 @@ def page_tools(folder: ReviewFolder, clicker: Clicker | None, threshold: float) 
     def click(item: Item, mask: np.ndarray, positive: str, negative: str) -> np.ndarray:
         points = parsed_points(positive, "positive"), parsed_points(negative, "negative")
         probability, own = clicker.probability(folder.image_path(item), *points, mask)
-        return to_own_size(probability, *own) >= threshold * FIXED_POINT
+        return to_own_size(probability, *own) >= clicker.model.threshold * FIXED_POINT
 
     tools["click"] = Tool("mask and clicks", click)
     return tools
