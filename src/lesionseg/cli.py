@@ -271,7 +271,7 @@ def add_clinic_commands(sub) -> None:
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("train-clicks", help="train the click model of the review page (resumable, for hours)")
-    p.add_argument("--data", nargs="+", required=True, help="training folders (ISIC layout or images/ + masks/)")
+    p.add_argument("--data", nargs="+", help="training folders (ISIC layout or images/ + masks/)")
     p.add_argument("--out", required=True, help="folder for clicks.pt (the whole state), log.jsonl and clicks.onnx")
     p.add_argument("--steps", type=positive_int, default=3000, help="training steps in all (a resumed run included)")
     p.add_argument("--batch-size", type=positive_int, default=16, help="images per step")

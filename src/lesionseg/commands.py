@@ -195,6 +195,8 @@ def cmd_train_clicks(args: argparse.Namespace) -> None:
     say = None if args.no_progress else (lambda text: print(f"lesionseg train-clicks: {text}", file=sys.stderr))
     if args.export_only:
         path = export_saved(args.out)
+    elif not args.data:
+        raise LesionsegError("train-clicks needs --data FOLDER [FOLDER ...] (or --export-only)")
     else:
         path = run_train_clicks(
             args.data, args.out, args.steps, args.batch_size, args.resume, cache_dir=args.cache_dir, progress=say
