@@ -34,7 +34,7 @@ def image_files(images: Path, masks: Path) -> tuple[list[Path], list[str]]:
     if not images.is_dir():
         raise DataError(f"{shown(images)}: not a folder (--images names the folder of images)")
     try:
-        candidates = sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES or is_image_file(p))
+        candidates = sorted(p for p in images.iterdir() if is_image_file(p))
     except OSError as exc:
         raise DataError(f"{shown(images)}: cannot list ({exc.strerror or exc})") from None
     problems = [f"{shown(p)}: {unusable(p)}" for p in candidates if unusable(p)]
