@@ -30,9 +30,10 @@ from scipy import ndimage
 from scipy.stats import spearmanr
 
 from common import write_result
+from lesionseg.segment.pipeline import offset_border
 from lesionseg.segment.quality import features
 from lesionseg.train.adapt.calibrate import calibration
-from lesionseg.train.adapt.clinic import THRESHOLDS, Clinic, jaccard_table, load_clinic
+from lesionseg.train.adapt.clinic import THRESHOLDS, Clinic, border_index, border_table, jaccard_table, load_clinic
 from lesionseg.train.adapt.decide import cross_validate
 from lesionseg.train.adapt.finetune import finetune, probabilities
 from lesionseg.train.adapt.unfold import model_from_onnx
@@ -80,45 +81,51 @@ def quality_figures(quality, maps: np.ndarray, threshold: float, truth: np.ndarr
 
 
 def one_draw(start, config, quality, clinic: Clinic, start_table: np.ndarray, chosen, rest, recipe) -> dict:
-    """adapt's procedure on the chosen masks; every lever scored on `rest`."""
+    """adapt's procedure on the chosen masks; every lever scored on `rest` (`start_table`: border_table of the
+    starting model on every image)."""
     began = time.perf_counter()
     few = clinic.subset(chosen)
     verdict = cross_validate(start, few, config.threshold, recipe)
     tuned = finetune(start, few.images, few.masks, recipe)
     seconds = time.perf_counter() - began
     tuned_maps = probabilities(tuned, clinic.images[rest])
-    tuned_table = jaccard_table(tuned_maps, [clinic.truths[i] for i in rest])
-    own = own_index(config.threshold)
+    tuned_table = border_table(tuned_maps, [clinic.truths[i] for i in rest])
+    own = border_index(0.0, config.threshold)
+    picked = border_index(verdict.border_offset, verdict.threshold)
     fitted = (
-        own_index(verdict.threshold)
+        picked
         if verdict.chosen == "finetune"
-        else own_index(THRESHOLDS[int(np.argmax(jaccard_table(verdict.maps["finetune"], few.truths).mean(axis=0)))])
+        else int(np.argmax(border_table(verdict.maps["finetune"], few.truths).mean(0)))
     )
     scores = {
         "start": start_table[rest, own],
-        "threshold": start_table[rest, int(np.argmax(start_table[chosen].mean(axis=0)))],
+        "border": start_table[rest, int(np.argmax(start_table[chosen].mean(axis=0)))],
         "finetune": tuned_table[:, own],
-        "finetune+threshold": tuned_table[:, fitted],
+        "finetune+border": tuned_table[:, fitted],
     }
-    picked = own_index(verdict.threshold)
     scores["adapt"] = {
         "start": start_table[rest, own],
-        "threshold": start_table[rest, picked],
+        "border": start_table[rest, picked],
         "finetune": tuned_table[:, picked],
     }[verdict.chosen]
     result = {name: float(values.mean()) for name, values in scores.items()}
-    held_out_gain = result["finetune+threshold"] - result["start"]
+    held_out_gain = max(result["finetune+border"], result["border"]) - result["start"]
     result.update(
         chosen=verdict.chosen,
+        border_offset=verdict.border_offset,
+        threshold=verdict.threshold,
         cv_gain_finetune=verdict.gain("finetune"),
-        cv_gain_threshold=verdict.gain("threshold"),
+        cv_gain_border=verdict.gain("border"),
         false_keep=verdict.chosen == "start" and held_out_gain > NOTICEABLE,
         false_adapt=verdict.chosen != "start" and result["adapt"] - result["start"] < -NOTICEABLE,
     )
     result["paired_gain_adapt"] = float((scores["adapt"] - scores["start"]).mean())
     if quality is not None:  # the shipped estimate on the held-out images, and what the shrunk shift would give
-        measured = calibration(quality, verdict.out_of_fold_maps, verdict.threshold, verdict.per_image[verdict.chosen])
-        maps = tuned_maps if verdict.chosen == "finetune" else probabilities(start, clinic.images[rest])
+        shifted = lambda maps: np.stack([offset_border(p, verdict.border_offset) for p in maps])  # noqa: E731
+        measured = calibration(
+            quality, shifted(verdict.out_of_fold_maps), verdict.threshold, verdict.per_image[verdict.chosen]
+        )
+        maps = shifted(tuned_maps if verdict.chosen == "finetune" else probabilities(start, clinic.images[rest]))
         result["quality_before"] = quality_figures(quality, maps, verdict.threshold, scores["adapt"])
         result["quality_after"] = quality_figures(
             quality, maps, verdict.threshold, scores["adapt"], measured["shrunk_shift"]
@@ -132,7 +139,7 @@ def table(paths: list[Path]) -> str:
     the share of the style's loss recovered; the decision's false keeps and adapts; the quality estimate's error."""
     from common import read_result
 
-    lines = ["| start | reference | N | draws | as it was | threshold | fine-tune | fine-tune + threshold | adapt chose | adapt | gain (worst, best) | recovered (worst) | false keep / adapt | quality MAE shipped → if shifted |",
+    lines = ["| start | reference | N | draws | as it was | border | fine-tune | fine-tune + border | adapt chose | adapt | gain (worst, best) | recovered (worst) | false keep / adapt | quality MAE shipped → if shifted |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for path in paths:
         result = read_result(path)
@@ -141,7 +148,7 @@ def table(paths: list[Path]) -> str:
             runs = [run for run in result["runs"] if run["n"] == n]
             mean = {
                 k: np.mean([run[k] for run in runs])
-                for k in ("start", "threshold", "finetune", "finetune+threshold", "adapt")
+                for k in ("start", "border", "finetune", "finetune+border", "adapt")
             }
             gains = [run["paired_gain_adapt"] for run in runs]
             chosen = ", ".join(run["chosen"] for run in runs)
@@ -157,7 +164,7 @@ def table(paths: list[Path]) -> str:
             label = " least trusted" if "least-trusted" in path.name else ""
             lines.append(
                 f"| {result['model']} | {style} | {n}{label} | {len(runs)} | {mean['start']:.4f} | "
-                f"{mean['threshold']:.4f} | {mean['finetune']:.4f} | {mean['finetune+threshold']:.4f} | {chosen} | "
+                f"{mean['border']:.4f} | {mean['finetune']:.4f} | {mean['finetune+border']:.4f} | {chosen} | "
                 f"{mean['adapt']:.4f} | {np.mean(gains):+.4f} ({min(gains):+.4f}, {max(gains):+.4f}) | {recovered} | "
                 f"{mistakes} | {quality} |"
             )
@@ -188,12 +195,12 @@ def main() -> None:
     clinic.masks = torch.stack([torch.from_numpy(np.asarray(restyled(m[0].numpy() > 0, args.style), np.float32))[None]
                                 for m in clinic.masks])  # fmt: skip
     start_maps = probabilities(start, clinic.images)
-    start_table = jaccard_table(start_maps, clinic.truths)
+    start_table = border_table(start_maps, clinic.truths)
     estimates = np.array([source.quality.estimate(features(p, config.threshold)) for p in start_maps])
     lesion = lesions_of(args.metadata)
     results = {"model": source.version, "style": args.style, "images": len(clinic.ids), "runs": []}
     results["recipe"] = {"steps": args.steps, "lr": args.lr, "encoder_lr_scale": args.encoder_lr_scale}
-    results["start_on_all"] = float(start_table[:, own_index(config.threshold)].mean())
+    results["start_on_all"] = float(start_table[:, border_index(0.0, config.threshold)].mean())
     for n in args.n:
         for draw in range(args.draws):
             recipe = AdaptRecipe(steps=args.steps, lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, seed=draw)

@@ -32,6 +32,51 @@ from lesionseg.train.losses import WeightedSum
 from lesionseg.train.precision import bf16_is_native
 
 
+class ChannelScale(nn.Module):
+    """weight = stored * scale, the scale fixed per output channel: AdamW's step on `stored` is then a relative
+    step on the weight, the same for a channel whose folded weights are 1e-4 as for one whose are 600."""
+
+    def __init__(self, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("scale", scale)
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored * self.scale
+
+    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight / self.scale
+
+
+def channel_scale(weight: torch.Tensor) -> torch.Tensor:
+    """Root mean square per output channel (per tensor for a vector), broadcastable to `weight`; 1 where it is 0."""
+    if weight.ndim > 1:
+        rms = weight.detach().flatten(1).pow(2).mean(1).sqrt().view(-1, *[1] * (weight.ndim - 1))
+    else:
+        rms = weight.detach().pow(2).mean().sqrt().expand(weight.shape).clone()
+    return torch.where(rms > 0, rms, torch.ones_like(rms))
+
+
+def relative_steps(model: nn.Module) -> nn.Module:
+    """Every parameter re-expressed relative to its own scale (per output channel): see ChannelScale."""
+    from torch.nn.utils import parametrize
+
+    for module in list(model.modules()):
+        for name, parameter in list(module.named_parameters(recurse=False)):
+            parametrize.register_parametrization(module, name, ChannelScale(channel_scale(parameter)))
+    return model
+
+
+def absolute_weights(model: nn.Module) -> nn.Module:
+    """Undo `relative_steps`: plain parameters holding the trained values."""
+    from torch.nn.utils import parametrize
+
+    for module in list(model.modules()):
+        if parametrize.is_parametrized(module):
+            for name in list(module.parametrizations.keys()):
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return model
+
+
 def live_batchnorm(model: nn.Module, images: torch.Tensor) -> nn.Module:
     """BatchNorm given the clinic's activation statistics, its scale and shift set so the function is unchanged,
     then trained in train mode ("BatchNorm not frozen" on a file whose BatchNorm was folded away)."""
@@ -56,13 +101,15 @@ def live_batchnorm(model: nn.Module, images: torch.Tensor) -> nn.Module:
 
 
 def fine_tuned(start, images, masks, steps=60, lr=1e-4, enc_scale=1.0, l2sp=0.0, bs=8, seed=0, loss="bce+dice",
-               opt="adamw", train=None, bn="frozen") -> nn.Module:  # fmt: skip
+               opt="adamw", train=None, bn="frozen", relative=False) -> nn.Module:  # fmt: skip
     """One variant: which layers learn (`train`), at which rates, with which optimizer, regularizer and BatchNorm."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = copy.deepcopy(start)
     live_batchnorm(model, images) if bn == "live" else frozen_batchnorm(model)
     model = model.to(memory_format=torch.channels_last)
+    if relative:
+        relative_steps(model)
     if train:
         for name, p in model.named_parameters():
             p.requires_grad_(any(name.startswith(prefix) for prefix in train))
@@ -86,6 +133,8 @@ def fine_tuned(start, images, masks, steps=60, lr=1e-4, enc_scale=1.0, l2sp=0.0,
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
+    if relative:
+        absolute_weights(model)
     return model.to(memory_format=torch.contiguous_format).eval()
 
 

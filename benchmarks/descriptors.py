@@ -35,12 +35,49 @@ import lesionseg
 from common import write_result
 from lesionseg.images import inspect_mask
 from lesionseg.segment import descriptors as D
-from lesionseg.segment.descriptors import describe_lesion, picture_of
+from lesionseg.segment.colours import COLOURS, srgb_to_lab
+from lesionseg.segment.descriptors import describe, picture_of
 from lesionseg.segment.prediction import run_predict
 
-NUMERIC = ("diameter_max_px", "diameter_min_px", "asymmetry_major", "asymmetry_minor", "asymmetry_axes",
-           "compactness", "solidity", "border_step_mean", "border_abrupt_sectors", "colours",
-           *(f"colour_{c}" for c in D.COLOURS_RGB))  # fmt: skip
+NUMERIC = ("diameter_max_px", "diameter_min_px", "asymmetry_major", "asymmetry_minor", "asymmetry_colour_major",
+           "asymmetry_colour_minor", "asymmetry_texture_major", "asymmetry_texture_minor", "asymmetry_shape_axes",
+           "asymmetry_axes", "compactness", "solidity", "border_step_mean", "border_abrupt_sectors", "colours",
+           *(f"colour_{c}" for c in COLOURS), "old_colours", *(f"old_colour_{c}" for c in COLOURS))  # fmt: skip
+DIAGNOSES = ("mel", "nv", "bkl", "bcc", "akiec", "vasc", "df")
+
+# The v3 colour rule (descriptors before issue 41), kept here to report beside the new one: Shades of Gray colour
+# constancy over the whole image, each lesion pixel to the nearest of six absolute references within dE 30,
+# present at 5 % of the lesion.
+OLD_REFERENCES = srgb_to_lab(np.array([(235, 230, 225), (190, 60, 70), (185, 125, 85), (100, 55, 35),
+                                       (105, 115, 140), (35, 30, 30)]))  # fmt: skip
+
+
+def old_colours(picture: np.ndarray, mask: np.ndarray) -> dict:
+    """The v3 rule's colour columns, prefixed old_."""
+    from lesionseg.segment.colours import SRGB_TO_LINEAR, linear_to_lab
+
+    small = D.at_size(mask, picture.shape[0], picture.shape[1])
+    if not small.any():
+        return {}
+    linear = SRGB_TO_LINEAR[picture.reshape(-1, 3)[:: max(1, picture.size // 3 // 2_000)]]
+    norm = np.power(np.mean(np.power(linear, 6), axis=0), 1 / 6) + 1e-6
+    gain = norm.mean() / norm
+    points = np.argwhere(small)
+    points = points[:: max(1, len(points) // D.MAX_POINTS)]
+    lab = linear_to_lab(np.minimum(SRGB_TO_LINEAR[picture[points[:, 0], points[:, 1]]] * gain, 1.0))
+    distance = np.sqrt(((lab[:, None, :] - OLD_REFERENCES[None]) ** 2).sum(-1))
+    nearest = distance.argmin(axis=1)
+    close = distance[np.arange(len(lab)), nearest] <= 30
+    shares = np.bincount(nearest[close], minlength=6) / max(len(lab), 1)
+    present = [c for c, share in zip(COLOURS, shares) if share >= 0.05]
+    return {**{f"old_colour_{c}": float(v) for c, v in zip(COLOURS, shares)}, "old_colours": len(present),
+            "old_colours_present": " ".join(present)}  # fmt: skip
+
+
+def described(picture: np.ndarray, mask: np.ndarray) -> dict:
+    """The descriptors, and the old colour rule's columns beside them."""
+    picture = picture_of(picture)
+    return describe(picture, mask) | old_colours(picture, mask)
 
 
 def icc(a: np.ndarray, b: np.ndarray) -> float:
@@ -61,8 +98,8 @@ def robustness(isic: Path, model) -> dict:
         result = model.segment(path)
         truth, _ = inspect_mask(isic / "ISBI2016_ISIC_Part1_Test_GroundTruth" / f"{path.stem}_Segmentation.png")
         picture = picture_of(Image.open(path).convert("RGB"))
-        ours.append(describe_lesion(picture, result.mask))
-        theirs.append(describe_lesion(picture, truth))
+        ours.append(described(picture, result.mask))
+        theirs.append(described(picture, truth))
     table = {}
     for key in NUMERIC:
         pairs = np.array(
@@ -81,8 +118,9 @@ def robustness(isic: Path, model) -> dict:
             table[key]["median_relative_error"] = float(np.median(np.abs(pairs[:, 0] - pairs[:, 1]) / pairs[:, 1]))
     agree = [o.get("asymmetry_axes") == t.get("asymmetry_axes") for o, t in zip(ours, theirs)]
     colours = [o.get("colours_present") == t.get("colours_present") for o, t in zip(ours, theirs)]
+    old = [o.get("old_colours_present") == t.get("old_colours_present") for o, t in zip(ours, theirs)]
     return {"images": len(images), "descriptors": table, "asymmetry_count_agreement": float(np.mean(agree)),
-            "colour_set_agreement": float(np.mean(colours))}  # fmt: skip
+            "colour_set_agreement": float(np.mean(colours)), "old_colour_set_agreement": float(np.mean(old))}  # fmt: skip
 
 
 def ham_rows(ham: Path, ids: list[str], model=None) -> list[dict]:
@@ -93,7 +131,7 @@ def ham_rows(ham: Path, ids: list[str], model=None) -> list[dict]:
         mask = (
             model.segment(path).mask if model else inspect_mask(ham / "masks" / f"{image_id}.png", allow_empty=True)[0]
         )
-        rows.append(describe_lesion(picture, mask))
+        rows.append(described(picture, mask))
     return rows
 
 
@@ -113,25 +151,54 @@ def matrix(rows: list[dict]) -> np.ndarray:
     return np.array([[row.get(k) if row.get(k) is not None else np.nan for k in NUMERIC] for row in rows], float)
 
 
+def axes_count(rows: list[dict], lines: dict[str, float]) -> np.ndarray:
+    """The 0/1/2 count of axes on which any of shape, colour or structure passes its line."""
+    count = np.zeros(len(rows))
+    for axis in ("major", "minor"):
+        passed = np.zeros(len(rows), bool)
+        for kind, line in lines.items():
+            key = f"asymmetry_{axis}" if kind == "shape" else f"asymmetry_{kind}_{axis}"
+            passed |= np.array([(r.get(key) or 0) > line for r in rows])
+        count += passed
+    return count
+
+
 def choose_lines(train_rows: list[dict], y: np.ndarray) -> dict:
-    """The asymmetric-axis share and the colour presence share that best separate melanoma on the training part."""
-    major = np.array([r.get("asymmetry_major", 0) for r in train_rows])
-    minor = np.array([r.get("asymmetry_minor", 0) for r in train_rows])
-    shares = np.array([[r.get(f"colour_{c}", 0) for c in D.COLOURS_RGB] for r in train_rows])
-    asym = {
-        a: roc_auc_score(y, (major > a).astype(int) + (minor > a)) for a in (0.05, 0.075, 0.10, 0.125, 0.15, 0.2, 0.25)
-    }
-    colour = {s: roc_auc_score(y, (shares >= s).sum(1)) for s in (0.01, 0.02, 0.03, 0.05, 0.075, 0.1)}
-    return {"asymmetric": asym, "present_share": colour,
-            "chosen": {"asymmetric": max(asym, key=asym.get), "present_share": max(colour, key=colour.get)}}  # fmt: skip
+    """The asymmetry lines (shape first, alone; then colour and structure with it) that best separate melanoma by
+    the AUROC of the 0/1/2 count, on the training part."""
+    shape = {a: roc_auc_score(y, axes_count(train_rows, {"shape": a})) for a in (0.05, 0.075, 0.10, 0.15)}
+    best_shape = max(shape, key=shape.get)
+    combined = {}
+    for colour in (0.15, 0.2, 0.25, 0.3, 0.4, 9):  # 9: never (that part left out)
+        for texture in (0.15, 0.2, 0.25, 0.3, 0.4, 9):
+            lines = {"shape": best_shape, "colour": colour, "texture": texture}
+            combined[f"colour {colour} texture {texture}"] = roc_auc_score(y, axes_count(train_rows, lines))
+    return {"shape_alone": shape, "with_colour_and_texture": combined,
+            "chosen": {"shape": best_shape, "combined": max(combined, key=combined.get)}}  # fmt: skip
+
+
+def presence_rates(rows: list[dict], diagnoses: list[str], prefix: str = "") -> dict:
+    """Per diagnosis, the share of lesions in which each colour is called present, and the mean count."""
+    rates = {}
+    for dx in DIAGNOSES:
+        chosen = [r for r, d in zip(rows, diagnoses) if d == dx]
+        if chosen:
+            called = [set((r.get(f"{prefix}colours_present") or "").split()) for r in chosen]
+            rates[dx] = {c: float(np.mean([c in s for s in called])) for c in COLOURS} | {
+                "count": float(np.mean([len(s) for s in called])),
+                "lesions": len(chosen),
+            }
+    return rates
 
 
 def signal(ham: Path, split: Path, model) -> dict:
     with open(ham / "metadata.csv", newline="") as handle:
-        meta = {row["image_id"]: row for row in csv.DictReader(handle) if row["dx"] in ("mel", "nv")}
+        every = {row["image_id"]: row for row in csv.DictReader(handle)}
+    meta = {i: row for i, row in every.items() if row["dx"] in ("mel", "nv")}
     external = set(json.loads(split.read_text())["ids"])
     train_ids = sorted(i for i in meta if i not in external)
     test_ids = sorted(i for i in meta if i in external)
+    others = sorted(i for i, row in every.items() if i not in external and row["dx"] not in ("mel", "nv"))
     y_train = np.array([meta[i]["dx"] == "mel" for i in train_ids], int)
     y_test = np.array([meta[i]["dx"] == "mel" for i in test_ids], int)
     groups = np.array([meta[i]["lesion_id"] for i in test_ids])
@@ -145,6 +212,12 @@ def signal(ham: Path, split: Path, model) -> dict:
     result = {"train": {"melanoma": int(y_train.sum()), "nevus": int(len(y_train) - y_train.sum())},
               "external": {"melanoma": int(y_test.sum()), "nevus": int(len(y_test) - y_test.sum())},
               "lines_on_training": lines}  # fmt: skip
+    other_rows = ham_rows(ham, others)
+    diagnoses = [meta[i]["dx"] for i in train_ids] + [every[i]["dx"] for i in others]
+    result["colours_called_on_training"] = {
+        rule: presence_rates(train_rows + other_rows, diagnoses, prefix)
+        for rule, prefix in (("new", ""), ("old", "old_"))
+    }
     for masks, rows in (("release", ham_rows(ham, test_ids, model)), ("expert", ham_rows(ham, test_ids))):
         x = matrix(rows)
         per = {}
@@ -181,7 +254,7 @@ def cost(isic: Path, model, repeats: int = 5, count: int = 100) -> dict:
             for repeat in range(repeats):
                 for kind in ("with", "without"):
                     patch = (
-                        mock.patch.object(prediction, "describe_lesion", lambda *a: {})
+                        mock.patch.object(prediction, "describe", lambda *a: {})
                         if kind == "without"
                         else mock.patch.object(prediction, "OUTLINE_DUMMY", None, create=True)
                     )
@@ -195,7 +268,7 @@ def cost(isic: Path, model, repeats: int = 5, count: int = 100) -> dict:
                 pairs.append((picture_of(picture), model.segment(path).mask))
             start = time.perf_counter()
             for picture, mask in pairs:
-                describe_lesion(picture, mask)
+                describe(picture, mask)
             alone = (time.perf_counter() - start) / len(files)
             with_, without = min(timings["with"]), min(timings["without"])
             results[name] = {"predict_s": with_, "predict_without_descriptors_s": without,

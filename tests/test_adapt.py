@@ -16,7 +16,7 @@ from lesionseg.errors import LesionsegError
 from lesionseg.segment.predictors import OnnxPredictor, released_model
 from lesionseg.train.adapt import run_adapt
 from lesionseg.train.adapt.calibrate import calibration
-from lesionseg.train.adapt.clinic import jaccard_table
+from lesionseg.train.adapt.clinic import BORDERS, border_index, border_table, jaccard_table
 from lesionseg.train.adapt.decide import LOSS_MARGIN, cross_fitted, decided, paired_interval
 from lesionseg.train.adapt.unfold import folded_pairs, model_from_onnx, rebuild_gap
 from lesionseg.train.config import AdaptRecipe
@@ -67,11 +67,48 @@ def test_thresholds_are_chosen_on_the_other_folds_only():
     assert 0 < low < high
 
 
-def test_the_rule_adopts_unless_a_clear_loss_and_falls_back_in_order():
-    assert decided({"finetune": 0.0, "threshold": 0.02}) == "finetune"  # not a contest: the fine-tune is the default
-    assert decided({"finetune": -LOSS_MARGIN, "threshold": 0.0}) == "finetune"
-    assert decided({"finetune": -0.02, "threshold": -0.001}) == "threshold"
-    assert decided({"finetune": -0.02, "threshold": -0.02}) == "start"
+def test_a_clinic_that_outlines_tighter_gets_its_border_moved_in():
+    rows, cols = np.indices((64, 64))
+    maps, truths = [], []
+    for radius in (14, 18, 22, 26):
+        distance = np.hypot(rows - 32, cols - 32)
+        maps.append((1 / (1 + np.exp(3 * (distance - radius)))).astype(np.float32))  # the model: a sharp disc
+        truths.append(distance <= radius * 0.88)  # their outline: 12 % of the radius further in
+    table = border_table(np.stack(maps), truths)
+    offset, threshold = BORDERS[int(np.argmax(table.mean(axis=0)))]
+    assert offset == pytest.approx(-0.12, abs=0.021) and table.max(axis=1).min() > 0.95
+    thresholds_alone = table[:, [border_index(0.0, t) for _, t in BORDERS[: len(BORDERS) // 21]]].mean(axis=0)
+    assert thresholds_alone.max() < 0.85  # the threshold alone cannot move a sharp edge that far
+
+
+def test_a_border_offset_in_the_file_is_what_the_pipeline_applies(tiny_onnx, tmp_path):
+    from lesionseg.segment.pipeline import Pipeline
+    from lesionseg.train.qualityfit import with_metadata
+
+    tighter = with_metadata(tiny_onnx, {"border_offset": "-0.3"}, None, tmp_path / "tighter.onnx")
+    assert OnnxPredictor(tighter).border_offset == -0.3 and OnnxPredictor(tiny_onnx).border_offset == 0.0
+
+    class Disc:  # a model that sees a soft disc of radius 20 in every image
+        image_size, threshold, name, version, border_offset = 64, 0.5, "disc", "1", -0.3
+
+        def __call__(self, images):
+            distance = np.hypot(*(np.indices((64, 64)) - 32))
+            return np.broadcast_to(1 / (1 + np.exp(distance - 20)), (len(images), 1, 64, 64)).astype(np.float32)
+
+    probability = Disc()(np.zeros((1, 3, 64, 64), np.uint8))[0, 0]
+    area = Pipeline(Disc()).result(probability, (64, 64)).mask.sum()
+    assert np.sqrt(area / np.pi) == pytest.approx(20 * 0.7, abs=0.7)
+    bad = with_metadata(tiny_onnx, {"border_offset": "nan"}, None, tmp_path / "bad.onnx")
+    with pytest.raises(LesionsegError, match="border_offset"):
+        OnnxPredictor(bad)
+
+
+def test_the_rule_refuses_a_clear_loss_and_keeps_the_larger_gain():
+    assert decided({"finetune": 0.01, "border": 0.02}) == "border"
+    assert decided({"finetune": 0.02, "border": 0.02}) == "finetune"  # a tie: the fine-tune
+    assert decided({"finetune": -LOSS_MARGIN, "border": -0.02}) == "finetune"  # within the margin: not a clear loss
+    assert decided({"finetune": -0.02, "border": -0.001}) == "border"
+    assert decided({"finetune": -0.02, "border": -0.02}) == "start"
 
 
 def test_the_quality_estimate_is_measured_on_the_clinic_and_kept_as_shipped():
@@ -93,12 +130,13 @@ def test_the_quality_estimate_is_measured_on_the_clinic_and_kept_as_shipped():
 def test_adapt_writes_a_model_predict_takes_and_says_what_it_did(tiny_onnx, tmp_path):
     data = write_plain_pairs(tmp_path / "clinic", 12, size=40)
     report = run_adapt(data, tmp_path / "out", tiny_onnx, QUICK)
-    assert report["masks"] == 12 and report["judged"] == 12 and report["chosen"] in ("start", "threshold", "finetune")
+    assert report["masks"] == 12 and report["judged"] == 12 and report["chosen"] in ("start", "border", "finetune")
     assert len(report["per_image"]["start"]) == 12
     assert report["jaccard_after"] >= report["jaccard_before"] - LOSS_MARGIN
     model = OnnxPredictor(tmp_path / "out" / "model.onnx")
     assert model.metadata["adapt_masks"] == "12" and json.loads(model.metadata["adapt_gain"])["masks"] == 12
     assert float(model.metadata["threshold"]) == report["threshold"]
+    assert model.border_offset == report["border_offset"]
     saved = json.loads((tmp_path / "out" / "adapt.json").read_text())
     assert saved["chosen"] == report["chosen"] and "int8_vs_float" in saved["files"]
     photos = tmp_path / "photos"

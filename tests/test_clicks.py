@@ -136,7 +136,12 @@ def test_the_click_model_trains_resumes_and_exports(tmp_path):
     assert (out / "clicks.onnx").is_file()
     with pytest.raises(Exception, match="--resume"):
         run_train_clicks([str(data)], out, steps=3, batch_size=2)
-    run_train_clicks([str(data)], out, steps=3, batch_size=2, resume=True)
+    from lesionseg.cli import main
+
+    assert (
+        main(["train-clicks", "--data", str(data), "--out", str(out), "--steps", "3", "--batch-size", "2", "--resume"])
+        == 0
+    )
     steps = [line for line in (out / "log.jsonl").read_text().splitlines()]
     assert len(steps) == 3
     model = ClickModel(export_saved(out))

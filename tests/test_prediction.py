@@ -10,7 +10,7 @@ from conftest import local_client
 from lesionseg.cli import main
 from lesionseg.segment.encoders import mask_png_8bit, outline, overlay
 from lesionseg.segment.outputs import Extras
-from lesionseg.segment.pipeline import Pipeline, Segmentation, as_fixed, describe, to_own_size
+from lesionseg.segment.pipeline import Pipeline, Segmentation, as_fixed, describe, offset_border, to_own_size
 from lesionseg.segment.prediction import run_predict
 from lesionseg.train.predictor import TorchPredictor
 
@@ -56,6 +56,18 @@ def test_the_resize_back_in_fixed_point_is_pillows_float_bilinear():
     fixed = to_own_size(probability, 75, 41)
     assert fixed.dtype == np.int32 and fixed.shape == (41, 75)
     assert np.abs(Segmentation(fixed > 0, fixed).probability - np.asarray(as_float)).max() < 1e-6
+
+
+def test_a_border_offset_moves_the_outline_by_a_share_of_the_radius_and_keeps_the_map_soft():
+    rows, cols = np.indices((128, 128))
+    probability = (1 / (1 + np.exp(np.hypot(rows - 64, cols - 64) - 40))).astype(np.float32)  # a soft disc, r = 40
+    radius = lambda p: np.sqrt(np.count_nonzero(p >= 0.5) / np.pi)
+    assert offset_border(probability, 0.0) is probability
+    assert radius(offset_border(probability, -0.1)) == pytest.approx(36, abs=0.6)
+    assert radius(offset_border(probability, 0.1)) == pytest.approx(44, abs=0.6)
+    tighter = offset_border(probability, -0.1)
+    assert 0.1 < tighter[64, 64 + 36] < 0.9  # the edge is still a slope, not a cliff
+    assert offset_border(np.zeros((8, 8), np.float32), -0.3).max() == 0  # nothing to move
 
 
 def test_the_mask_png_is_8_bit_grayscale_0_and_255(tmp_path):

@@ -41,13 +41,17 @@ def test_a_cross_site_write_is_refused_and_nothing_is_written(folder, tmp_path):
     client = local_client(app_for(out))
     blank = blank_of(client)
     for headers in (EVIL, {"origin": "null", **PNG}, {"sec-fetch-site": "cross-site", **PNG}):
-        for url in ("/api/save/0", "/api/accept/0", "/api/tool/largest/0"):
+        for url in ("/api/save/0", "/api/accept/0", "/api/tool/largest/0", "/api/lesion/0"):
             refused = client.post(url, headers=headers, content=blank)
             assert refused.status_code == 403 and "another site" in refused.json()["detail"]
     # a no-cors fetch can only send text/plain, a form or multipart: never image/png without a preflight
     assert client.post("/api/save/0", headers={"content-type": "text/plain"}, content=blank).status_code == 415
     assert not (out / "review" / "masks").exists()
     own = {"origin": "http://127.0.0.1:8001", "sec-fetch-site": "same-origin", **PNG}
+    lesion = client.post("/api/lesion/0", headers=own, content=blank).json()  # an empty mask: every column, empty
+    assert lesion["descriptors"]["lesion_pixels"] == 0 and lesion["drawing"] == {}
+    assert client.post("/api/lesion/0", headers=own, content=b"not a png").status_code == 400
+    assert not (out / "review" / "masks").exists()
     assert client.post("/api/save/0", headers=own, content=blank).status_code == 200
 
 

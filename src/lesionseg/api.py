@@ -13,7 +13,7 @@ from PIL import Image
 from lesionseg.errors import DataError, LesionsegError, require_torch
 from lesionseg.images import check_pixels, checked_pil
 from lesionseg.segment.clicks import Clicker
-from lesionseg.segment.descriptors import describe_lesion, picture_of
+from lesionseg.segment.descriptors import describe
 from lesionseg.segment.pipeline import (
     Pipeline,
     Predictor,  # noqa: E402
@@ -97,7 +97,7 @@ class Segmenter:
         except DataError as exc:
             raise DataError(f"{name}: {exc}") from None
         result = self.pipeline.result(probability, size, name)
-        result.descriptors = describe_lesion(picture_of(picture), result.mask)
+        result.descriptors = describe(picture, result.mask)
         return result
 
 

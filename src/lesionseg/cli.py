@@ -331,7 +331,7 @@ def check_named_paths(args: argparse.Namespace) -> None:
             continue
         value = getattr(args, key, None)
         for path in value if isinstance(value, list) else [value]:
-            if path and not os.path.lexists(path):
+            if isinstance(path, str) and path and not os.path.lexists(path):  # train-clicks' --resume is a flag
                 raise LesionsegError(f"{shown(path)}: {what} not found")
 
 

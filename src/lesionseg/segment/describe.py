@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from lesionseg.errors import DataError, LesionsegError
 from lesionseg.files import output_folder, shown, unusable
 from lesionseg.images import IMAGE_SUFFIXES, inspect_mask, is_image_file
-from lesionseg.segment.descriptors import PixelSizes, describe_lesion, picture_of
+from lesionseg.segment.descriptors import PixelSizes, describe
 from lesionseg.segment.outputs import write_table
 from lesionseg.segment.pipeline import read_for_model
 
@@ -53,8 +53,8 @@ def describe_pair(image: Path, mask_path: Path, pixel_mm: float | None) -> dict[
         raise DataError(
             f"{shown(mask_path)}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {width}x{height}"
         )
-    return {"file": shown(image), "mask": shown(mask_path), "width": width, "height": height} | describe_lesion(
-        picture_of(picture), mask, pixel_mm
+    return {"file": shown(image), "mask": shown(mask_path), "width": width, "height": height} | describe(
+        picture, mask, pixel_mm
     )
 
 

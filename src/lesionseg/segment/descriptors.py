@@ -1,19 +1,20 @@
 """What a dermatologist reads off an outlined lesion, measured from a mask and its image at the image's own size:
-size (area, largest and smallest diameter), shape asymmetry about the two principal axes, border irregularity and
-abruptness, and which of the six dermoscopic colours it holds. Research measurements, not a diagnosis.
+size (area, largest and smallest diameter), asymmetry of shape, colour and structure about the two principal axes,
+border irregularity and abruptness, and which of the six dermoscopic colours it holds (read against the skin
+around it: `colours.py`). Research measurements, not a diagnosis.
 
 Choices, each written down here and in docs/descriptors.md with how it was chosen (training data only):
-- Asymmetry: the share of the lesion that does not overlap its mirror image about each principal axis (through
-  the centroid, along the eigenvectors of the pixel coordinates' covariance); an axis counts as asymmetric above
-  ASYMMETRIC, giving the dermatologist's 0/1/2.
+- Asymmetry, as the ABCD rule weighs it: about each principal axis (through the centroid, along the eigenvectors
+  of the pixel coordinates' covariance), three differences between the halves: the shape (the share of the lesion
+  outside its mirror image), the colours (total variation distance between the halves' colour histograms) and
+  the structure (the same between their histograms of local contrast, the standard deviation of L* in 3x3
+  pixels). An axis is asymmetric when any of the three passes its line; the count is the rule's 0/1/2. A round
+  lesion with pigment on one side is asymmetric here, as it is to a dermatologist.
 - Border irregularity: compactness 4 pi A / P^2 (the perimeter P a Crofton estimate, unbiased for any edge
   direction) for the notched, wiggly border; and solidity A / convex hull area, robust to a few pixels of mask
   noise (our own errors), for lobes and bays.
-- Border abruptness: the lightness step (CIELAB L*) from a band just inside the outline to a band just outside,
-  in eight sectors around the centroid; a sector is abrupt above ABRUPT_STEP.
-- Colours: each lesion pixel, after Shades of Gray colour constancy (the illuminant estimated from the whole
-  image, p = 6), goes to the nearest of six reference colours in CIELAB if within MAX_DELTA_E; a colour is present
-  where it covers at least PRESENT_SHARE of the lesion.
+- Border abruptness: the lightness step (L*, adapted to the skin) from a band just inside the outline to a band
+  just outside, in eight sectors around the centroid; a sector is abrupt above ABRUPT_STEP.
 """
 
 from __future__ import annotations
@@ -21,38 +22,31 @@ from __future__ import annotations
 import csv
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
+from scipy.spatial.distance import pdist
 
 from lesionseg.errors import DataError
 from lesionseg.files import shown
+from lesionseg.segment.colours import COLOURS, IGNORED, NONE, ColourReading, distance_outside, read_colours
 
-# The six dermoscopic colours as sRGB, from the colour-detection literature (Seidenari et al. 2005, Barata et al.
-# 2015) and checked against HAM10000 training images; converted to CIELAB once below.
-COLOURS_RGB = {
-    "white": (235, 230, 225),
-    "red": (190, 60, 70),
-    "light_brown": (185, 125, 85),
-    "dark_brown": (100, 55, 35),
-    "blue_gray": (105, 115, 140),
-    "black": (35, 30, 30),
-}
-ASYMMETRIC = 0.075  # non-overlapping share above which an axis is asymmetric: chosen on HAM10000 training images
+ASYMMETRIC = {"shape": 0.075, "colour": 0.20, "texture": 0.30}  # per axis, the line each difference must pass:
+# chosen on HAM10000 training images (docs/descriptors.md)
 ABRUPT_STEP = 10.0  # L* units between the bands inside and outside the outline for an abrupt sector
 SECTORS = 8
-MAX_DELTA_E = 30.0  # a pixel farther than this from every reference colour is none of the six
-PRESENT_SHARE = 0.05  # a colour is present where it covers this share (1 % separated melanoma a little better on
-# HAM10000 training images, 0.640 against 0.615 AUROC, but counts hair and shadow as black: docs/descriptors.md)
+CONTRAST_EDGES = (1.5, 3.0, 6.0)  # L* standard deviation in 3x3: smooth, fine, coarse, sharp structure
+MIN_HALF = 20  # readable pixels each half needs before its colours or structure are compared
 MAX_POINTS = 2_000  # lesion pixels sampled for colours and asymmetry: shares to about half a percent
 
 # Every descriptor, declared once (as scikit-image's regionprops declares its properties): every row carries every
 # column, None where it cannot be measured (no lesion; no pixel size for the mm columns).
 COLUMNS = {
-    "area_px": "lesion pixels at the image's own size",
+    "lesion_pixels": "lesion pixels at the image's own size",
     "diameter_max_px": "largest width (Feret), own pixels",
     "diameter_min_px": "smallest width (caliper), own pixels",
     "compactness": "4 pi area / perimeter^2: 1 for a disc, lower for a notched border",
@@ -60,14 +54,22 @@ COLUMNS = {
     "area_mm2": "area in mm^2 (with a pixel size)",
     "diameter_max_mm": "largest width in mm (with a pixel size)",
     "diameter_min_mm": "smallest width in mm (with a pixel size)",
-    "asymmetry_major": "share of the lesion outside its mirror image about the major axis",
-    "asymmetry_minor": "the same about the minor axis",
-    "asymmetry_axes": "axes above ASYMMETRIC: the ABCD rule's 0/1/2 (shape only)",
+    "asymmetry_major": "shape: share of the lesion outside its mirror image about the major axis",
+    "asymmetry_minor": "shape: the same about the minor axis",
+    "asymmetry_colour_major": "colour: total variation distance between the colours of the halves either side of the major axis",
+    "asymmetry_colour_minor": "colour: the same for the minor axis",
+    "asymmetry_texture_major": "structure: the same between the halves' local contrast, major axis",
+    "asymmetry_texture_minor": "structure: the same, minor axis",
+    "asymmetry_shape_axes": "axes asymmetric in shape alone (0/1/2)",
+    "asymmetry_axes": "axes asymmetric in shape, colour or structure: the ABCD rule's 0/1/2",
     "border_step_mean": "mean L* step across the outline, eight sectors",
     "border_abrupt_sectors": "sectors whose step exceeds ABRUPT_STEP",
-    **{f"colour_{name}": f"share of the lesion nearest to {name.replace('_', ' ')}" for name in COLOURS_RGB},
-    "colours": "how many of the six colours cover at least PRESENT_SHARE",
+    **{
+        f"colour_{name}": f"share of the lesion's readable pixels that are {name.replace('_', ' ')}" for name in COLOURS
+    },
+    "colours": "how many of the six colours are present (each at its own share)",
     "colours_present": "their names, space-separated",
+    "colour_unreadable": "share of the lesion left out of the colours: reflections, bubbles, hair, vignette",
 }
 
 
@@ -76,75 +78,103 @@ def declared(values: dict[str, Any]) -> dict[str, Any]:
     return {name: values.get(name) for name in COLUMNS}
 
 
-SRGB_TO_LINEAR = np.where(
-    np.arange(256) / 255 <= 0.04045, np.arange(256) / 255 / 12.92, ((np.arange(256) / 255 + 0.055) / 1.055) ** 2.4
-).astype(np.float32)  # the sRGB transfer curve for every 8-bit value: a lookup instead of a power per pixel
-RGB_TO_XYZ = np.array([[0.4124, 0.2126, 0.0193], [0.3576, 0.7152, 0.1192], [0.1805, 0.0722, 0.9505]], np.float32)
-WHITE_D65 = np.array([0.95047, 1.0, 1.08883], np.float32)
-
-
-def linear_to_lab(linear: np.ndarray) -> np.ndarray:
-    """(..., 3) linear RGB in 0..1 -> CIELAB (D65), the CIE formulas."""
-    xyz = (linear @ RGB_TO_XYZ) / WHITE_D65
-    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
-    return np.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]), 200 * (f[..., 1] - f[..., 2])], axis=-1)
-
-
-def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """(..., 3) sRGB 0..255 -> CIELAB."""
-    return linear_to_lab(SRGB_TO_LINEAR[np.clip(np.rint(rgb), 0, 255).astype(np.uint8)])
-
-
-COLOURS_LAB = srgb_to_lab(np.array(list(COLOURS_RGB.values())))
-
-
-def neutral_gain(image: np.ndarray, p: int = 6) -> np.ndarray:
-    """Shades of Gray: per-channel gains on linear RGB that make the image's p-norm mean grey (the illuminant
-    estimated from the whole picture, skin and lesion alike)."""
-    linear = SRGB_TO_LINEAR[image.reshape(-1, 3)[:: max(1, image.size // 3 // 2_000)]]
-    norm = np.power(np.mean(np.power(linear, p), axis=0), 1 / p) + 1e-6
-    return (norm.mean() / norm).astype(np.float32)
-
-
-def lab_of(image: np.ndarray, rows: np.ndarray, cols: np.ndarray, gain: np.ndarray) -> np.ndarray:
-    """CIELAB of the chosen pixels under a neutral illuminant."""
-    return linear_to_lab(np.minimum(SRGB_TO_LINEAR[image[rows, cols]] * gain, 1.0))
-
-
-def diameters(points: np.ndarray) -> tuple[float, float]:
-    """Largest (Feret) and smallest (caliper) width of a point set, from its convex hull."""
-    if len(points) < 3:  # no hull: the span between the points (pixel centres) plus one pixel
-        span = float(np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1)).max()) + 1 if len(points) else 0.0
-        return span, float(len(points) > 0)
+def hull_of(points: np.ndarray) -> np.ndarray | None:
+    """The convex hull's vertices in order, or None where there is no hull (fewer than 3 points, all on a line)."""
+    if len(points) < 3:
+        return None
     try:
-        hull = points[ConvexHull(points).vertices]
-    except QhullError:  # all on a line: its length, one pixel wide
-        return float(np.sqrt(((points[:, None] - points[None]) ** 2).sum(-1)).max()) + 1, 1.0
-    largest = float(np.sqrt(((hull[:, None] - hull[None]) ** 2).sum(-1)).max()) + 1
+        return points[ConvexHull(points).vertices]
+    except QhullError:
+        return None
+
+
+def diameters(points: np.ndarray, hull: np.ndarray | None) -> tuple[float, float]:
+    """Largest (Feret) and smallest (caliper) width of a point set, from its convex hull."""
+    if hull is None:  # no hull: the span between the points (pixel centres) plus one pixel, one pixel wide
+        span = float(pdist(points).max()) + 1 if len(points) > 1 else float(len(points))
+        return span, float(len(points) > 0)
+    largest = float(pdist(hull).max()) + 1
     edges = np.roll(hull, -1, axis=0) - hull
     normals = np.stack([-edges[:, 1], edges[:, 0]], 1) / np.maximum(np.linalg.norm(edges, axis=1, keepdims=True), 1e-9)
     projections = hull @ normals.T  # (vertices, edges): the hull's extent across each edge's normal
     return largest, float(np.ptp(projections, axis=0).min()) + 1
 
 
-def asymmetry(mask: np.ndarray, points: np.ndarray) -> list[float]:
-    """For each principal axis (major first), the share of lesion pixels whose mirror image falls outside it.
-    One or two pixels have no principal axes and are symmetric about any line through their centre."""
-    if len(points) < 3:
-        return [0.0, 0.0]
-    centre = points.mean(axis=0)
-    _, vectors = np.linalg.eigh(np.cov((points - centre).T))
-    major, minor = vectors[:, 1], vectors[:, 0]
-    shares = []
-    for axis in (major, minor):
-        offset = points - centre
-        mirrored = centre + 2 * np.outer(offset @ axis, axis) - offset  # reflected about the line along `axis`
+def polygon_area(vertices: np.ndarray) -> float:
+    """The shoelace formula, for the hull's ordered vertices."""
+    x, y = vertices[:, 0], vertices[:, 1]
+    return 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+
+
+@dataclass
+class Axes:
+    """The lesion's principal axes: its centroid and the two unit directions (major first), in picture pixels."""
+
+    centre: np.ndarray
+    directions: tuple[np.ndarray, np.ndarray]
+
+    @classmethod
+    def of(cls, points: np.ndarray) -> Axes:
+        centre = points.mean(axis=0)
+        if len(points) < 3:  # one or two pixels: no principal axes; any pair of perpendicular lines
+            return cls(centre, (np.array([0.0, 1.0]), np.array([1.0, 0.0])))
+        _, vectors = np.linalg.eigh(np.cov((points - centre).T))
+        return cls(centre, (vectors[:, 1], vectors[:, 0]))
+
+    def mirrored_share(self, mask: np.ndarray, points: np.ndarray, axis: int) -> float:
+        """Share of `points` whose mirror image about the axis falls outside the mask."""
+        direction = self.directions[axis]
+        offset = points - self.centre
+        mirrored = self.centre + 2 * np.outer(offset @ direction, direction) - offset
         rows, cols = np.rint(mirrored[:, 0]).astype(int), np.rint(mirrored[:, 1]).astype(int)
         inside = (rows >= 0) & (rows < mask.shape[0]) & (cols >= 0) & (cols < mask.shape[1])
         hit = np.zeros(len(points), bool)
         hit[inside] = mask[rows[inside], cols[inside]]
-        shares.append(float(1 - hit.mean()))
-    return shares
+        return float(1 - hit.mean())
+
+    def side(self, points: np.ndarray, axis: int) -> np.ndarray:
+        """Which half each point lies in: True on the positive side of the line along `axis`."""
+        return (points - self.centre) @ self.directions[1 - axis] > 0
+
+
+def halves_distance(labels: np.ndarray, side: np.ndarray, bins: int) -> float:
+    """Total variation distance between the label histograms of the two halves (labels >= bins are left out);
+    0 where a half has fewer than MIN_HALF readable pixels."""
+    readable = labels < bins
+    one, other = labels[readable & side], labels[readable & ~side]
+    if len(one) < MIN_HALF or len(other) < MIN_HALF:
+        return 0.0
+    p = np.bincount(one, minlength=bins) / len(one)
+    q = np.bincount(other, minlength=bins) / len(other)
+    return float(0.5 * np.abs(p - q).sum())
+
+
+def local_contrast(lightness: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Standard deviation of L* over 3x3 pixels at the chosen pixels, binned by CONTRAST_EDGES: the structure."""
+    mean = ndimage.uniform_filter(lightness, 3)[rows, cols]
+    spread = np.sqrt(np.maximum(ndimage.uniform_filter(lightness * lightness, 3)[rows, cols] - mean * mean, 0))
+    return np.digitize(spread, CONTRAST_EDGES).astype(np.uint8)
+
+
+def asymmetry(mask: np.ndarray, points: np.ndarray, reading: ColourReading, axes: Axes) -> dict[str, Any]:
+    """Shape, colour and structure differences about each principal axis, and the 0/1/2 counts."""
+    rows, cols = points[:, 0].astype(int), points[:, 1].astype(int)
+    colours = reading.classes[rows, cols]
+    structure = np.where(colours == IGNORED, 255, local_contrast(reading.lightness, rows, cols))
+    out, shape_axes, any_axes = {}, 0, 0
+    for axis, name in enumerate(("major", "minor")):
+        side = axes.side(points, axis)
+        measured = {
+            "shape": axes.mirrored_share(mask, points, axis) if len(points) >= 3 else 0.0,
+            "colour": halves_distance(colours, side, NONE + 1),
+            "texture": halves_distance(structure, side, len(CONTRAST_EDGES) + 1),
+        }
+        out[f"asymmetry_{name}"] = round(measured["shape"], 4)
+        out[f"asymmetry_colour_{name}"] = round(measured["colour"], 4)
+        out[f"asymmetry_texture_{name}"] = round(measured["texture"], 4)
+        shape_axes += measured["shape"] > ASYMMETRIC["shape"]
+        any_axes += any(measured[kind] > ASYMMETRIC[kind] for kind in ASYMMETRIC)
+    return out | {"asymmetry_shape_axes": int(shape_axes), "asymmetry_axes": int(any_axes)}
 
 
 def perimeter(mask: np.ndarray) -> float:
@@ -154,31 +184,24 @@ def perimeter(mask: np.ndarray) -> float:
     return transitions * math.pi / 4
 
 
-def border_steps(image: np.ndarray, mask: np.ndarray, gain: np.ndarray, band: int) -> np.ndarray:
+def border_steps(lightness: np.ndarray, mask: np.ndarray, outside: np.ndarray, band: int) -> np.ndarray:
     """Per sector around the centroid: mean L* in a band just outside the outline minus just inside (skin is
-    lighter than pigment, so a sharp edge is a large positive step)."""
-    inner = np.argwhere(mask & ~ndimage.binary_erosion(mask, iterations=band))
-    outer = np.argwhere(ndimage.binary_dilation(mask, iterations=band) & ~mask)
+    lighter than pigment, so a sharp edge is a large positive step). `outside`: colours.distance_outside."""
+    inside = ndimage.distance_transform_cdt(mask, metric="taxicab")
+    inner = np.argwhere(mask & (inside <= band))
+    outer = np.argwhere((outside > 0) & (outside <= band))
     centre = np.argwhere(mask).mean(axis=0)
     steps = np.full(SECTORS, np.nan)
     sums = []
     for ring in (inner, outer):
-        lightness = lab_of(image, ring[:, 0], ring[:, 1], gain)[:, 0]
+        values = lightness[ring[:, 0], ring[:, 1]]
         angle = np.arctan2(ring[:, 0] - centre[0], ring[:, 1] - centre[1])
         sector = ((angle + math.pi) / (2 * math.pi) * SECTORS).astype(int) % SECTORS
-        sums.append((np.bincount(sector, lightness, SECTORS), np.bincount(sector, minlength=SECTORS)))
+        sums.append((np.bincount(sector, values, SECTORS), np.bincount(sector, minlength=SECTORS)))
     (in_sum, in_n), (out_sum, out_n) = sums
     both = (in_n > 0) & (out_n > 0)
     steps[both] = out_sum[both] / out_n[both] - in_sum[both] / in_n[both]
     return steps
-
-
-def colour_shares(lab: np.ndarray) -> np.ndarray:
-    """(N,3) CIELAB lesion pixels -> the share of them nearest each reference colour (within MAX_DELTA_E)."""
-    distance = np.sqrt(((lab[:, None, :] - COLOURS_LAB[None].astype(np.float32)) ** 2).sum(-1))
-    nearest = distance.argmin(axis=1)
-    close = distance[np.arange(len(lab)), nearest] <= MAX_DELTA_E
-    return np.bincount(nearest[close], minlength=len(COLOURS_RGB)) / max(len(lab), 1)
 
 
 def at_size(mask: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -195,14 +218,12 @@ def geometry(mask: np.ndarray, scale: tuple[float, float], area: int, pixel_mm: 
     (`scale`: own pixels per working pixel, rows and columns); `area` counted at the own size."""
     edge = mask & ~ndimage.binary_erosion(mask)
     centres = np.argwhere(edge).astype(np.float64) * scale  # pixel centres, in own-size units
-    largest, smallest = diameters(centres)
+    hull = hull_of(centres)
+    largest, smallest = diameters(centres, hull)
     largest, smallest = largest - 1 + max(scale), smallest - 1 + min(scale)  # centres to outer edges
-    try:
-        hull_area = ConvexHull(centres).volume / (scale[0] * scale[1]) if len(centres) >= 3 else mask.sum()
-    except QhullError:
-        hull_area = mask.sum()
+    hull_area = polygon_area(hull) / (scale[0] * scale[1]) if hull is not None else mask.sum()
     out = {
-        "area_px": area,
+        "lesion_pixels": area,
         "diameter_max_px": round(float(largest), 2),
         "diameter_min_px": round(float(smallest), 2),
         "compactness": round(float(min(1.0, 4 * math.pi * mask.sum() / perimeter(mask) ** 2)), 4),
@@ -217,46 +238,99 @@ def geometry(mask: np.ndarray, scale: tuple[float, float], area: int, pixel_mm: 
     return out
 
 
-def describe_lesion(image: np.ndarray, mask: np.ndarray, pixel_mm: float | None = None) -> dict[str, Any]:
-    """(h,w,3) uint8 RGB image (the image, or a reduced decode of it: predict passes what it decoded for the
-    model, about 128-256 px) and its (H,W) bool mask at the image's own size -> the descriptors, flat (one table
-    column each). Everything is read at the image's resolution (the mask sampled to it), lengths reported in the
-    image's own pixels; the area is counted at the own size. Every column of COLUMNS, None where not measured."""
+def colour_columns(reading: ColourReading, small: np.ndarray) -> dict[str, Any]:
+    shares = reading.shares(small)
+    present = reading.present(shares)
+    return {
+        **{f"colour_{name}": round(float(share), 4) for name, share in zip(COLOURS, shares)},
+        "colours": len(present),
+        "colours_present": " ".join(present),
+        "colour_unreadable": round(float(np.mean(reading.classes[small] == IGNORED)), 4),
+    }
+
+
+@dataclass
+class Measurement:
+    """One lesion's descriptors (`columns`, every one of COLUMNS) and what a page draws to show why."""
+
+    columns: dict[str, Any]
+    picture_shape: tuple[int, int] = (0, 0)
+    scale: tuple[float, float] = (1.0, 1.0)  # own pixels per picture pixel (rows, columns)
+    axes: Axes | None = None
+    extent: float = 0.0  # half the largest diameter, picture pixels
+    reading: ColourReading | None = None
+    lesion: np.ndarray | None = None  # the mask at the picture's size
+
+    def drawing(self) -> dict[str, Any]:
+        """The two axes (ends in the image's own pixels, x then y, and what made each asymmetric) and the colour
+        regions as a small class map (row-major, picture size; COLOURS' index, 6 none, 7 left out, 255 outside
+        the lesion)."""
+        if self.axes is None or self.reading is None or self.lesion is None:
+            return {}
+        lines = []
+        for axis, name in enumerate(("major", "minor")):
+            ends = [self.axes.centre + sign * self.extent * self.axes.directions[axis] for sign in (-1, 1)]
+            why = [kind for kind in ASYMMETRIC if (self.columns[f"asymmetry_{'' if kind == 'shape' else kind + '_'}{name}"]
+                                                    > ASYMMETRIC[kind])]  # fmt: skip
+            lines.append({"axis": name, "ends": [[float((e[1] + 0.5) * self.scale[1]), float((e[0] + 0.5) * self.scale[0])]
+                                                 for e in ends],
+                          "asymmetric_in": why})  # fmt: skip
+        height, width = self.picture_shape
+        classes = np.where(self.lesion, self.reading.classes, 255)
+        return {
+            "axes": lines,
+            "colours": list(COLOURS),
+            "classes_size": [width, height],
+            "classes": classes.ravel().tolist(),
+        }
+
+
+def measure(image, mask: np.ndarray, pixel_mm: float | None = None) -> Measurement:
+    """The lesion of an image (PIL or (h,w,3) uint8 RGB, at its own size or a reduced decode; reduced further to
+    at most PICTURE_PIXELS) and its (H,W) bool mask at the image's own size. Everything is read at the picture's
+    resolution (the mask sampled to it), lengths reported in the image's own pixels; the area counted at the own
+    size. Every column of COLUMNS, None where not measured."""
     area = int(np.count_nonzero(mask))
     if area == 0:
-        return declared({"area_px": 0})
-    small = at_size(mask, image.shape[0], image.shape[1])
+        return Measurement(declared({"lesion_pixels": 0}))
+    picture = picture_of(image)
+    small = at_size(mask, picture.shape[0], picture.shape[1])
     if not small.any():  # a lesion smaller than one pixel of the reduced image
-        return declared({"area_px": area})
-    scale = (mask.shape[0] / image.shape[0], mask.shape[1] / image.shape[1])
+        return Measurement(declared({"lesion_pixels": area}))
+    scale = (mask.shape[0] / picture.shape[0], mask.shape[1] / picture.shape[1])
     out = geometry(small, scale, area, pixel_mm)
+    outside = distance_outside(small)
+    reading = read_colours(picture, small, outside)
     points = np.argwhere(small).astype(np.float64)
     sample = points[:: max(1, len(points) // MAX_POINTS)]
-    axes = asymmetry(small, sample)
-    out |= {
-        "asymmetry_major": round(axes[0], 4),
-        "asymmetry_minor": round(axes[1], 4),
-        "asymmetry_axes": sum(a > ASYMMETRIC for a in axes),
-    }
-    gain = neutral_gain(image)
+    axes = Axes.of(sample)
+    out |= asymmetry(small, sample, reading, axes)
     band = max(1, round(math.sqrt(len(points) / math.pi) * 0.1))  # a tenth of the equivalent radius
-    steps = border_steps(image, small, gain, band)
+    steps = border_steps(reading.lightness, small, outside, band)
     out["border_step_mean"] = round(float(np.nanmean(steps)), 3) if np.isfinite(steps).any() else None
     out["border_abrupt_sectors"] = int(np.sum(np.nan_to_num(steps) > ABRUPT_STEP))
-    rows, cols = sample[:, 0].astype(int), sample[:, 1].astype(int)
-    shares = colour_shares(lab_of(image, rows, cols, gain))
-    for name, share in zip(COLOURS_RGB, shares):
-        out[f"colour_{name}"] = round(float(share), 4)
-    out["colours"] = int(np.sum(shares >= PRESENT_SHARE))
-    out["colours_present"] = " ".join(name for name, share in zip(COLOURS_RGB, shares) if share >= PRESENT_SHARE)
-    return declared(out)
+    out |= colour_columns(reading, small)
+    extent = out["diameter_max_px"] / 2 / max(scale)
+    return Measurement(declared(out), small.shape, scale, axes, extent, reading, small)
+
+
+def describe(image, mask: np.ndarray, pixel_mm: float | None = None) -> dict[str, Any]:
+    """The descriptors of one lesion as one table row: `measure(...).columns`. What every caller uses (predict,
+    the API, the service, `lesionseg describe`), so that each reads the same picture the same way."""
+    return measure(image, mask, pixel_mm).columns
 
 
 PICTURE_PIXELS = 16_384  # colours and borders are read from a copy at most this large: plenty for shares
 
 
 def picture_of(image) -> np.ndarray:
-    """(h,w,3) uint8 of a PIL image (often already a reduced decode), reduced further past PICTURE_PIXELS."""
+    """(h,w,3) uint8 of a PIL image or an array (often already a reduced decode), reduced past PICTURE_PIXELS."""
+    from PIL import Image
+
+    if isinstance(image, np.ndarray):
+        if image.shape[0] * image.shape[1] <= PICTURE_PIXELS:
+            return image
+        image = Image.fromarray(image)
     factor = math.ceil(math.sqrt(image.width * image.height / PICTURE_PIXELS))
     if factor > 1:
         image = image.reduce(factor)

@@ -28,7 +28,7 @@ from lesionseg import dicom
 from lesionseg.errors import DataError, LesionsegError
 from lesionseg.files import held_by_another, locked, output_folder, shown, write_atomically
 from lesionseg.images import MAX_PIXELS, PixelBudget, decode_image
-from lesionseg.segment.descriptors import PixelSizes, describe_lesion, picture_of
+from lesionseg.segment.descriptors import PixelSizes, describe, picture_of
 from lesionseg.segment.dicomseg import write_segmentation
 from lesionseg.segment.encoders import mask_png_8bit, overlay, probability_image
 from lesionseg.segment.inputs import Inputs, collect_inputs, output_stems
@@ -285,7 +285,7 @@ def finish_one(
     worker thread; both workers together hold at most MAX_PIXELS at full size)."""
     with FULL_SIZE.hold(item.size[0] * item.size[1]):
         result = pipeline.result(probability, item.size, shown(item.path))
-        lesion = describe_lesion(item.picture, result.mask, item.identity["pixel_mm"])
+        lesion = describe(item.picture, result.mask, item.identity["pixel_mm"])
         row, mask = {**result.stats, **lesion, **item.identity, **item.archive, **plan.model}, result.mask
         grey = probability_image(result) if extras.probabilities else None
         del result  # the full-size probabilities are not needed for the files: one large array fewer at a time

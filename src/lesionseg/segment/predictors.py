@@ -5,6 +5,7 @@ predictor lives with training (`lesionseg.train.predictor`).
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from importlib import resources
@@ -24,6 +25,8 @@ OPENVINO_EXTRA = "pip install 'lesionseg[openvino]'"
 IMAGE_SIZES = range(32, 1024 + 1, 32)  # a model's input size: the encoder halves it five times
 MAX_NAME = 200  # characters: a name is shown on the page and in every reply of the service
 PRECISIONS = ("float32", "int8", "bf16")  # inference: float32 in onnxruntime; int8 and bf16 in OpenVINO
+BORDER_OFFSET_KEY = "border_offset"  # the outline moved out (+) or in (-) by this share of the lesion's radius
+MAX_BORDER_OFFSET = 0.5
 MODEL_CHECK_BYTES = 1536 * 2**20  # what loading and one dry run of a model may take (the release U-Net: ~0.1 GB)
 
 
@@ -40,6 +43,12 @@ def metadata_problem(metadata: dict[str, str]) -> str | None:
         return f"metadata image_size {size} is not a multiple of 32 from 32 to 1024"
     if not 0 < threshold < 1:
         return "metadata threshold missing or not in (0, 1)"
+    try:
+        offset = float(metadata.get(BORDER_OFFSET_KEY, "0"))
+    except ValueError:
+        offset = math.nan
+    if not abs(offset) <= MAX_BORDER_OFFSET:
+        return f"metadata {BORDER_OFFSET_KEY} is not a number in [-{MAX_BORDER_OFFSET}, {MAX_BORDER_OFFSET}]"
     for key in ("name", "version"):
         if len(metadata.get(key, "")) > MAX_NAME:
             return f"metadata {key} is {len(metadata[key]):,} characters; at most {MAX_NAME}"
@@ -117,6 +126,7 @@ class OnnxPredictor:
         self.session = open_session(path, threads)
         self.metadata = self.session.get_modelmeta().custom_metadata_map
         self.image_size, self.threshold = int(self.metadata["image_size"]), float(self.metadata["threshold"])
+        self.border_offset = float(self.metadata.get(BORDER_OFFSET_KEY, "0"))  # checked above; adapt fits it
         self.name = self.metadata.get("name", f"{self.metadata.get('arch', 'model')} ({self.image_size} px)")
         self.version = self.metadata.get("version", path.name)
         self.quality = QualityModel.from_metadata(self.metadata.get(QUALITY_KEY))  # checked above

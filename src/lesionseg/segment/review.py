@@ -27,6 +27,7 @@ from PIL import Image
 from lesionseg.errors import DataError, LesionsegError
 from lesionseg.files import locked, output_folder, shown, write_atomically
 from lesionseg.images import decode_image, inspect_mask, open_checked, read_mask
+from lesionseg.segment.descriptors import measure
 from lesionseg.segment.encoders import mask_png_8bit
 from lesionseg.segment.outputs import MASKS, PROBABILITIES, RECORD, read_table
 from lesionseg.segment.pipeline import Refinements, refined_mask
@@ -198,6 +199,14 @@ class ReviewFolder:
         buffer = io.BytesIO()
         Image.fromarray(grey).save(buffer, format="PNG")
         return buffer.getvalue()
+
+    def lesion(self, item: Item, mask: np.ndarray) -> dict[str, Any]:
+        """The descriptors and the drawing (axes, colour regions) of `mask` on this item's image, nothing saved:
+        what the page shows of the mask it holds."""
+        image, _ = decode_image(self.image_path(item), shown(self.image_path(item)))
+        pixel_mm = item.row.get("pixel_mm")
+        measured = measure(image, mask, pixel_mm if isinstance(pixel_mm, (int, float)) and pixel_mm > 0 else None)
+        return {"descriptors": measured.columns, "drawing": measured.drawing()}
 
     def checked_mask(self, item: Item, data: bytes) -> np.ndarray:
         """A mask the page sent: a PNG of this image's own size, bounded in bytes, read by the rule every mask

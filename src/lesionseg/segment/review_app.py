@@ -6,7 +6,6 @@ import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from lesionseg.files import shown
 from lesionseg.segment.clicks import Clicker, parsed_points
 from lesionseg.segment.encoders import mask_png_8bit, probability_image
 from lesionseg.segment.guard import LocalOnly, allowed_hosts
+from lesionseg.segment.pages import page_text, serve_shared_script
 from lesionseg.segment.pipeline import FIXED_POINT, Pipeline, model_input, read_for_model, to_own_size
 from lesionseg.segment.review import MAX_MASK_BYTES, Item, ReviewFolder, holding, refined
 
@@ -47,7 +47,8 @@ def create_review_app(
     """The page and its API behind the door of `guard.py`: only our own names, only our own page writes."""
     app = FastAPI(title="lesionseg review", description="Review and correct a predict folder's masks")
     app.add_middleware(LocalOnly, hosts=hosts)
-    page = resources.files("lesionseg.segment").joinpath("static", "review.html").read_text()
+    page = page_text("review.html")
+    serve_shared_script(app)
 
     def item(index: int):
         try:
@@ -103,6 +104,12 @@ def create_review_app(
     @app.post("/api/accept/{index}")
     def accept(index: int) -> dict:
         return answer(lambda: folder.accept(item(index)))
+
+    @app.post("/api/lesion/{index}")
+    async def lesion(index: int, request: Request) -> dict:
+        """The descriptors and drawing of the page's current mask (image/png), nothing saved."""
+        data, chosen = await body(request), item(index)
+        return answer(lambda: folder.lesion(chosen, folder.checked_mask(chosen, data)))
 
     tools = page_tools(folder, clicker)
 

@@ -17,7 +17,6 @@ import threading
 import time
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from importlib import resources
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, UploadFile
@@ -27,10 +26,11 @@ from PIL import Image
 from lesionseg.errors import DataError, ImageTooLargeError, NotAnImageError
 from lesionseg.files import shown
 from lesionseg.images import MAX_PIXELS, PixelBudget, decode_image, open_checked
-from lesionseg.segment.descriptors import describe_lesion, picture_of
+from lesionseg.segment.descriptors import measure, picture_of
 from lesionseg.segment.encoders import mask_png, png_bytes
 from lesionseg.segment.encoders import overlay as outlined
 from lesionseg.segment.guard import LocalOnly, allowed_hosts
+from lesionseg.segment.pages import page_text, serve_shared_script
 from lesionseg.segment.pipeline import Pipeline, Predictor, model_input, read_for_model
 from lesionseg.segment.predictors import MAX_NAME
 
@@ -199,7 +199,8 @@ def create_app(
     app.add_middleware(BoundedUpload, max_bytes=max_upload_bytes + MULTIPART_OVERHEAD, seconds=upload_timeout_s)
     app.add_middleware(LocalOnly, hosts=hosts)  # added last, so it runs first
     app.state.batcher = batcher
-    page = resources.files("lesionseg.segment").joinpath("static", "index.html").read_text()
+    page = page_text("index.html")
+    serve_shared_script(app)
     full_size = PixelBudget(MAX_PIXELS)
 
     @app.get("/", response_class=HTMLResponse)
@@ -230,9 +231,11 @@ def create_app(
             raise HTTPException(503, f"{name}: server busy ({exc}); retry later") from None
         with full_size.hold(size[0] * size[1]):
             result = batched.result(probability, size, name)
+            lesion = measure(picture, result.mask)
             reply = {
                 **result.stats,
-                "descriptors": describe_lesion(picture, result.mask),
+                "descriptors": lesion.columns,
+                "drawing": lesion.drawing(),
                 "model": pipeline.name,
                 "version": pipeline.version,
                 "mask_png": as_base64(mask_png(result.mask)),

@@ -1,8 +1,9 @@
 """A clinic's image/mask pairs as adapt uses them, read once, and each image's Jaccard at its own size for many
-thresholds."""
+borders: thresholds, and offsets of the outline by a share of the lesion's radius (`pipeline.offset_border`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,11 +12,14 @@ import torch
 
 from lesionseg.errors import DataError
 from lesionseg.images import inspect_mask
-from lesionseg.segment.pipeline import FIXED_POINT, to_own_size
+from lesionseg.segment.pipeline import FIXED_POINT, offset_border, to_own_size
 from lesionseg.segment.review import read_journal
 from lesionseg.train.data import _decode, find_pairs
 
 THRESHOLDS = tuple(np.round(np.arange(0.20, 0.801, 0.025), 3))
+OFFSETS = tuple(np.round(np.arange(-0.20, 0.201, 0.02), 3))  # shares of the equivalent radius; 0 in the middle
+BORDERS = tuple((offset, threshold) for offset in OFFSETS for threshold in THRESHOLDS)  # border_table's columns
+SCORED_PIXELS = 2**17  # a larger truth is scored on a reduced grid: the Jaccard moves by well under 0.001
 
 
 @dataclass
@@ -63,11 +67,18 @@ def corrected_flags(data: str | Path, ids: list[str]) -> np.ndarray:
     return np.array([saved.get(image_id, {}).get("action") != "accepted" for image_id in ids])
 
 
+def scoring_grid(truth: np.ndarray) -> np.ndarray:
+    """The truth itself, or (past SCORED_PIXELS) sampled nearest on a grid of about that many pixels."""
+    factor = math.ceil(math.sqrt(truth.size / SCORED_PIXELS))
+    return truth if factor == 1 else truth[factor // 2 :: factor, factor // 2 :: factor]
+
+
 def jaccard_table(maps: np.ndarray, truths: list[np.ndarray], thresholds=THRESHOLDS) -> np.ndarray:
     """(N, T): each image's Jaccard at its own size (the resize `predict` does) at each threshold."""
     table = np.empty((len(truths), len(thresholds)))
     cuts = np.asarray(thresholds) * FIXED_POINT
     for n, (p, truth) in enumerate(zip(maps, truths)):
+        truth = scoring_grid(truth)
         fixed = to_own_size(p, truth.shape[1], truth.shape[0]).ravel()
         everything, lesion = np.sort(fixed), np.sort(fixed[truth.ravel()])
         predicted = len(everything) - np.searchsorted(everything, cuts, "left")
@@ -75,3 +86,15 @@ def jaccard_table(maps: np.ndarray, truths: list[np.ndarray], thresholds=THRESHO
         union = predicted + len(lesion) - hit
         table[n] = np.where(union > 0, hit / np.maximum(union, 1), 1.0)
     return table
+
+
+def border_table(maps: np.ndarray, truths: list[np.ndarray]) -> np.ndarray:
+    """(N, len(BORDERS)): each image's Jaccard for every (offset, threshold) pair, in BORDERS' order."""
+    tables = [jaccard_table(np.stack([offset_border(p, offset) for p in maps]), truths) for offset in OFFSETS]
+    return np.concatenate(tables, axis=1)
+
+
+def border_index(offset: float, threshold: float) -> int:
+    """The BORDERS column nearest to (offset, threshold)."""
+    offsets, thresholds = np.asarray(OFFSETS), np.asarray(THRESHOLDS)
+    return int(np.argmin(np.abs(offsets - offset))) * len(thresholds) + int(np.argmin(np.abs(thresholds - threshold)))

@@ -1,11 +1,16 @@
-"""Whether to keep the fine-tune: cross-validation on the clinic's own masks, guarding against a clear loss.
+"""Which adaptation to keep: cross-validation on the clinic's own masks, guarding against a clear loss.
 
 The earlier rule chose the best of four candidates by 5-fold cross-validation and kept it only if a one-sided
 interval of its gain cleared zero. On 25 masks that has little power and a winner's curse: on a hidden clinic it
-threw away gains of 0.03 to 0.05 (issue 38). The fine-tune is now made safe by its recipe (`finetune.py`), so the
-decision only has to catch a clear loss: one candidate, the fine-tune with its threshold fitted on out-of-fold
-probabilities, is adopted unless its cross-validated mean gain over the starting model is below -LOSS_MARGIN.
-Where it is refused, the threshold alone is the fallback under the same rule; else the start is kept.
+threw away gains of 0.03 to 0.05 (issue 38). Now the decision only has to catch a clear loss, between two
+candidates that are each safe by construction:
+- the border: the starting model with its outline refitted, a threshold and an offset of the outline by a share of
+  the lesion's radius (`clinic.BORDERS`; two numbers, the style of annotators who draw tighter or looser);
+- the fine-tune (`finetune.py`, gentle by its recipe) with its own border fitted the same way.
+Both are scored out of fold (the fine-tune from fold models, each border fitted on the other folds). A candidate
+whose cross-validated mean gain over the starting model is below -LOSS_MARGIN is refused; of those left, the one
+with the higher mean gain is kept; if neither is left, the start is kept as it is. Two candidates that share most of
+their errors give a small winner's curse; docs/adapt.md measures the false-keep and false-adapt rates.
 
 The gain is measured on the masks a person corrected; masks accepted as the model drew them teach no style (they
 are the starting model's own output, which it scores 1.0 on) and would only dilute it, so they train but do not
@@ -19,12 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 from torch import nn
 
-from lesionseg.train.adapt.clinic import THRESHOLDS, Clinic, jaccard_table
+from lesionseg.train.adapt.clinic import BORDERS, Clinic, border_index, border_table
 from lesionseg.train.adapt.finetune import finetune, probabilities
 from lesionseg.train.config import AdaptRecipe
 
 LOSS_MARGIN = 0.005  # a cross-validated mean loss larger than this refuses a candidate (docs/adapt.md: the rates)
-CHOICES = ("finetune", "threshold", "start")  # in order of preference
+CHOICES = ("finetune", "border", "start")
 
 
 def fold_of(count: int, folds: int, seed: int) -> np.ndarray:
@@ -39,7 +44,7 @@ def fold_of(count: int, folds: int, seed: int) -> np.ndarray:
 def cross_fitted(
     table: np.ndarray, fold: np.ndarray, judged: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Each image's Jaccard at the threshold chosen on the other folds' (judged) images, and that threshold's index."""
+    """Each image's Jaccard at the border (a table column) chosen on the other folds' (judged) images, and its index."""
     judged = np.ones(len(fold), bool) if judged is None else judged
     chosen = np.empty(len(fold), int)
     for k in np.unique(fold):
@@ -59,10 +64,11 @@ def paired_interval(difference: np.ndarray, seed: int = 0, resamples: int = 10_0
 class Verdict:
     """What cross-validation says: per-image Jaccard of each candidate on images it did not see, and the choice."""
 
-    per_image: dict[str, np.ndarray]  # "start", "threshold", "finetune": each image, out of fold
+    per_image: dict[str, np.ndarray]  # "start", "border", "finetune": each image, out of fold
     judged: np.ndarray  # the images whose Jaccard decides (corrected ones)
     chosen: str
     threshold: float
+    border_offset: float
     maps: dict[str, np.ndarray]  # "start", "finetune": (N,S,S) probabilities, the latter from fold models
     fold: np.ndarray
 
@@ -79,12 +85,14 @@ class Verdict:
 
 
 def decided(gains: dict[str, float]) -> str:
-    """The first candidate whose cross-validated gain is not a clear loss; the start otherwise."""
-    return next((name for name in CHOICES[:-1] if gains[name] >= -LOSS_MARGIN), "start")
+    """Of the candidates whose cross-validated gain is not a clear loss, the one that gains more (the fine-tune on
+    a tie); the start where both lose clearly."""
+    admissible = [name for name in CHOICES[:-1] if gains[name] >= -LOSS_MARGIN]
+    return max(admissible, key=lambda name: gains[name]) if admissible else "start"
 
 
 def cross_validate(start: nn.Module, clinic: Clinic, threshold: float, recipe: AdaptRecipe, progress=None) -> Verdict:
-    """K-fold: fine-tune on K-1 folds, predict the held-out one; thresholds chosen on the other folds alone."""
+    """K-fold: fine-tune on K-1 folds, predict the held-out one; borders chosen on the other folds alone."""
     fold = fold_of(len(clinic.ids), min(recipe.folds, len(clinic.ids)), recipe.seed)
     start_maps = probabilities(start, clinic.images)
     tuned_maps = np.empty_like(start_maps)
@@ -94,16 +102,16 @@ def cross_validate(start: nn.Module, clinic: Clinic, threshold: float, recipe: A
         if progress:
             progress(f"fold {k + 1} of {fold.max() + 1}")
     judged = clinic.corrected if clinic.corrected.any() else np.ones(len(fold), bool)
-    own = int(np.argmin(np.abs(np.asarray(THRESHOLDS) - threshold)))
-    tables = {"start": jaccard_table(start_maps, clinic.truths), "finetune": jaccard_table(tuned_maps, clinic.truths)}
+    tables = {"start": border_table(start_maps, clinic.truths), "finetune": border_table(tuned_maps, clinic.truths)}
     per_image = {
-        "start": tables["start"][:, own],
-        "threshold": cross_fitted(tables["start"], fold, judged)[0],
+        "start": tables["start"][:, border_index(0.0, threshold)],
+        "border": cross_fitted(tables["start"], fold, judged)[0],
         "finetune": cross_fitted(tables["finetune"], fold, judged)[0],
     }
     gains = {name: float((per_image[name] - per_image["start"])[judged].mean()) for name in CHOICES}
     chosen = decided(gains)
-    final = threshold
+    offset, final = 0.0, threshold
     if chosen != "start":
-        final = THRESHOLDS[int(np.argmax(tables["finetune" if chosen == "finetune" else "start"][judged].mean(axis=0)))]
-    return Verdict(per_image, judged, chosen, float(final), {"start": start_maps, "finetune": tuned_maps}, fold)
+        offset, final = BORDERS[int(np.argmax(tables["finetune" if chosen == "finetune" else "start"][judged].mean(0)))]
+    maps = {"start": start_maps, "finetune": tuned_maps}
+    return Verdict(per_image, judged, chosen, float(final), float(offset), maps, fold)

@@ -13,7 +13,8 @@ from torch import nn
 
 from lesionseg.errors import LesionsegError
 from lesionseg.files import claim_output_folder, shown, write_atomically
-from lesionseg.segment.predictors import OnnxPredictor, released_model
+from lesionseg.segment.pipeline import offset_border
+from lesionseg.segment.predictors import BORDER_OFFSET_KEY, OnnxPredictor, released_model
 from lesionseg.segment.quality import QualityModel
 from lesionseg.train.adapt.clinic import Clinic, jaccard_table
 from lesionseg.train.config import TrainConfig
@@ -81,6 +82,7 @@ def adapt_metadata(start: Start, report: dict, config: TrainConfig) -> dict[str,
         f"cross-validated gain {change:+.3f})"[:200],
         "version": f"{start.version}, adapted"[:200],
         "threshold": str(config.threshold),
+        BORDER_OFFSET_KEY: str(report["border_offset"]),
         "adapted_from": start.version[:200],
         "adapt_masks": str(report["masks"]),
         "adapt_gain": json.dumps(gain),
@@ -98,12 +100,13 @@ def save_model(path: Path, model: nn.Module, config: TrainConfig, start: Start) 
     return path
 
 
-def clinic_jaccard(path: Path, clinic: Clinic, threshold: float) -> float:
-    """Mean Jaccard of an exported file on every pair of the clinic, at the images' own size."""
+def clinic_jaccard(path: Path, clinic: Clinic) -> float:
+    """Mean Jaccard of an exported file on every pair of the clinic, at the images' own size, at its own border."""
     predictor = OnnxPredictor(path)
     images = clinic.images.numpy()
     maps = np.concatenate([predictor(images[i : i + 32])[:, 0] for i in range(0, len(images), 32)])
-    return float(jaccard_table(maps, clinic.truths, (threshold,)).mean())
+    maps = np.stack([offset_border(p, predictor.border_offset) for p in maps])
+    return float(jaccard_table(maps, clinic.truths, (predictor.threshold,)).mean())
 
 
 def write_models(out: Path, model: nn.Module, config: TrainConfig, start: Start, quality, report: dict, clinic) -> dict:
@@ -116,7 +119,7 @@ def write_models(out: Path, model: nn.Module, config: TrainConfig, start: Start,
     checkpoint = save_model(out / "model.pt", model, config, start)
     metadata = adapt_metadata(start, report, config)
     target = out / "model.onnx"
-    if report["chosen"] in ("start", "threshold") and start.onnx is not None:
+    if report["chosen"] in ("start", "border") and start.onnx is not None:
         with_metadata(start.onnx, metadata, quality, target)  # the same weights, byte for byte
     else:
         exported = export_onnx(checkpoint, out / ".model-export.onnx", fp16_weights=True, metadata=metadata)
@@ -127,7 +130,7 @@ def write_models(out: Path, model: nn.Module, config: TrainConfig, start: Start,
         int8 = export_int8(
             checkpoint, out / ".model-int8-export.onnx", calibration_pixels=clinic.images.numpy(), metadata=metadata
         )
-    float_j, int8_j = clinic_jaccard(target, clinic, config.threshold), clinic_jaccard(int8, clinic, config.threshold)
+    float_j, int8_j = clinic_jaccard(target, clinic), clinic_jaccard(int8, clinic)
     files["int8_vs_float"] = int8_j - float_j
     if abs(int8_j - float_j) <= INT8_TOLERANCE:
         with_metadata(int8, {}, quality, out / "model-int8.onnx")

@@ -11,8 +11,11 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
+
 from lesionseg.errors import LesionsegError
 from lesionseg.files import shown, write_atomically
+from lesionseg.segment.pipeline import offset_border
 from lesionseg.train.adapt.calibrate import calibration
 from lesionseg.train.adapt.clinic import load_clinic
 from lesionseg.train.adapt.decide import LOSS_MARGIN, cross_validate
@@ -31,11 +34,12 @@ def write_report(out: Path, report: dict) -> Path:
 def summary_line(report: dict) -> str:
     """One line: what adapting did, from which model, measured on the clinic's held-out masks."""
     before, after = report["jaccard_before"], report["jaccard_after"]
+    border = f"threshold {report['threshold']:.3f}, outline offset {report['border_offset']:+.2f} of the radius"
     what = {
-        "start": f"kept the starting model (cross-validated, the fine-tune and the threshold each lost more than "
-        f"{LOSS_MARGIN})",
-        "threshold": f"threshold {report['threshold']:.3f} (the fine-tune lost more than {LOSS_MARGIN})",
-        "finetune": f"fine-tuned, threshold {report['threshold']:.3f}",
+        "start": f"kept the starting model (cross-validated, the fine-tune and a refitted border each lost more "
+        f"than {LOSS_MARGIN})",
+        "border": f"border refitted, {border} (the fine-tune lost more than {LOSS_MARGIN})",
+        "finetune": f"fine-tuned, {border}",
     }[report["chosen"]]
     return (
         f"adapted {report['started_from']} on {report['masks']} masks ({report['judged']} corrected): {what}; "
@@ -66,7 +70,8 @@ def run_adapt(
         )
     verdict = cross_validate(model, clinic, config.threshold, recipe, progress)
     truth = verdict.per_image[verdict.chosen]
-    quality_report = calibration(source.quality, verdict.out_of_fold_maps, verdict.threshold, truth)
+    oof = np.stack([offset_border(p, verdict.border_offset) for p in verdict.out_of_fold_maps])
+    quality_report = calibration(source.quality, oof, verdict.threshold, truth)
     if verdict.chosen == "finetune":
         if progress:
             progress("the final fine-tune on every mask")
@@ -82,9 +87,10 @@ def run_adapt(
         "judged": int(judged.sum()),
         "chosen": verdict.chosen,
         "threshold": verdict.threshold,
+        "border_offset": verdict.border_offset,
         "jaccard_before": float(verdict.per_image["start"][judged].mean()),
         "jaccard_after": float(truth[judged].mean()),
-        "gains": {name: verdict.gain(name) for name in ("threshold", "finetune")},
+        "gains": {name: verdict.gain(name) for name in ("border", "finetune")},
         "gain_interval": list(verdict.interval(verdict.chosen if verdict.chosen != "start" else "finetune")),
         "loss_margin": LOSS_MARGIN,
         "per_image": {
