@@ -78,6 +78,15 @@ def declared(values: dict[str, Any]) -> dict[str, Any]:
     return {name: values.get(name) for name in COLUMNS}
 
 
+def row_ends(mask: np.ndarray) -> np.ndarray:
+    """The first and last lesion pixel of each row, (row, column) pairs: they hold every vertex of the lesion's
+    convex hull, in a few hundred points however large the lesion."""
+    rows = np.flatnonzero(mask.any(axis=1))
+    first = mask[rows].argmax(axis=1)
+    last = mask.shape[1] - 1 - mask[rows, ::-1].argmax(axis=1)
+    return np.unique(np.concatenate([np.stack([rows, first], 1), np.stack([rows, last], 1)]), axis=0)
+
+
 def hull_of(points: np.ndarray) -> np.ndarray | None:
     """The convex hull's vertices in order, or None where there is no hull (fewer than 3 points, all on a line)."""
     if len(points) < 3:
@@ -216,8 +225,7 @@ def at_size(mask: np.ndarray, height: int, width: int) -> np.ndarray:
 def geometry(mask: np.ndarray, scale: tuple[float, float], area: int, pixel_mm: float | None) -> dict[str, Any]:
     """Size and border shape from the mask at the working resolution, lengths in the image's own pixels
     (`scale`: own pixels per working pixel, rows and columns); `area` counted at the own size."""
-    edge = mask & ~ndimage.binary_erosion(mask)
-    centres = np.argwhere(edge).astype(np.float64) * scale  # pixel centres, in own-size units
+    centres = row_ends(mask).astype(np.float64) * scale  # pixel centres, in own-size units
     hull = hull_of(centres)
     largest, smallest = diameters(centres, hull)
     largest, smallest = largest - 1 + max(scale), smallest - 1 + min(scale)  # centres to outer edges
