@@ -84,7 +84,7 @@ def test_a_dicom_image_segments_as_its_png_does_and_its_seg_reads_back(tmp_path)
     row = rows["scan0001"]
     assert row["sop_instance_uid"] == source.SOPInstanceUID and row["study_instance_uid"] == source.StudyInstanceUID
     assert row["pixel_mm"] == pytest.approx(0.02) and row["area_mm2"] == pytest.approx(
-        row["area_px"] * 0.0004, rel=1e-3
+        row["lesion_pixels"] * 0.0004, rel=1e-3
     )
     assert rows["as_png.png"]["dicom_seg"] is None and rows["as_png.png"]["dicom_seg_skipped"] == "not a DICOM image"
 
