@@ -216,3 +216,15 @@ def test_precision_runs_an_exported_file_in_openvino_and_agrees_with_onnxruntime
         LesionsegError, match=r"OpenVINO, which this installation lacks: pip install 'lesionseg\[openvino\]'"
     ):
         load_predictor(onnx=onnx_model, precision="bf16")
+
+
+def test_the_quick_export_computes_what_the_dynamo_export_does(tiny_checkpoint, tmp_path):
+    import onnxruntime as ort
+
+    slow = export_onnx(tiny_checkpoint, tmp_path / "dynamo.onnx")
+    quick = export_onnx(tiny_checkpoint, tmp_path / "quick.onnx", quick=True)
+    size = OnnxPredictor(slow).image_size
+    x = np.random.default_rng(0).random((3, 3, size, size)).astype(np.float32)
+    run = lambda path: ort.InferenceSession(str(path)).run(None, {"image": x})[0]  # noqa: E731
+    assert np.abs(run(slow) - run(quick)).max() < 1e-4
+    assert OnnxPredictor(quick).image_size == OnnxPredictor(slow).image_size

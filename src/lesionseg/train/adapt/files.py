@@ -113,29 +113,28 @@ def write_models(out: Path, model: nn.Module, config: TrainConfig, start: Start,
     """OUT/model.pt and OUT/model.onnx (float16 weights, the adapt metadata, the recalibrated estimate); and
     OUT/model-int8.onnx where it stays within INT8_TOLERANCE of the float file on the clinic's masks. The clinic
     is the one adapt already read: its images calibrate the int8 twin and score both files."""
-    from lesionseg.train.export import export_int8, export_onnx
+    import tempfile
+
+    from lesionseg.train.export import export_onnx, float16_copy, int8_twin
 
     mark_writing(out, report)
     checkpoint = save_model(out / "model.pt", model, config, start)
     metadata = adapt_metadata(start, report, config)
     target = out / "model.onnx"
-    if report["chosen"] in ("start", "border") and start.onnx is not None:
-        with_metadata(start.onnx, metadata, quality, target)  # the same weights, byte for byte
-    else:
-        exported = export_onnx(checkpoint, out / ".model-export.onnx", fp16_weights=True, metadata=metadata)
-        with_metadata(exported, {}, quality, target)
-        exported.unlink()
     files = {"onnx": str(target), "checkpoint": str(checkpoint)}
-    with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's calibration prints its progress
-        int8 = export_int8(
-            checkpoint, out / ".model-int8-export.onnx", calibration_pixels=clinic.images.numpy(), metadata=metadata
-        )
-    float_j, int8_j = clinic_jaccard(target, clinic), clinic_jaccard(int8, clinic)
-    files["int8_vs_float"] = int8_j - float_j
-    if abs(int8_j - float_j) <= INT8_TOLERANCE:
-        with_metadata(int8, {}, quality, out / "model-int8.onnx")
-        files["int8"] = str(out / "model-int8.onnx")
-    else:
-        (out / "model-int8.onnx").unlink(missing_ok=True)
-    int8.unlink()
+    with tempfile.TemporaryDirectory() as folder:  # one export serves the float16 file and the int8 twin
+        fp32 = export_onnx(checkpoint, Path(folder) / "fp32.onnx", metadata=metadata, quick=True)
+        if report["chosen"] in ("start", "border") and start.onnx is not None:
+            with_metadata(start.onnx, metadata, quality, target)  # the same weights, byte for byte
+        else:
+            with_metadata(float16_copy(fp32, Path(folder) / "fp16.onnx"), {}, quality, target)
+        with contextlib.redirect_stdout(io.StringIO()):  # onnxruntime's calibration prints its progress
+            int8 = int8_twin(fp32, Path(folder) / "int8.onnx", clinic.images.numpy())
+        float_j, int8_j = clinic_jaccard(target, clinic), clinic_jaccard(int8, clinic)
+        files["int8_vs_float"] = int8_j - float_j
+        if abs(int8_j - float_j) <= INT8_TOLERANCE:
+            with_metadata(int8, {}, quality, out / "model-int8.onnx")
+            files["int8"] = str(out / "model-int8.onnx")
+        else:
+            (out / "model-int8.onnx").unlink(missing_ok=True)
     return files

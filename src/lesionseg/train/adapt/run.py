@@ -35,10 +35,16 @@ def summary_line(report: dict) -> str:
     """One line: what adapting did, from which model, measured on the clinic's held-out masks."""
     before, after = report["jaccard_before"], report["jaccard_after"]
     border = f"threshold {report['threshold']:.3f}, outline offset {report['border_offset']:+.2f} of the radius"
+    finetune_gain = report["gains"]["finetune"]
+    why_not_finetune = (
+        f"the fine-tune lost more than {LOSS_MARGIN}"
+        if finetune_gain < -LOSS_MARGIN
+        else f"the fine-tune gained less, {finetune_gain:+.3f}"
+    )
     what = {
         "start": f"kept the starting model (cross-validated, the fine-tune and a refitted border each lost more "
         f"than {LOSS_MARGIN})",
-        "border": f"border refitted, {border} (the fine-tune lost more than {LOSS_MARGIN})",
+        "border": f"border refitted, {border} ({why_not_finetune})",
         "finetune": f"fine-tuned, {border}",
     }[report["chosen"]]
     return (
