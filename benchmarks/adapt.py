@@ -34,7 +34,7 @@ from lesionseg.segment.pipeline import offset_border
 from lesionseg.segment.quality import features
 from lesionseg.train.adapt.calibrate import calibration
 from lesionseg.train.adapt.clinic import THRESHOLDS, Clinic, border_index, border_table, jaccard_table, load_clinic
-from lesionseg.train.adapt.decide import cross_validate
+from lesionseg.train.adapt.decide import cross_validate, fitted_border
 from lesionseg.train.adapt.finetune import finetune, probabilities
 from lesionseg.train.adapt.unfold import model_from_onnx
 from lesionseg.train.config import AdaptRecipe
@@ -95,11 +95,11 @@ def one_draw(start, config, quality, clinic: Clinic, start_table: np.ndarray, ch
     fitted = (
         picked
         if verdict.chosen == "finetune"
-        else int(np.argmax(border_table(verdict.maps["finetune"], few.truths).mean(0)))
+        else fitted_border(border_table(verdict.maps["finetune"], few.truths), own)
     )
     scores = {
         "start": start_table[rest, own],
-        "border": start_table[rest, int(np.argmax(start_table[chosen].mean(axis=0)))],
+        "border": start_table[rest, fitted_border(start_table[chosen], own)],
         "finetune": tuned_table[:, own],
         "finetune+border": tuned_table[:, fitted],
     }
@@ -180,6 +180,7 @@ def main() -> None:
     parser.add_argument("--style", type=float, default=0.0, help="area share added to every reference mask")
     parser.add_argument("--n", type=int, nargs="+", default=[10, 25, 50, 100])
     parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--first-draw", type=int, default=0, help="skip the draws before this one (a rerun)")
     parser.add_argument("--least-trusted", action="store_true", help="the N lowest quality estimates, not random")
     parser.add_argument("--steps", type=int, default=AdaptRecipe().steps)
     parser.add_argument("--lr", type=float, default=AdaptRecipe().lr)
@@ -202,7 +203,7 @@ def main() -> None:
     results["recipe"] = {"steps": args.steps, "lr": args.lr, "encoder_lr_scale": args.encoder_lr_scale}
     results["start_on_all"] = float(start_table[:, border_index(0.0, config.threshold)].mean())
     for n in args.n:
-        for draw in range(args.draws):
+        for draw in range(args.first_draw, args.draws):
             recipe = AdaptRecipe(steps=args.steps, lr=args.lr, encoder_lr_scale=args.encoder_lr_scale, seed=draw)
             rng = np.random.default_rng(1000 * n + draw)
             chosen = np.argsort(estimates)[:n] if args.least_trusted else rng.choice(len(clinic.ids), n, replace=False)

@@ -17,7 +17,7 @@ from lesionseg.segment.predictors import OnnxPredictor, released_model
 from lesionseg.train.adapt import run_adapt
 from lesionseg.train.adapt.calibrate import calibration
 from lesionseg.train.adapt.clinic import BORDERS, border_index, border_table, jaccard_table
-from lesionseg.train.adapt.decide import LOSS_MARGIN, cross_fitted, decided, paired_interval
+from lesionseg.train.adapt.decide import LOSS_MARGIN, cross_fitted, decided, fitted_border, paired_interval
 from lesionseg.train.adapt.unfold import folded_pairs, model_from_onnx, rebuild_gap
 from lesionseg.train.config import AdaptRecipe
 
@@ -101,6 +101,13 @@ def test_a_border_offset_in_the_file_is_what_the_pipeline_applies(tiny_onnx, tmp
     bad = with_metadata(tiny_onnx, {"border_offset": "nan"}, None, tmp_path / "bad.onnx")
     with pytest.raises(LesionsegError, match="border_offset"):
         OnnxPredictor(bad)
+
+
+def test_a_border_moves_only_for_a_clear_gain():
+    flat = np.array([[0.90, 0.903, 0.899], [0.91, 0.912, 0.905]])  # column 0: the start's own border
+    assert fitted_border(flat, 0) == 0  # 0.0025 better elsewhere: noise on 25 masks, not a style
+    styled = np.array([[0.80, 0.88, 0.85], [0.82, 0.90, 0.86]])
+    assert fitted_border(styled, 0) == 1
 
 
 def test_the_rule_refuses_a_clear_loss_and_keeps_the_larger_gain():
