@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from conftest import local_client
 from lesionseg.cli import main
 from lesionseg.errors import DataError
-from lesionseg.segment.colours import COLOURS, srgb_to_lab
+from lesionseg.segment.colours import COLOURS, grown, square_extreme, srgb_to_lab
 from lesionseg.segment.descriptors import PixelSizes, describe, measure
 
 SKIN = (205, 160, 135)
@@ -347,3 +348,16 @@ def test_both_pages_draw_the_lesions_axes_and_colours(tmp_path):
         page.screenshot(path=shots / "review-lesion.png")
         assert not (out / "review" / "review.jsonl").exists()  # measuring saves nothing
         browser.close()
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (90, 170), (7, 3), (1, 1)])
+def test_the_fast_morphology_equals_scipys(shape):
+    """hair's closing and the halo of reflections and hair are written with slices for speed: the same pixels as
+    ndimage's grey closing and binary dilation, on any picture size."""
+    rng = np.random.default_rng(sum(shape))
+    lightness = (rng.random(shape) * 100).astype(np.float32)
+    closing = square_extreme(square_extreme(lightness, 7, np.maximum), 7, np.minimum)
+    assert np.array_equal(closing, ndimage.grey_closing(lightness, size=(7, 7)))
+    for share in (0.0, 0.05, 0.5):
+        mask = rng.random(shape) < share
+        assert np.array_equal(grown(mask), ndimage.binary_dilation(mask))

@@ -104,9 +104,10 @@ class ColourReading:
 
 def vignette(lightness: np.ndarray, lesion: np.ndarray) -> np.ndarray:
     """The dermoscope's dark corners: dark regions that touch the picture's edge and lie mostly outside the lesion."""
-    labels, count = ndimage.label(lightness < VIGNETTE_L)
-    if not count:
+    dark = lightness < VIGNETTE_L
+    if not (dark[0].any() or dark[-1].any() or dark[:, 0].any() or dark[:, -1].any()):  # most pictures: no label
         return np.zeros(lightness.shape, bool)
+    labels, count = ndimage.label(dark)
     edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     size = np.bincount(labels.ravel(), minlength=count + 1)
     outside = np.bincount(labels.ravel(), weights=~lesion.ravel(), minlength=count + 1)
@@ -120,15 +121,17 @@ def vignette(lightness: np.ndarray, lesion: np.ndarray) -> np.ndarray:
 def reflections(lightness: np.ndarray, skin_lightness: float) -> np.ndarray:
     """Specular reflections and air bubbles' rims: brighter than REFLECTION_L and clearly brighter than the skin
     (on very pale skin the skin itself passes REFLECTION_L), with their one-pixel halo."""
-    return ndimage.binary_dilation(lightness >= max(REFLECTION_L, skin_lightness + REFLECTION_LIFT))
+    return grown(lightness >= max(REFLECTION_L, skin_lightness + REFLECTION_LIFT))
 
 
 def hair(lightness: np.ndarray, lesion: np.ndarray) -> np.ndarray:
     """Thin dark lines: a black top-hat (closing minus the picture) deeper than HAIR_DEPTH, kept where the
     component is elongated and runs on past the lesion onto the skin (a hair is long; a thin dark streak or a
     sliver of pigment that stays inside the lesion is the lesion's own, as are round dots and globules)."""
-    tophat = ndimage.grey_closing(lightness, size=(7, 7)) - lightness
-    labels, count = ndimage.label(tophat > HAIR_DEPTH, structure=np.ones((3, 3)))  # diagonal hairs hold together
+    closing = square_extreme(square_extreme(lightness, 7, np.maximum), 7, np.minimum)
+    labels, count = ndimage.label(
+        closing - lightness > HAIR_DEPTH, structure=np.ones((3, 3))
+    )  # diagonals hold together
     if not count:
         return np.zeros(lightness.shape, bool)
     sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]
@@ -136,7 +139,31 @@ def hair(lightness: np.ndarray, lesion: np.ndarray) -> np.ndarray:
     length = np.array([max(r.stop - r.start, c.stop - c.start) for r, c in ndimage.find_objects(labels)])
     thin = (sizes >= 4) & (length * length / sizes >= HAIR_ELONGATION)  # length over mean width
     keep = np.concatenate([[False], thin & (outside >= HAIR_OUTSIDE * sizes)])
-    return ndimage.binary_dilation(keep[labels])
+    return grown(keep[labels])
+
+
+def square_extreme(values: np.ndarray, size: int, extreme: np.ufunc) -> np.ndarray:
+    """np.maximum or np.minimum over a size x size square, edges mirrored: ndimage.grey_dilation/grey_erosion's
+    result (tested equal) in half their time on a 128 px picture, one vectorized pass per shift and axis."""
+    reach = size // 2
+    for axis in (0, 1):
+        padded = np.moveaxis(
+            np.pad(values, [(reach, reach) if a == axis else (0, 0) for a in (0, 1)], "symmetric"), axis, 0
+        )
+        length = padded.shape[0] - 2 * reach
+        result = padded[:length].copy()
+        for shift in range(1, size):
+            extreme(result, padded[shift : shift + length], out=result)
+        values = np.moveaxis(result, 0, axis)
+    return values
+
+
+def grown(mask: np.ndarray) -> np.ndarray:
+    """The mask and its 4-connected one-pixel halo (ndimage.binary_dilation's default), skipped where empty: most
+    pictures have no reflection and no hair."""
+    if not mask.any():
+        return mask
+    return ndimage.maximum_filter(mask, footprint=ndimage.generate_binary_structure(2, 1), mode="constant")
 
 
 def skin_band(outside: np.ndarray) -> np.ndarray:
@@ -158,14 +185,14 @@ def classify(lab: np.ndarray, skin: np.ndarray) -> np.ndarray:
     lightness, a, b = lab[..., 0], lab[..., 1], lab[..., 2]
     step = lightness - skin[0]
     chroma = np.hypot(a, b)
-    hue = np.degrees(np.arctan2(b, a))  # 0 red, 90 yellow
     classes = np.full(lightness.shape, NONE, np.uint8)
     darker = step <= -SKIN_LIKE
     bluish = (b - skin[2] <= -BLUE_DROP) | (chroma < GREY_CHROMA)
     classes[darker & ~bluish] = COLOURS.index("light_brown")
     classes[(step <= -DARK_BROWN_DROP) & ~bluish] = COLOURS.index("dark_brown")
     classes[darker & bluish] = COLOURS.index("blue_gray")
-    red = (hue >= RED_HUE[0]) & (hue < RED_HUE[1]) & (chroma >= RED_CHROMA)
+    low, high = np.tan(np.radians(RED_HUE))  # the hue's bounds as slopes b*/a* (0 red, 90 yellow): no arctan per pixel
+    red = (a > 0) & (b >= low * a) & (b < high * a) & (chroma >= RED_CHROMA)
     classes[red & (step > -DARK_BROWN_DROP)] = COLOURS.index("red")
     classes[step >= WHITE_LIFT] = COLOURS.index("white")
     classes[(lightness < BLACK_L) & (chroma < BLACK_CHROMA)] = COLOURS.index("black")

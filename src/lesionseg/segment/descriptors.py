@@ -80,7 +80,8 @@ def row_ends(mask: np.ndarray) -> np.ndarray:
     rows = np.flatnonzero(mask.any(axis=1))
     first = mask[rows].argmax(axis=1)
     last = mask.shape[1] - 1 - mask[rows, ::-1].argmax(axis=1)
-    return np.unique(np.concatenate([np.stack([rows, first], 1), np.stack([rows, last], 1)]), axis=0)
+    single = first == last  # a one-pixel row: its one end once
+    return np.concatenate([np.stack([rows, first], 1), np.stack([rows[~single], last[~single]], 1)])
 
 
 def hull_of(points: np.ndarray) -> np.ndarray | None:
