@@ -23,8 +23,9 @@ import numpy as np
 
 from common import write_result
 from lesionseg.api import load
+from lesionseg.files import sha256_of
 from lesionseg.images import inspect_mask, is_image_file
-from lesionseg.segment.clicks import Clicker, next_click
+from lesionseg.segment.clicks import Clicker, click_model_path, next_click
 from lesionseg.segment.pipeline import FIXED_POINT, model_input, read_for_model, to_own_size
 
 MAX_CLICKS = 20
@@ -98,7 +99,9 @@ def main() -> None:
     for image, mask in pairs(args.images, args.masks, args.limit):
         truth, _ = inspect_mask(mask, allow_empty=True)
         runs.append({"image": image.name} | one_image(segmenter, clicker, image, truth, args.start))
-    result = {"start": args.start, "model": str(args.model or "shipped"), "summary": summary(runs), "runs": runs}
+    model = {"path": str(clicker.path or click_model_path()), "sha256": sha256_of(clicker.path or click_model_path())}
+    model["version"] = clicker.model.version  # the file that answered: its training step
+    result = {"start": args.start, "model": model, "summary": summary(runs), "runs": runs}
     print(result["summary"])
     if args.out:
         write_result(args.out, result)

@@ -320,3 +320,35 @@ def test_descriptor_agreement_is_the_shrout_fleiss_icc():
     a = np.array([9.0, 6, 8, 7, 10, 6])
     assert descriptors.icc(a, a) == pytest.approx(1.0)
     assert descriptors.icc(a, a + 5) < descriptors.icc(a, a + 0.5) < 1  # absolute agreement: an offset costs
+
+
+def test_clicks_benchmark_counts_clicks_names_its_model_and_the_release_ships_only_that_models_scores(
+    tmp_path, monkeypatch
+):
+    """benchmarks/clicks.py on any folder of pairs records which click file answered (its sha256); tools/release.py
+    --stage clicks ships that file beside the release with those scores, and refuses scores of another file."""
+    from conftest import fake_click_model, write_plain_pairs
+    from lesionseg.files import sha256_of
+
+    data = write_plain_pairs(tmp_path / "pairs", 3, size=40)
+    model = fake_click_model(tmp_path / "clicks.onnx")
+    out = tmp_path / "scores.json"
+    argv = ["clicks.py", "--images", str(data / "images"), "--masks", str(data / "masks"), "--model", str(model)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--start", "empty", "--out", str(out)])
+    load_script("benchmarks", "clicks").main()
+    result = load_script("benchmarks", "common").read_result(out)
+    assert result["model"]["sha256"] == sha256_of(model) and result["summary"]["images"] == 3
+    assert 0 <= result["summary"]["noc@90"] <= 20 and len(result["runs"][0]["scores"]) >= 2
+
+    release = load_script("tools", "release")
+    shipped = tmp_path / "release" / "lesionseg-unet.onnx"
+    shipped.parent.mkdir()
+    (shipped.parent / "release.json").write_text(json.dumps({"version": "3"}))
+    monkeypatch.setattr(release, "SHIPPED", shipped)
+    release.ship_clicks(model, [out])
+    card = json.loads((shipped.parent / "release.json").read_text())
+    assert card["version"] == "3" and card["clicks"]["sha256"] == sha256_of(shipped.with_name("lesionseg-clicks.onnx"))
+    assert card["clicks"]["scores"]["scores"]["noc@90"] == result["summary"]["noc@90"]
+    other = fake_click_model(tmp_path / "other.onnx", size=32)
+    with pytest.raises(SystemExit, match="another click model"):
+        release.ship_clicks(other, [out])

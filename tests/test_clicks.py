@@ -147,3 +147,22 @@ def test_the_click_model_trains_resumes_and_exports(tmp_path):
     model = ClickModel(export_saved(out))
     probability = model(np.zeros((3, 128, 128), np.uint8), np.zeros((3, 128, 128), np.float32))
     assert probability.shape == (128, 128) and model.version.startswith("step 3")
+
+
+def test_a_moved_start_grows_or_shrinks_the_outline_evenly():
+    """Training moves some start masks' outlines in or out (another clinic's style): the area changes by up to
+    MOVE of the radius, the result stays one blob around the same centre, and an empty mask stays empty."""
+    from lesionseg.train.clicks import MOVE, moved
+
+    yy, xx = np.mgrid[:128, :128]
+    disk = (yy - 64) ** 2 + (xx - 60) ** 2 <= 30**2
+    rng = np.random.default_rng(0)
+    radii = []
+    for _ in range(40):
+        mask = moved(disk, rng)
+        radii.append(np.sqrt(mask.sum() / np.pi))
+        rows, cols = np.nonzero(mask)
+        assert abs(rows.mean() - 64) < 1 and abs(cols.mean() - 60) < 1
+    assert min(radii) >= 30 * (1 - MOVE) - 1.5 and max(radii) <= 30 * (1 + MOVE) + 1.5
+    assert min(radii) < 27 and max(radii) > 33  # both ways
+    assert not moved(np.zeros((8, 8), bool), rng).any()

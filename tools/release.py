@@ -46,6 +46,7 @@ RELEASE_ARGS = [
     "--preset", "unet-finetune", "--image-size", "128", "--epochs", "8", "--seed", "0", "--colour", "0.2", "--scale", "0.2"
 ]  # fmt: skip
 FP16_TOLERANCE = 0.003
+CLICKS_FILE = "lesionseg-clicks.onnx"  # the click model, shipped beside the release (`--stage clicks`)
 
 
 def external_split(shared: Path, out: Path) -> Path:
@@ -155,10 +156,15 @@ def main() -> None:
     parser.add_argument("--weights", required=True, help="the ImageNet MobileNetV2 state_dict the encoder starts from")
     parser.add_argument(
         "--stage",
-        choices=("train", "all", "speed", "quality"),
+        choices=("train", "all", "speed", "quality", "clicks"),
         default="all",
         help="train: only train; speed: only time the shipped file (needs an idle machine); quality: refit the "
-        "shipped file's quality estimate (validation images of --split-from)",
+        "shipped file's quality estimate (validation images of --split-from); clicks: ship --clicks as the click "
+        "model, its --clicks-scores in release.json",
+    )
+    parser.add_argument("--clicks", type=Path, help="with --stage clicks: the click model (a train-clicks clicks.onnx)")
+    parser.add_argument(
+        "--clicks-scores", type=Path, nargs="*", default=[], help="benchmarks/clicks.py results of that file"
     )
     parser.add_argument(
         "--split-from",
@@ -172,6 +178,8 @@ def main() -> None:
         return speed(args.shared / "isic2016-256", args.out)
     if args.stage == "quality":
         return refit_shipped_quality(args)
+    if args.stage == "clicks":
+        return ship_clicks(args.clicks, args.clicks_scores)
     run = train(args.out, args.shared, args.weights)
     if args.stage == "train":
         return
@@ -263,6 +271,41 @@ def refit_shipped_quality(args: argparse.Namespace) -> None:
     release["bytes"] = SHIPPED.stat().st_size  # the new estimate changes the file's size
     release_json.write_text(json.dumps(release, indent=1))
     print(json.dumps(report, indent=1))
+
+
+def ship_clicks(model: Path | None, results: list[Path]) -> None:
+    """The click model into the package beside the release, and what it is and scored in release.json["clicks"]:
+    the benchmark files must be of this very file (their recorded model's sha256)."""
+    from lesionseg.files import sha256_of
+    from lesionseg.segment.clicks import ClickModel
+
+    if model is None or not model.is_file():
+        sys.exit("--stage clicks needs --clicks RUN/clicks.onnx")
+    digest, scores = sha256_of(model), {}
+    for path in results:
+        result = json.loads(path.read_text())
+        if result["results"]["model"].get("sha256") != digest:
+            sys.exit(f"{path}: scored another click model than {model}")
+        scores[path.stem] = {
+            "command": result["command"],
+            "date": result["date"],
+            "machine": result["machine"]["device"],
+        }
+        scores[path.stem] |= result["results"]["summary"]
+    shipped = SHIPPED.with_name(CLICKS_FILE)
+    shutil.copy(model, shipped)
+    release_json = SHIPPED.parent / "release.json"
+    release = json.loads(release_json.read_text())
+    release["clicks"] = {
+        "file": CLICKS_FILE,
+        "bytes": shipped.stat().st_size,
+        "sha256": digest,
+        "version": ClickModel(shipped).version,
+        "training": "lesionseg train-clicks --data isic2016-256 isic2018-extra-256 ham10000-split/train --steps 3000",
+        "scores": scores,
+    }
+    release_json.write_text(json.dumps(release, indent=1))
+    print(json.dumps(release["clicks"], indent=1))
 
 
 def speed(data: Path, out: Path, repeats: int = 5) -> None:

@@ -3,8 +3,9 @@
 The released U-Net (rebuilt from its ONNX file, `adapt/unfold.py`) gets three more input channels through a
 convolution beside its first one, initialised to zero, so training starts from exactly the released model and
 learns what clicks mean. Each step simulates an annotator as RITM does ("Reviving Iterative Training with Mask
-Guidance", Sofiiuk et al. 2022): half the batch starts from the released model's own mask, half from nothing (and
-a first positive click inside the lesion); then up to MAX_SIMULATED rounds, without gradients, where the model
+Guidance", Sofiiuk et al. 2022): half the batch starts from the released model's own mask (half of those with its
+outline moved in or out, as another clinic's annotators would draw it; from step 1,850 of the first run on), half
+from nothing (and a first positive click inside the lesion); then up to MAX_SIMULATED rounds, without gradients, where the model
 answers and the next click goes where its answer is most wrong (`segment/clicks.next_click`); the last answer is
 trained. A run saves its whole state every SAVE_EVERY steps and `--resume` continues it exactly where it stopped,
 so training can be carried across sessions; at the end it exports RUN/clicks.onnx.
@@ -37,6 +38,8 @@ EXPORTED = "clicks.onnx"
 LOG = "log.jsonl"
 SAVE_EVERY = 50
 MAX_SIMULATED = 3  # click rounds without gradient before the trained one (RITM: up to 3 at this size)
+MOVED = 0.5  # share of the release starts whose outline is moved in or out (the model knows its training images:
+MOVE = 0.3  # its own masks there are nearly right; another clinic's outlines differ by up to this share of the radius)
 RATES = {"guide": 1e-3, "decoder": 1e-4, "encoder": 3e-5}  # the new channels learn fast; what shipped, gently
 
 
@@ -104,6 +107,19 @@ def first_click(truth: np.ndarray, rng: np.random.Generator) -> tuple[int, int] 
     return int(cols[pick]), int(rows[pick])
 
 
+def moved(mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The mask's outline moved evenly in or out by up to MOVE of its equivalent radius: the error a start mask
+    has on another clinic's images (a larger or tighter outline everywhere), which one click must undo."""
+    from scipy import ndimage
+
+    if not mask.any():
+        return mask
+    reach = rng.uniform(-MOVE, MOVE) * np.sqrt(mask.sum() / np.pi)
+    if reach >= 0:
+        return mask | (ndimage.distance_transform_edt(~mask) <= reach)
+    return ndimage.distance_transform_edt(mask) > -reach
+
+
 def guides(clicks: list[tuple[list, list]], previous: np.ndarray, size: int) -> torch.Tensor:
     """(B,3,S,S): each sample's click disks and previous mask (clicks given at the model's size)."""
     out = np.empty((len(clicks), GUIDE_CHANNELS, size, size), np.float32)
@@ -118,6 +134,8 @@ def simulated_batch(net: ClickNet, images: torch.Tensor, truths: np.ndarray, sta
     size = images.shape[-1]
     from_release = rng.random(len(images)) < 0.5
     previous = np.where(from_release[:, None, None], starts, False)
+    for n in np.flatnonzero(from_release & (rng.random(len(images)) < MOVED)):
+        previous[n] = moved(previous[n], rng)
     clicks: list[tuple[list, list]] = []
     for n in range(len(images)):
         click = None if from_release[n] else first_click(truths[n], rng)
