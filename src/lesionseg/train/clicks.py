@@ -4,7 +4,7 @@ The released U-Net (rebuilt from its ONNX file, `adapt/unfold.py`) gets three mo
 convolution beside its first one, initialised to zero, so training starts from exactly the released model and
 learns what clicks mean. Each step simulates an annotator as RITM does ("Reviving Iterative Training with Mask
 Guidance", Sofiiuk et al. 2022): half the batch starts from the released model's own mask (half of those with its
-outline moved in or out, as another clinic's annotators would draw it; from step 1,850 of the first run on), half
+outline moved in or out, as another clinic's annotators would draw it; from step 1,900 of the first run on), half
 from nothing (and a first positive click inside the lesion); then up to MAX_SIMULATED rounds, without gradients, where the model
 answers and the next click goes where its answer is most wrong (`segment/clicks.next_click`); the last answer is
 trained. A run saves its whole state every SAVE_EVERY steps and `--resume` continues it exactly where it stopped,
