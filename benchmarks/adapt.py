@@ -80,6 +80,14 @@ def quality_figures(quality, maps: np.ndarray, threshold: float, truth: np.ndarr
     }
 
 
+def mistakes(run: dict) -> dict[str, bool]:
+    """A false keep: adapt left the model as it was (the start, or the border not moved) where a lever gained more
+    than NOTICEABLE on the held-out images; a false adapt: what it chose lost more than that there."""
+    kept = run["adapt"] == run["start"]  # the same column of the same table: equal exactly when nothing moved
+    held_out_gain = max(run["finetune+border"], run["border"]) - run["start"]
+    return {"false_keep": kept and held_out_gain > NOTICEABLE, "false_adapt": run["adapt"] - run["start"] < -NOTICEABLE}
+
+
 def one_draw(start, config, quality, clinic: Clinic, start_table: np.ndarray, chosen, rest, recipe) -> dict:
     """adapt's procedure on the chosen masks; every lever scored on `rest` (`start_table`: border_table of the
     starting model on every image)."""
@@ -109,16 +117,14 @@ def one_draw(start, config, quality, clinic: Clinic, start_table: np.ndarray, ch
         "finetune": tuned_table[:, picked],
     }[verdict.chosen]
     result = {name: float(values.mean()) for name, values in scores.items()}
-    held_out_gain = max(result["finetune+border"], result["border"]) - result["start"]
     result.update(
         chosen=verdict.chosen,
         border_offset=verdict.border_offset,
         threshold=verdict.threshold,
         cv_gain_finetune=verdict.gain("finetune"),
         cv_gain_border=verdict.gain("border"),
-        false_keep=verdict.chosen == "start" and held_out_gain > NOTICEABLE,
-        false_adapt=verdict.chosen != "start" and result["adapt"] - result["start"] < -NOTICEABLE,
     )
+    result.update(mistakes(result))
     result["paired_gain_adapt"] = float((scores["adapt"] - scores["start"]).mean())
     if quality is not None:  # the shipped estimate on the held-out images, and what the shrunk shift would give
         shifted = lambda maps: np.stack([offset_border(p, verdict.border_offset) for p in maps])  # noqa: E731
@@ -158,7 +164,8 @@ def table(paths: list[Path]) -> str:
                 if result["style"] != 0
                 else "–"
             )
-            mistakes = f"{sum(r['false_keep'] for r in runs)} / {sum(r['false_adapt'] for r in runs)}"
+            judged = [mistakes(r) for r in runs]  # judged again: files written before the rule counted a kept border
+            errors = f"{sum(j['false_keep'] for j in judged)} / {sum(j['false_adapt'] for j in judged)}"
             mae = [(r["quality_before"]["mae"], r["quality_after"]["mae"]) for r in runs if "quality_before" in r]
             quality = " ".join(f"{b:.3f}→{a:.3f}" for b, a in mae) or "–"
             label = " least trusted" if "least-trusted" in path.name else ""
@@ -166,7 +173,7 @@ def table(paths: list[Path]) -> str:
                 f"| {result['model']} | {style} | {n}{label} | {len(runs)} | {mean['start']:.4f} | "
                 f"{mean['border']:.4f} | {mean['finetune']:.4f} | {mean['finetune+border']:.4f} | {chosen} | "
                 f"{mean['adapt']:.4f} | {np.mean(gains):+.4f} ({min(gains):+.4f}, {max(gains):+.4f}) | {recovered} | "
-                f"{mistakes} | {quality} |"
+                f"{errors} | {quality} |"
             )
     return "\n".join(lines)
 
