@@ -36,3 +36,16 @@ def test_the_model_card_names_the_shipped_files_and_their_version():
     for precision in ("float32", "int8"):
         assert sha256_of(released_model(precision)) in card
     assert f"**{recorded:.4f}**" in card
+
+
+def test_the_shipped_click_model_is_the_one_release_json_and_the_model_card_describe():
+    """The click model ships beside the release (the review page's click tool and `refine` need nothing else), and
+    release.json's record of it (bytes, sha256, scores) is of that very file."""
+    from lesionseg.segment.clicks import ClickModel, click_model_path
+
+    release, _ = shipped_release()
+    path = released_model().with_name(release["clicks"]["file"])
+    assert click_model_path() == path and path.stat().st_size == release["clicks"]["bytes"]
+    assert sha256_of(path) == release["clicks"]["sha256"] and ClickModel(path).version == release["clicks"]["version"]
+    assert release["clicks"]["sha256"] in (ROOT / "MODEL_CARD.md").read_text()
+    assert {"noc@90", "unreached@90", "jaccard_after_3"} <= set(next(iter(release["clicks"]["scores"].values())))
