@@ -110,9 +110,12 @@ def test_a_border_moves_only_for_a_clear_gain():
     assert fitted_border(styled, 0) == 1
 
 
-def test_the_rule_refuses_a_clear_loss_and_keeps_the_larger_gain():
+def test_the_rule_refuses_a_clear_loss_and_keeps_the_fine_tune_only_for_a_clearly_larger_gain():
     assert decided({"finetune": 0.01, "border": 0.02}) == "border"
-    assert decided({"finetune": 0.02, "border": 0.02}) == "finetune"  # a tie: the fine-tune
+    assert decided({"finetune": 0.02, "border": 0.02}) == "border"  # a tie: the simpler lever
+    assert decided({"finetune": 0.1297, "border": 0.1289}) == "border"  # a measured near-tie (10 masks)
+    assert decided({"finetune": 0.02 + 2 * LOSS_MARGIN, "border": 0.02}) == "finetune"
+    assert decided({"finetune": 0.004, "border": 0.0}) == "border"  # the border unmoved: the start kept
     assert decided({"finetune": -LOSS_MARGIN, "border": -0.02}) == "finetune"  # within the margin: not a clear loss
     assert decided({"finetune": -0.02, "border": -0.001}) == "border"
     assert decided({"finetune": -0.02, "border": -0.02}) == "start"

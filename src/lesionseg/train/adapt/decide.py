@@ -8,8 +8,9 @@ candidates that are each safe by construction:
   the lesion's radius (`clinic.BORDERS`; two numbers, the style of annotators who draw tighter or looser);
 - the fine-tune (`finetune.py`, gentle by its recipe) with its own border fitted the same way.
 Both are scored out of fold (the fine-tune from fold models, each border fitted on the other folds). A candidate
-whose cross-validated mean gain over the starting model is below -LOSS_MARGIN is refused; of those left, the one
-with the higher mean gain is kept; if neither is left, the start is kept as it is. Two candidates that share most of
+whose cross-validated mean gain over the starting model is below -LOSS_MARGIN is refused; of those left, the
+fine-tune is kept where it gains more than the border by LOSS_MARGIN, else the border (which may leave the outline
+where it was: then the start is kept as it is); if neither is left, the start. Two candidates that share most of
 their errors give a small winner's curse; docs/adapt.md measures the false-keep and false-adapt rates.
 
 The gain is measured on the masks a person corrected; masks accepted as the model drew them teach no style (they
@@ -94,10 +95,14 @@ class Verdict:
 
 
 def decided(gains: dict[str, float]) -> str:
-    """Of the candidates whose cross-validated gain is not a clear loss, the one that gains more (the fine-tune on
-    a tie); the start where both lose clearly."""
+    """Of the candidates whose cross-validated gain is not a clear loss, the border unless the fine-tune gains more
+    by LOSS_MARGIN; the start where both lose clearly. Within the margin the two cannot be told apart on a few masks,
+    and the border (two numbers) varies less from one draw of masks to the next than millions of weights do: the
+    simpler model within the noise of the best, as the one-standard-error rule of model selection chooses."""
     admissible = [name for name in CHOICES[:-1] if gains[name] >= -LOSS_MARGIN]
-    return max(admissible, key=lambda name: gains[name]) if admissible else "start"
+    if len(admissible) == 2:
+        return "finetune" if gains["finetune"] > gains["border"] + LOSS_MARGIN else "border"
+    return admissible[0] if admissible else "start"
 
 
 def cross_validate(start: nn.Module, clinic: Clinic, threshold: float, recipe: AdaptRecipe, progress=None) -> Verdict:

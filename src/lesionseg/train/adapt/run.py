@@ -39,7 +39,8 @@ def summary_line(report: dict) -> str:
     why_not_finetune = (
         f"the fine-tune lost more than {LOSS_MARGIN}"
         if finetune_gain < -LOSS_MARGIN
-        else f"the fine-tune gained less, {finetune_gain:+.3f}"
+        else f"the fine-tune gained {finetune_gain:+.3f}, not more than the border's "
+        f"{report['gains']['border']:+.3f} by {LOSS_MARGIN}"
     )
     what = {
         "start": f"kept the starting model (cross-validated, the fine-tune and a refitted border each lost more "
