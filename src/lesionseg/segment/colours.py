@@ -128,10 +128,8 @@ def hair(lightness: np.ndarray, lesion: np.ndarray) -> np.ndarray:
     """Thin dark lines: a black top-hat (closing minus the picture) deeper than HAIR_DEPTH, kept where the
     component is elongated and runs on past the lesion onto the skin (a hair is long; a thin dark streak or a
     sliver of pigment that stays inside the lesion is the lesion's own, as are round dots and globules)."""
-    closing = square_extreme(square_extreme(lightness, 7, np.maximum), 7, np.minimum)
-    labels, count = ndimage.label(
-        closing - lightness > HAIR_DEPTH, structure=np.ones((3, 3))
-    )  # diagonals hold together
+    tophat = square_extreme(square_extreme(lightness, 7, np.maximum), 7, np.minimum) - lightness
+    labels, count = ndimage.label(tophat > HAIR_DEPTH, structure=np.ones((3, 3)))  # diagonal hairs hold together
     if not count:
         return np.zeros(lightness.shape, bool)
     sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:]

@@ -5,9 +5,9 @@ convolution beside its first one, initialised to zero, so training starts from e
 learns what clicks mean. Each step simulates an annotator as RITM does ("Reviving Iterative Training with Mask
 Guidance", Sofiiuk et al. 2022): half the batch starts from the released model's own mask (half of those with its
 outline moved in or out, as another clinic's annotators would draw it; from step 1,900 of the first run on), half
-from nothing (and a first positive click inside the lesion); then up to MAX_SIMULATED rounds, without gradients, where the model
-answers and the next click goes where its answer is most wrong (`segment/clicks.next_click`); the last answer is
-trained. A run saves its whole state every SAVE_EVERY steps and `--resume` continues it exactly where it stopped,
+from nothing (and a first positive click inside the lesion); then up to MAX_SIMULATED rounds, without gradients,
+where the model answers and the next click goes where its answer is most wrong (`segment/clicks.next_click`); the
+last answer is trained. A run saves its whole state every SAVE_EVERY steps and `--resume` continues it exactly where it stopped,
 so training can be carried across sessions; at the end it exports RUN/clicks.onnx.
 """
 
@@ -38,8 +38,8 @@ EXPORTED = "clicks.onnx"
 LOG = "log.jsonl"
 SAVE_EVERY = 50
 MAX_SIMULATED = 3  # click rounds without gradient before the trained one (RITM: up to 3 at this size)
-MOVED = 0.5  # share of the release starts whose outline is moved in or out (the model knows its training images:
-MOVE = 0.3  # its own masks there are nearly right; another clinic's outlines differ by up to this share of the radius)
+MOVED = 0.5  # share of the release starts whose outline is moved: its own masks of its training images are nearly right
+MOVE = 0.3  # by up to this share of the radius, in or out: how far another clinic's outlines may differ from ours
 RATES = {"guide": 1e-3, "decoder": 1e-4, "encoder": 3e-5}  # the new channels learn fast; what shipped, gently
 
 
