@@ -157,12 +157,10 @@ def export_int8(
     calibration_data: str | os.PathLike | None = None,
     calibration_images: int | None = None,
     metadata: dict[str, str] | None = None,
-    calibration_pixels: np.ndarray | None = None,
 ) -> Path:
     """The checkpoint as an int8 ONNX model (`quantize.DEFAULT_RECIPE`), its activation ranges calibrated on
-    training images: `calibration_pixels` (uint8 (N,3,S,S) already in memory, as adapt has them), else drawn from
-    `calibration_data`, else from the folder the checkpoint was trained on; `metadata` as for `export_onnx` (name
-    and version get ", int8")."""
+    training images drawn from `calibration_data`, else from the folder the checkpoint was trained on; `metadata` as
+    for `export_onnx` (name and version get ", int8"). Adapt, which holds its images, uses `int8_twin`."""
     import tempfile
     from dataclasses import replace
 
@@ -172,15 +170,9 @@ def export_int8(
     check_target(checkpoint, Path(path))
     config = load_model(checkpoint)[1]
     recipe = replace(DEFAULT_RECIPE, images=calibration_images or DEFAULT_RECIPE.images)
-    if calibration_pixels is not None:
-        images = calibration_pixels[: recipe.images]
-    else:
-        images = training_images(
-            resolve_data_dir(calibration_data or config.data),
-            recipe.images,
-            config.image_size,
-            cache_dir=config.cache_dir,
-        )
+    images = training_images(
+        resolve_data_dir(calibration_data or config.data), recipe.images, config.image_size, cache_dir=config.cache_dir
+    )
     with tempfile.TemporaryDirectory() as folder:
         fp32 = export_onnx(checkpoint, Path(folder) / "fp32.onnx", metadata=metadata)
         return quantize_int8(fp32, path, images, recipe)
@@ -188,9 +180,6 @@ def export_int8(
 
 def int8_twin(fp32_path: Path, path: Path, calibration_pixels: np.ndarray) -> Path:
     """The int8 model of an already exported float32 file, calibrated on uint8 (N,3,S,S) images in memory."""
-    from dataclasses import replace
-
     from lesionseg.train.quantize import DEFAULT_RECIPE, quantize_int8
 
-    recipe = replace(DEFAULT_RECIPE)
-    return quantize_int8(fp32_path, path, calibration_pixels[: recipe.images], recipe)
+    return quantize_int8(fp32_path, path, calibration_pixels[: DEFAULT_RECIPE.images], DEFAULT_RECIPE)
