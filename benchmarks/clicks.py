@@ -36,14 +36,14 @@ def jaccard(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def pairs(images: Path, masks: Path, limit: int | None) -> list[tuple[Path, Path]]:
+def pairs(images: Path, masks: Path, skip: int, limit: int | None) -> list[tuple[Path, Path]]:
     found = []
     for image in sorted(p for p in images.iterdir() if is_image_file(p)):
         for name in (f"{image.stem}.png", f"{image.stem}_Segmentation.png"):
             if (masks / name).is_file():
                 found.append((image, masks / name))
                 break
-    return found[:limit]
+    return found[skip:][:limit]
 
 
 def one_image(segmenter, clicker: Clicker, image: Path, truth: np.ndarray, start: str) -> dict:
@@ -91,17 +91,19 @@ def main() -> None:
     parser.add_argument("--masks", type=Path, required=True)
     parser.add_argument("--model", type=Path, help="the click model (default: the shipped one)")
     parser.add_argument("--start", choices=("release", "empty"), default="release")
-    parser.add_argument("--limit", type=int, help="the first N pairs only")
+    parser.add_argument("--skip", type=int, default=0, help="leave out the first N pairs (held for reporting)")
+    parser.add_argument("--limit", type=int, help="the first N pairs only (after --skip)")
     parser.add_argument("--out")
     args = parser.parse_args()
     segmenter, clicker = load(), Clicker(args.model)
     runs = []
-    for image, mask in pairs(args.images, args.masks, args.limit):
+    for image, mask in pairs(args.images, args.masks, args.skip, args.limit):
         truth, _ = inspect_mask(mask, allow_empty=True)
         runs.append({"image": image.name} | one_image(segmenter, clicker, image, truth, args.start))
     model = {"path": str(clicker.path or click_model_path()), "sha256": sha256_of(clicker.path or click_model_path())}
     model["version"] = clicker.model.version  # the file that answered: its training step
-    result = {"start": args.start, "model": model, "summary": summary(runs), "runs": runs}
+    result = {"start": args.start, "pairs": {"skip": args.skip, "limit": args.limit}}
+    result |= {"model": model, "summary": summary(runs), "runs": runs}
     print(result["summary"])
     if args.out:
         write_result(args.out, result)

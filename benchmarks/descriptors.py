@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -250,7 +251,7 @@ def cost(isic: Path, model, repeats: int = 5, count: int = 100) -> dict:
                 large / path.name, quality=92
             )
         for name, files in (("256px", images), ("1504x1128", sorted(large.iterdir()))):
-            timings = {"with": [], "without": []}
+            timings, busy = {"with": [], "without": []}, {"with": [], "without": []}
             for repeat in range(repeats):
                 for kind in ("with", "without"):
                     patch = (
@@ -259,9 +260,10 @@ def cost(isic: Path, model, repeats: int = 5, count: int = 100) -> dict:
                         else mock.patch.object(prediction, "OUTLINE_DUMMY", None, create=True)
                     )
                     with patch:
-                        start = time.perf_counter()
+                        start, cpu = time.perf_counter(), time.process_time()
                         run_predict(model.pipeline, files, Path(folder) / f"out-{name}-{kind}-{repeat}", progress=False)
                         timings[kind].append((time.perf_counter() - start) / len(files))
+                        busy[kind].append((time.process_time() - cpu) / (time.perf_counter() - start))
             pairs = []
             for path in files:
                 picture, size, _ = read_for_model(path, str(path), model.pipeline.image_size)
@@ -272,7 +274,8 @@ def cost(isic: Path, model, repeats: int = 5, count: int = 100) -> dict:
             alone = (time.perf_counter() - start) / len(files)
             with_, without = min(timings["with"]), min(timings["without"])
             results[name] = {"predict_s": with_, "predict_without_descriptors_s": without,
-                             "added_share": with_ / without - 1, "describe_alone_s": alone, "images": len(files)}  # fmt: skip
+                             "added_share": with_ / without - 1, "describe_alone_s": alone, "images": len(files),
+                             "cores_busy": {kind: statistics.median(v) for kind, v in busy.items()}}  # fmt: skip
     return results
 
 
