@@ -20,15 +20,102 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 
 from common import write_result
 from lesionseg.api import load
 from lesionseg.files import sha256_of
 from lesionseg.images import inspect_mask, is_image_file
-from lesionseg.segment.clicks import Clicker, click_model_path, next_click
+from lesionseg.segment.clicks import Clicker, ClickModel, click_maps, click_model_path, next_click, previous_mask
 from lesionseg.segment.pipeline import FIXED_POINT, model_input, read_for_model, to_own_size
 
 MAX_CLICKS = 20
+VARIANTS = (
+    "shipped",
+    "local",
+    "flip",
+    "twice",
+    "zoom",
+)  # what the click answers with: the package's, or an experiment's
+
+
+def local(answer: np.ndarray, guide: np.ndarray, threshold: float) -> np.ndarray:
+    """FocalClick's progressive merge (Chen et al. 2022): the answer's changes to the previous mask only in the
+    changed regions a click touches, the previous mask elsewhere."""
+    changed = (answer >= threshold) != (guide[2] >= 0.5)
+    labels, count = ndimage.label(changed, structure=np.ones((3, 3), bool))
+    if not count:
+        return answer
+    touched = np.isin(labels, np.unique(labels[((guide[0] > 0) | (guide[1] > 0)) & changed]))
+    return np.where(changed & ~touched, guide[2], answer).astype(np.float32)
+
+
+class Variant:
+    """The click model answering as an inference-time experiment says: "local" (FocalClick's merge), "flip" (the
+    mean with the mirrored image's answer), "twice" (the answer fed back once as the previous mask)."""
+
+    def __init__(self, model, variant: str) -> None:
+        self.model, self.variant = model, variant
+        self.threshold, self.image_size, self.version = model.threshold, model.image_size, model.version
+
+    def __call__(self, pixels: np.ndarray, guide: np.ndarray) -> np.ndarray:
+        first = self.model(pixels, guide)
+        if self.variant == "local":
+            return local(first, guide, self.threshold)
+        if self.variant == "flip":
+            return (first + self.model(pixels[:, :, ::-1].copy(), guide[:, :, ::-1].copy())[:, ::-1]) / 2
+        again = guide.copy()
+        again[2] = first >= self.threshold
+        return self.model(pixels, again)
+
+
+ZOOM_EXPAND, ZOOM_MIN = 1.4, 0.2  # RITM's zoom-in: the box around mask and clicks, widened; at least this share
+
+
+def zoom_box(mask: np.ndarray, points: list) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) in own pixels, the image's aspect: the mask and clicks widened by ZOOM_EXPAND;
+    None where that is (nearly) the whole image or there is no mask to zoom on."""
+    height, width = mask.shape
+    rows, cols = np.nonzero(mask)
+    if not len(rows):
+        return None
+    xs = np.concatenate([cols, [p[0] for p in points]])
+    ys = np.concatenate([rows, [p[1] for p in points]])
+    half_h = max((ys.max() - ys.min() + 1) * ZOOM_EXPAND, (xs.max() - xs.min() + 1) * ZOOM_EXPAND * height / width,
+                 ZOOM_MIN * height) / 2  # fmt: skip
+    if half_h * 2 >= 0.9 * height:
+        return None
+    half_w = half_h * width / height
+    cx = min(max((xs.max() + xs.min() + 1) / 2, half_w), width - half_w)
+    cy = min(max((ys.max() + ys.min() + 1) / 2, half_h), height - half_h)
+    return round(cx - half_w), round(cy - half_h), round(cx + half_w), round(cy + half_h)
+
+
+def zoomed(clicker: Clicker, picture, own, positive: list, negative: list, mask: np.ndarray) -> np.ndarray | None:
+    """The own-size fixed-point probability from the model run on the box around the lesion (RITM's ZoomIn,
+    FocalClick's focus): more of the model's pixels on the border. None where no zoom applies."""
+    box = zoom_box(mask, positive + negative)
+    if box is None:
+        return None
+    left, top, right, bottom = box
+    scale = (picture.width / own[0], picture.height / own[1])
+    crop = picture.crop((left * scale[0], top * scale[1], right * scale[0], bottom * scale[1]))
+    size, width, height = clicker.image_size, right - left, bottom - top
+    shifted = [[(x - left, y - top) for x, y in points] for points in (positive, negative)]
+    guide = np.concatenate(
+        [click_maps(*shifted, width, height, size), previous_mask(mask[top:bottom, left:right], size)[None]]
+    )
+    answer = clicker.model(model_input(crop.convert("RGB"), size), guide)
+    out = np.where(mask, FIXED_POINT, 0).astype(np.int32)
+    out[top:bottom, left:right] = to_own_size(answer, width, height)
+    return out
+
+
+def with_variant(clicker: Clicker, variant: str) -> Clicker:
+    """The clicker whose model answers as `variant` says ("shipped": as it is)."""
+    if variant not in ("shipped", "zoom"):
+        clicker.model = Variant(ClickModel(clicker.path or click_model_path()), variant)
+    return clicker
 
 
 def jaccard(a: np.ndarray, b: np.ndarray) -> float:
@@ -46,7 +133,7 @@ def pairs(images: Path, masks: Path, skip: int, limit: int | None) -> list[tuple
     return found[skip:][:limit]
 
 
-def one_image(segmenter, clicker: Clicker, image: Path, truth: np.ndarray, start: str) -> dict:
+def one_image(segmenter, clicker: Clicker, image: Path, truth: np.ndarray, start: str, zoom: bool = False) -> dict:
     """The Jaccard after each click (index 0: the start), and the server's time per click."""
     picture, own, _ = read_for_model(image, str(image), clicker.image_size)
     pixels = model_input(picture, clicker.image_size)
@@ -59,8 +146,10 @@ def one_image(segmenter, clicker: Clicker, image: Path, truth: np.ndarray, start
             break
         (positive if found[1] else negative).append(found[0])
         began = time.perf_counter()
-        probability = clicker.corrected(pixels, own, positive, negative, current)
-        current = to_own_size(probability, *own) >= clicker.model.threshold * FIXED_POINT
+        fixed = zoomed(clicker, picture, own, positive, negative, current) if zoom else None
+        if fixed is None:
+            fixed = to_own_size(clicker.corrected(pixels, own, positive, negative, current), *own)
+        current = fixed >= clicker.model.threshold * FIXED_POINT
         seconds.append(time.perf_counter() - began)
         scores.append(jaccard(current, truth))
     return {"scores": scores, "seconds": seconds}
@@ -93,16 +182,19 @@ def main() -> None:
     parser.add_argument("--start", choices=("release", "empty"), default="release")
     parser.add_argument("--skip", type=int, default=0, help="leave out the first N pairs (held for reporting)")
     parser.add_argument("--limit", type=int, help="the first N pairs only (after --skip)")
+    parser.add_argument("--variant", choices=VARIANTS, default="shipped", help="an inference-time experiment")
     parser.add_argument("--out")
     args = parser.parse_args()
-    segmenter, clicker = load(), Clicker(args.model)
+    segmenter, clicker = load(), with_variant(Clicker(args.model), args.variant)
     runs = []
     for image, mask in pairs(args.images, args.masks, args.skip, args.limit):
         truth, _ = inspect_mask(mask, allow_empty=True)
-        runs.append({"image": image.name} | one_image(segmenter, clicker, image, truth, args.start))
+        runs.append(
+            {"image": image.name} | one_image(segmenter, clicker, image, truth, args.start, args.variant == "zoom")
+        )
     model = {"path": str(clicker.path or click_model_path()), "sha256": sha256_of(clicker.path or click_model_path())}
     model["version"] = clicker.model.version  # the file that answered: its training step
-    result = {"start": args.start, "pairs": {"skip": args.skip, "limit": args.limit}}
+    result = {"start": args.start, "variant": args.variant, "pairs": {"skip": args.skip, "limit": args.limit}}
     result |= {"model": model, "summary": summary(runs), "runs": runs}
     print(result["summary"])
     if args.out:
