@@ -10,6 +10,9 @@ clicks) or from nothing. Everything at the image's own size; each click's mask i
     .venv/bin/python benchmarks/clicks.py --images runs/ham10000-split/external/test/images \
         --masks runs/ham10000-split/external/test/masks --model runs/clicks/clicks.onnx --start release \
         --out benchmarks/results/clicks/external-release.json
+
+`--skip N --limit M` takes pairs N to N+M-1 (the external split's first 200 report; images from 200 on choose),
+`--variant` answers a click another way than the package does (experiments, docs/adapt.md "Clicks").
 """
 
 from __future__ import annotations
