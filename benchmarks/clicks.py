@@ -33,13 +33,8 @@ from lesionseg.segment.clicks import Clicker, ClickModel, click_maps, click_mode
 from lesionseg.segment.pipeline import FIXED_POINT, model_input, read_for_model, to_own_size
 
 MAX_CLICKS = 20
-VARIANTS = (
-    "shipped",
-    "local",
-    "flip",
-    "twice",
-    "zoom",
-)  # what the click answers with: the package's, or an experiment's
+# how a click is answered: as the package does ("shipped"), or as an inference-time experiment
+VARIANTS = ("shipped", "local", "flip", "twice", "zoom")
 
 
 def local(answer: np.ndarray, guide: np.ndarray, threshold: float) -> np.ndarray:
