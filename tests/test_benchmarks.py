@@ -349,6 +349,7 @@ def test_clicks_benchmark_counts_clicks_names_its_model_and_the_release_ships_on
     card = json.loads((shipped.parent / "release.json").read_text())
     assert card["version"] == "3" and card["clicks"]["sha256"] == sha256_of(shipped.with_name("lesionseg-clicks.onnx"))
     assert card["clicks"]["scores"]["scores"]["noc@90"] == result["summary"]["noc@90"]
+    assert "--steps" not in card["clicks"]["training"]  # a file that does not say its step: none made up
     other = fake_click_model(tmp_path / "other.onnx", size=32)
     with pytest.raises(SystemExit, match="another click model"):
         release.ship_clicks(other, [out])

@@ -48,4 +48,6 @@ def test_the_shipped_click_model_is_the_one_release_json_and_the_model_card_desc
     assert click_model_path() == path and path.stat().st_size == release["clicks"]["bytes"]
     assert sha256_of(path) == release["clicks"]["sha256"] and ClickModel(path).version == release["clicks"]["version"]
     assert release["clicks"]["sha256"] in (ROOT / "MODEL_CARD.md").read_text()
+    step = release["clicks"]["version"].split(",")[0].removeprefix("step ")
+    assert release["clicks"]["training"].endswith(f"--steps {step}")  # the recipe's length is the file's own
     assert {"noc@90", "unreached@90", "jaccard_after_3"} <= set(next(iter(release["clicks"]["scores"].values())))

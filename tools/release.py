@@ -265,12 +265,19 @@ def refit_shipped_quality(args: argparse.Namespace) -> None:
         sys.exit("--stage quality needs --split-from RUN/split.json (the shipped run's validation images)")
     fitted, _, report = fit_quality(SHIPPED, args.split_from, args.shared, args.out)
     shutil.copy(fitted, SHIPPED)
-    release_json = SHIPPED.parent / "release.json"
-    release = json.loads(release_json.read_text())
-    release["quality"] = report | {"command": " ".join([Path(sys.executable).name, *sys.argv])}
-    release["bytes"] = SHIPPED.stat().st_size  # the new estimate changes the file's size
-    release_json.write_text(json.dumps(release, indent=1))
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    recorded(quality=report | {"command": command}, bytes=SHIPPED.stat().st_size)  # a new estimate, a new size
     print(json.dumps(report, indent=1))
+
+
+def recorded(**fields) -> None:
+    """release.json beside the shipped file with `fields` set and the rest kept, replaced in one rename (a killed
+    run leaves the old record, never half of one)."""
+    from lesionseg.files import write_atomically
+
+    path = SHIPPED.parent / "release.json"
+    release = json.loads(path.read_text()) | fields
+    write_atomically(path, lambda handle: handle.write(json.dumps(release, indent=1).encode()), "release record")
 
 
 def ship_clicks(model: Path | None, results: list[Path]) -> None:
@@ -294,18 +301,18 @@ def ship_clicks(model: Path | None, results: list[Path]) -> None:
         scores[path.stem] |= result["results"]["summary"]
     shipped = SHIPPED.with_name(CLICKS_FILE)
     shutil.copy(model, shipped)
-    release_json = SHIPPED.parent / "release.json"
-    release = json.loads(release_json.read_text())
-    release["clicks"] = {
+    version = ClickModel(shipped).version  # "step N, lesionseg X" from train-clicks: the step it was exported at
+    steps = f" --steps {version.split(',')[0].removeprefix('step ')}" if version.startswith("step ") else ""
+    clicks = {
         "file": CLICKS_FILE,
         "bytes": shipped.stat().st_size,
         "sha256": digest,
-        "version": ClickModel(shipped).version,
-        "training": "lesionseg train-clicks --data isic2016-256 isic2018-extra-256 ham10000-split/train --steps 3000",
+        "version": version,
+        "training": f"lesionseg train-clicks --data isic2016-256 isic2018-extra-256 ham10000-split/train{steps}",
         "scores": scores,
     }
-    release_json.write_text(json.dumps(release, indent=1))
-    print(json.dumps(release["clicks"], indent=1))
+    recorded(clicks=clicks)
+    print(json.dumps(clicks, indent=1))
 
 
 def speed(data: Path, out: Path, repeats: int = 5) -> None:
